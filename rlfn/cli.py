@@ -1,0 +1,222 @@
+"""The ``rlfn`` command: argument parsing and reporting only; the work is in the library.
+
+Exit codes: 0 all good; 1 some input failed (each failure printed as one ``error:`` line
+naming the file and the reason; the good inputs are still processed); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+__all__ = ["main", "build_parser"]
+
+
+class CliError(Exception):
+    """A failure that stops the command before any work (bad model file, bad option)."""
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA GPU is available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise CliError(f"--device {name}: {e}") from None
+
+
+def _scale(text: str) -> int:
+    try:
+        s = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scale must be 2, 3 or 4, got {text!r}") from None
+    if s not in (2, 3, 4):
+        raise argparse.ArgumentTypeError(f"scale must be 2, 3 or 4, got {s}")
+    return s
+
+
+def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | None,
+                   overlap: int):
+    from .upscale import BicubicUpscaler, ModelUpscaler
+    from .weights import WeightsError, load_model
+
+    if model == "bicubic":
+        return BicubicUpscaler(scale), "bicubic"
+    try:
+        loaded = load_model(model, scale=scale, device=device)
+    except WeightsError as e:
+        raise CliError(str(e)) from None
+    return ModelUpscaler(loaded.model, tile=tile, overlap=overlap, device=device), loaded.name
+
+
+# --------------------------------------------------------------------------- downscale
+def cmd_downscale(args) -> int:
+    from .bicubic import downscale
+    from .io import ImageError, list_images, read_image, write_png
+
+    errors: list = []
+    in_dir = Path(args.in_dir)
+    if not in_dir.is_dir():
+        raise CliError(f"{in_dir}: not a directory")
+    files = list_images([in_dir], errors)
+    out_dir = Path(args.out_dir)
+    written = 0
+    for f in tqdm(files, desc=f"downscale x{args.scale}", unit="img", disable=args.quiet):
+        try:
+            hr, info = read_image(f, min_size=args.scale)
+            for n in info.notes:
+                _note(f"{f}: {n}")
+            write_png(out_dir / (f.stem + ".png"), downscale(hr, args.scale))
+            written += 1
+        except ImageError as e:
+            errors.append(e)
+            _err(str(e))
+    print(f"{written} images written to {out_dir}, {len(errors)} failed")
+    return 1 if errors or not files else 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_folder
+
+    upscaler, name = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
+                                    args.overlap)
+    report = evaluate_folder(upscaler, args.hr, args.lr, progress=not args.quiet)
+    for n in report.notes:
+        _note(n)
+    for e in report.errors:
+        _err(e)
+    width = max([len(s.name) for s in report.images] + [8])
+    print(f"{'image':<{width}}  {'PSNR-Y':>8}  {'SSIM-Y':>7}")
+    for s in report.images:
+        print(f"{s.name:<{width}}  {s.psnr_y:8.4f}  {s.ssim_y:7.5f}")
+    m = report.mean
+    print(f"{'mean':<{width}}  {m['psnr_y']:8.4f}  {m['ssim_y']:7.5f}   "
+          f"({len(report.images)} images, {name}, x{args.scale})")
+    if args.json:
+        out = {"model": str(args.model), "model_name": name, "scale": args.scale,
+               "hr": str(args.hr), "lr": None if args.lr is None else str(args.lr),
+               **report.to_dict()}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 1 if report.errors or not report.images else 0
+
+
+# --------------------------------------------------------------------------- upscale
+AUTO_TILE_PIXELS = 1024 * 1024  # LR pixels above which `--tile auto` tiles (~2 GB on CPU)
+
+
+def cmd_upscale(args) -> int:
+    from .io import ImageError, list_images, read_image, write_png
+
+    upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), None,
+                                 args.overlap)
+    errors: list = []
+    files = list_images(args.inputs, errors)
+    for e in errors:
+        _err(str(e))
+    out_dir = Path(args.out)
+    seen: dict[Path, Path] = {}
+    written = 0
+    for f in tqdm(files, desc=f"upscale x{args.scale}", unit="img", disable=args.quiet):
+        try:
+            target = out_dir / (f.stem + ".png")
+            if target in seen:
+                raise ImageError(f, f"would overwrite {target}, already written from {seen[target]}")
+            lr, info = read_image(f, min_size=upscaler.min_input_size)
+            for n in info.notes:
+                _note(f"{f}: {n}")
+            tile = args.tile
+            if tile == "auto":
+                tile = 512 if lr.shape[0] * lr.shape[1] > AUTO_TILE_PIXELS else None
+            upscaler.tile = None if tile in (None, 0) else int(tile)
+            write_png(target, upscaler(lr))
+            seen[target] = f
+            written += 1
+        except ImageError as e:
+            errors.append(e)
+            _err(str(e))
+    print(f"{written} upscaled into {out_dir}, {len(errors)} failed")
+    return 1 if errors or not written else 0
+
+
+def _tile(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--tile takes a number of LR pixels, 0 or 'auto'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("--tile must be >= 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlfn", description="RLFN super-resolution: "
+                                "MATLAB-exact bicubic, evaluation and inference.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("downscale", help="HR folder -> MATLAB-exact bicubic LR PNGs")
+    d.add_argument("--scale", type=_scale, required=True)
+    d.add_argument("in_dir", metavar="IN_DIR")
+    d.add_argument("out_dir", metavar="OUT_DIR")
+    d.set_defaults(func=cmd_downscale)
+
+    e = sub.add_parser("evaluate", help="Y-PSNR / Y-SSIM of a model on an HR folder")
+    e.add_argument("--model", required=True,
+                   help="weights file (official .pth or our .safetensors), or 'bicubic'")
+    e.add_argument("--scale", type=_scale, required=True)
+    e.add_argument("--hr", required=True, metavar="HR_DIR")
+    e.add_argument("--lr", metavar="LR_DIR", help="LR images with the HR's file names "
+                   "(default: made from the HR by MATLAB-exact bicubic)")
+    e.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    e.add_argument("--tile", type=int, default=None, help="tile size in LR pixels")
+    e.add_argument("--overlap", type=int, default=32)
+    e.set_defaults(func=cmd_evaluate)
+
+    u = sub.add_parser("upscale", help="super-resolve image files or folders")
+    u.add_argument("--model", required=True, help="weights file, or 'bicubic'")
+    u.add_argument("--scale", type=_scale, required=True)
+    u.add_argument("inputs", nargs="+", metavar="INPUT")
+    u.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
+    u.add_argument("--tile", type=_tile, default="auto",
+                   help="tile size in LR pixels; 0 = never tile; auto (default) tiles images "
+                        "over 1 MP by 512")
+    u.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
+    u.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    u.set_defaults(func=cmd_upscale)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

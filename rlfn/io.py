@@ -1,0 +1,186 @@
+"""Image reading and writing with the project's bad-input rules.
+
+``read_image`` returns an RGB uint8 HWC array or raises ``ImageError`` whose message names
+the file and the reason. Inputs that can be used after a lossless-enough conversion
+(grayscale, palette, RGBA, 16-bit, CMYK, EXIF-rotated) are converted and each conversion is
+reported in ``ImageInfo.notes`` so callers can tell the user.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageError", "ImageInfo", "read_image", "write_png", "list_images",
+           "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# 8K x 8K: far above any SR benchmark or DIV2K image (2K), far below a decompression bomb.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class ImageInfo:
+    """What was read: original mode and bit depth, and every conversion applied."""
+
+    path: str
+    width: int
+    height: int
+    mode: str
+    bit_depth: int
+    format: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> bool:
+        return bool(self.notes)
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_size: int = 1) -> tuple[np.ndarray, ImageInfo]:
+    """Read an image as RGB uint8 ``(H, W, 3)``; raise ``ImageError`` when it cannot be used."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "no such file")
+    if path.is_dir():
+        raise ImageError(path, "is a directory, expected an image file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ImageError(path, "permission denied (file is not readable)") from None
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised or corrupt file format)") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot be opened ({e})") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(path, f"refused as a possible decompression bomb: {w}x{h} = "
+                                   f"{w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        mode = im.mode
+        fmt = im.format
+        bit_depth = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32, "1": 1}.get(mode, 8)
+        if fmt == "PNG":
+            bit_depth = _png_bit_depth(path) or bit_depth
+        info = ImageInfo(str(path), w, h, mode, bit_depth, fmt)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        if orientation not in (None, 1):
+            im = ImageOps.exif_transpose(im)
+            info.notes.append(f"EXIF orientation {orientation} applied")
+        arr = _to_rgb8(im, info)
+    if arr.shape[0] < min_size or arr.shape[1] < min_size:
+        raise ImageError(path, f"image is {arr.shape[1]}x{arr.shape[0]} pixels, smaller than the "
+                               f"minimum {min_size}x{min_size}")
+    return arr, info
+
+
+def _to_rgb8(im: Image.Image, info: ImageInfo) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        info.notes.append(f"{info.bit_depth}-bit grayscale converted to 8-bit RGB")
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise_mode = "32-bit float"
+        raise ImageError(info.path, f"unsupported pixel format ({raise_mode})")
+    if info.bit_depth == 16:
+        info.notes.append("16-bit per channel converted to 8-bit")
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("L", "1"):
+        info.notes.append("grayscale converted to RGB (3 equal channels)")
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    if mode == "P":
+        has_alpha = "transparency" in im.info
+        info.notes.append("palette image converted to RGB"
+                          + (" (transparency dropped)" if has_alpha else ""))
+        return np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.uint8)[..., :3].copy()
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        info.notes.append(f"{mode} converted to RGB (alpha channel dropped)")
+        return np.asarray(im.convert("RGBA"), dtype=np.uint8)[..., :3].copy()
+    if mode == "CMYK":
+        info.notes.append("CMYK converted to RGB")
+    else:
+        info.notes.append(f"{mode} converted to RGB")
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (ValueError, OSError) as e:
+        raise ImageError(info.path, f"unsupported pixel format {mode} ({e})") from None
+
+
+def write_png(path: str | Path, arr: np.ndarray) -> Path:
+    """Write an RGB (or gray) uint8 array as PNG, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"write_png expects uint8, got {arr.dtype}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(arr).save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def list_images(inputs, errors: list | None = None) -> list[Path]:
+    """Expand files and folders into a sorted list of image paths.
+
+    A missing input is appended to ``errors`` as an ``ImageError`` (or raised when ``errors`` is
+    None); files named explicitly are kept whatever their extension, so that a bad file gets
+    its own clear error later instead of being skipped silently.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir()
+                              if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.exists():
+            out.append(p)
+        else:
+            err = ImageError(p, "no such file or directory")
+            if errors is None:
+                raise err
+            errors.append(err)
+    return out

@@ -1,0 +1,114 @@
+"""RLFN: Residual Local Feature Network (Kong et al., NTIRE 2022 Efficient SR runtime winner).
+
+Module and parameter names follow the official release (bytedance/RLFN) so that its
+``state_dict``s load unchanged: ``conv_1``, ``block_{1..N}.{c1_r,c2_r,c3_r,c5,esa.*}``,
+``conv_2``, ``upsampler.0``. Pixel range is 0-255 in and out, as in the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ESA", "RLFB", "RLFN", "RLFNConfig"]
+
+
+def _conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int | None = None):
+    if padding is None:
+        padding = (kernel_size - 1) // 2
+    return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=True)
+
+
+class ESA(nn.Module):
+    """Enhanced Spatial Attention: a cheap, wide-field mask multiplied onto the features."""
+
+    def __init__(self, esa_channels: int, n_feats: int):
+        super().__init__()
+        f = esa_channels
+        self.conv1 = _conv(n_feats, f, 1)
+        self.conv_f = _conv(f, f, 1)
+        self.conv2 = _conv(f, f, 3, stride=2, padding=0)
+        self.conv3 = _conv(f, f, 3, padding=1)
+        self.conv4 = _conv(f, n_feats, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1_ = self.conv1(x)
+        c1 = self.conv2(c1_)
+        v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
+        c3 = self.conv3(v_max)
+        c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        cf = self.conv_f(c1_)
+        c4 = self.conv4(c3 + cf)
+        return x * torch.sigmoid(c4)
+
+
+class RLFB(nn.Module):
+    """Residual Local Feature Block: 3x (3x3 conv + LeakyReLU(0.05)), residual add, 1x1, ESA."""
+
+    def __init__(self, in_channels: int, mid_channels: int | None = None, esa_channels: int = 16):
+        super().__init__()
+        mid = mid_channels or in_channels
+        self.c1_r = _conv(in_channels, mid, 3)
+        self.c2_r = _conv(mid, mid, 3)
+        self.c3_r = _conv(mid, in_channels, 3)
+        self.c5 = _conv(in_channels, in_channels, 1)
+        self.esa = ESA(esa_channels, in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(self.c1_r(x), 0.05)
+        out = F.leaky_relu(self.c2_r(out), 0.05)
+        out = F.leaky_relu(self.c3_r(out), 0.05)
+        return self.esa(self.c5(out + x))
+
+
+@dataclass(frozen=True)
+class RLFNConfig:
+    """Everything needed to rebuild an RLFN; stored in our safetensors metadata."""
+
+    scale: int = 4
+    feature_channels: int = 52
+    mid_channels: int = 52
+    esa_channels: int = 16
+    num_blocks: int = 6
+    in_channels: int = 3
+    out_channels: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RLFN(nn.Module):
+    """conv_1 -> N x RLFB -> conv_2 (+ long skip) -> 3x3 conv to out*scale^2 -> PixelShuffle."""
+
+    # The smallest LR height/width the ESA tail can take (3x3 stride-2 conv, then 7x7 pooling).
+    min_input_size = 15
+
+    def __init__(self, config: RLFNConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config if config is not None else RLFNConfig(**kwargs)
+        c = self.config
+        if c.scale not in (1, 2, 3, 4, 8):
+            raise ValueError(f"unsupported scale {c.scale}; RLFN is built for x2, x3 and x4")
+        self.scale = c.scale
+        self.conv_1 = _conv(c.in_channels, c.feature_channels, 3)
+        for i in range(1, c.num_blocks + 1):
+            self.add_module(f"block_{i}", RLFB(c.feature_channels, c.mid_channels, c.esa_channels))
+        self.conv_2 = _conv(c.feature_channels, c.feature_channels, 3)
+        self.upsampler = nn.Sequential(
+            _conv(c.feature_channels, c.out_channels * c.scale**2, 3), nn.PixelShuffle(c.scale)
+        )
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [getattr(self, f"block_{i}") for i in range(1, self.config.num_blocks + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, 3, H, W) in [0, 255]; returns (N, 3, H*scale, W*scale) in ~[0, 255]."""
+        feat = self.conv_1(x)
+        out = feat
+        for block in self.blocks:
+            out = block(out)
+        return self.upsampler(self.conv_2(out) + feat)
