@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     e.add_argument("--tile", type=int, default=None, help="tile size in LR pixels")
-    e.add_argument("--overlap", type=int, default=32)
+    e.add_argument("--overlap", type=int, default=64)
     e.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("upscale", help="super-resolve image files or folders")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tile", type=_tile, default="auto",
                    help="tile size in LR pixels; 0 = never tile; auto (default) tiles images "
                         "over 1 MP by 512")
-    u.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
+    u.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
     u.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     u.set_defaults(func=cmd_upscale)
     return p

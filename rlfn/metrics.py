@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 __all__ = ["rgb_to_y", "psnr_y", "ssim_y", "psnr", "ssim", "crop_border"]
 
@@ -55,11 +53,19 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-    g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return torch.outer(g, g)
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+def _gaussian_filter_valid(x: np.ndarray) -> np.ndarray:
+    """11x11 Gaussian (sigma 1.5) 'valid' filtering of ``(..., H, W)``, done separably."""
+    g = _gaussian_1d()
+    k = len(g)
+    h, w = x.shape[-2] - k + 1, x.shape[-1] - k + 1
+    rows = sum(g[i] * x[..., i:i + h, :] for i in range(k))
+    return sum(g[i] * rows[..., :, i:i + w] for i in range(k))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
@@ -71,11 +77,9 @@ def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
         raise ValueError(f"ssim needs at least 11x11 pixels, got {a.shape}")
     c1 = (0.01 * peak) ** 2
     c2 = (0.03 * peak) ** 2
-    w = _gaussian_window().view(1, 1, 11, 11)
-    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).view(1, 1, *a.shape)
-    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64)).view(1, 1, *b.shape)
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=0)
-    mu_x, mu_y, xx, yy, xy = F.conv2d(stack, w)  # 'valid'
+    x = a.astype(np.float64)
+    y = b.astype(np.float64)
+    mu_x, mu_y, xx, yy, xy = _gaussian_filter_valid(np.stack([x, y, x * x, y * y, x * y]))
     sigma_x = xx - mu_x * mu_x
     sigma_y = yy - mu_y * mu_y
     sigma_xy = xy - mu_x * mu_y

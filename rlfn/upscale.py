@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .bicubic import imresize_array
+from .models.rlfn import ESA_STRIDE, RLFN, ESAGrid
 
 __all__ = ["to_tensor", "to_uint8", "upscale_array", "tile_starts", "ModelUpscaler",
            "BicubicUpscaler"]
@@ -22,27 +23,31 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap``."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets (multiples of ``align``) of tiles of about ``tile`` pixels covering
+    ``length``, neighbours overlapping by at least ``overlap``. The last tile runs to the end
+    (up to ``align - 1`` pixels longer than ``tile``)."""
     if tile >= length:
         return [0]
-    step = tile - overlap
+    step = (tile - overlap) // align * align
     if step <= 0:
-        raise ValueError(f"tile ({tile}) must be larger than the overlap ({overlap})")
-    starts = list(range(0, length - tile, step))
-    starts.append(length - tile)
+        raise ValueError(f"tile ({tile}) must exceed the overlap ({overlap}) by at least {align}")
+    last = (length - tile) // align * align
+    starts = list(range(0, last, step))
+    starts.append(last)
     return starts
 
 
 @torch.inference_mode()
-def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, overlap: int = 32,
+def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, overlap: int = 64,
                   device: str | torch.device | None = None) -> np.ndarray:
     """Super-resolve one uint8 RGB image; returns uint8 ``(H*s, W*s, 3)``.
 
-    With ``tile`` (LR pixels), the image is processed in ``tile x tile`` pieces that overlap by
-    ``overlap`` pixels; each output pixel is taken from the tile in which it lies farthest from
-    a cut edge (the middle of the overlap), so no seams are blended and the result stays within
-    a grey level of the untiled output for a sufficient overlap.
+    With ``tile`` (LR pixels), the image is processed in pieces of about ``tile x tile`` that
+    overlap by at least ``overlap`` pixels; each output pixel is taken from the tile in which it
+    lies farthest from a cut edge (the middle of the overlap), so no seams are blended. Tiles
+    start on ESA's 6-pixel grid and ESA samples its mask on the whole image's grid
+    (``ESAGrid``), so the result stays within a grey level of the untiled output.
     """
     if device is None:
         device = next(model.parameters()).device
@@ -55,21 +60,26 @@ def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, ov
         raise ValueError(f"tile size {tile} too small: needs > 2 x overlap ({overlap}) and "
                          f">= {min_tile}")
     out = np.empty((h * scale, w * scale, 3), dtype=np.uint8)
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    align = ESA_STRIDE if isinstance(model, RLFN) else 1
+    ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
 
-    def spans(starts: list[int], length: int, size: int) -> list[tuple[int, int]]:
-        # the part of each tile that it owns: cut in the middle of each overlap
-        own = []
+    def bounds(starts: list[int], length: int) -> list[tuple[int, int, int, int]]:
+        # (tile start, tile end, owned start, owned end): cut in the middle of each overlap
+        out = []
         for i, s in enumerate(starts):
-            lo = 0 if i == 0 else (s + min(starts[i - 1] + size, length)) // 2
-            hi = length if i == len(starts) - 1 else (starts[i + 1] + min(s + size, length)) // 2
-            own.append((lo, hi))
-        return own
+            end = length if i == len(starts) - 1 else s + tile
+            lo = 0 if i == 0 else (s + out[-1][1]) // 2
+            out.append((s, end, lo, length))
+            if i:
+                out[-2] = out[-2][:3] + (lo,)
+        return out
 
-    for y0, (oy0, oy1) in zip(ys, spans(ys, h, tile)):
-        for x0, (ox0, ox1) in zip(xs, spans(xs, w, tile)):
-            patch = img[y0:y0 + tile, x0:x0 + tile]
-            sr = to_uint8(model(to_tensor(patch, device)))
+    kwargs = {}
+    for y0, y1, oy0, oy1 in bounds(ys, h):
+        for x0, x1, ox0, ox1 in bounds(xs, w):
+            if align > 1:
+                kwargs["grid"] = ESAGrid(origin=(y0, x0), full_size=(h, w))
+            sr = to_uint8(model(to_tensor(img[y0:y1, x0:x1], device), **kwargs))
             out[oy0 * scale:oy1 * scale, ox0 * scale:ox1 * scale] = sr[
                 (oy0 - y0) * scale:(oy1 - y0) * scale, (ox0 - x0) * scale:(ox1 - x0) * scale]
     return out
@@ -78,7 +88,7 @@ def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, ov
 class ModelUpscaler:
     """LR uint8 -> SR uint8 with a model (whole image, or tiled when ``tile`` is set)."""
 
-    def __init__(self, model: nn.Module, tile: int | None = None, overlap: int = 32,
+    def __init__(self, model: nn.Module, tile: int | None = None, overlap: int = 64,
                  device: str | torch.device | None = None):
         self.model = model
         self.scale = int(model.scale)

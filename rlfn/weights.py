@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,7 +79,9 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise WeightsError(path, f"corrupt or truncated safetensors file ({e})") from None
         return _unwrap(tensors, path), meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol N": irrelevant, we refuse
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
@@ -153,20 +156,18 @@ def load_model(path: str | Path, scale: int | None = None, device: str | torch.d
     if scale is not None and int(scale) != config.scale:
         raise WeightsError(path, f"is a x{config.scale} model, but --scale {scale} was asked for")
     model = RLFN(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}"
-                         f"{' ...' if len(unexpected) > 3 else ''}")
-        raise WeightsError(path, "not an RLFN state dict: " + "; ".join(parts))
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        first = str(e).strip().splitlines()[-1].strip()
-        raise WeightsError(path, f"tensor shapes do not fit an RLFN ({first})") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            problems.append(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+    if problems:
+        raise WeightsError(path, "not an RLFN state dict: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
     model.eval().to(device)
     name = meta.get("model") or name_for(config)
     return LoadedModel(model, path, name, meta)

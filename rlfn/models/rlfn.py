@@ -13,7 +13,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ESA", "RLFB", "RLFN", "RLFNConfig"]
+__all__ = ["ESA", "ESAGrid", "RLFB", "RLFN", "RLFNConfig"]
+
+# ESA's low-resolution branch advances 6 input pixels per cell (3x3 stride-2 conv, then
+# 7x7 max-pool with stride 3): tiles that start on multiples of it see the same cells.
+ESA_STRIDE = 6
+
+
+@dataclass(frozen=True)
+class ESAGrid:
+    """Where a tile lies in the whole image, so ESA can sample its low-resolution mask on the
+    whole image's grid instead of the tile's (see ``ESA.forward``).
+
+    ``origin`` (y, x) must be multiples of ``ESA_STRIDE``; ``full_size`` is the whole image's
+    (H, W) in the same (LR) pixels.
+    """
+
+    origin: tuple[int, int]
+    full_size: tuple[int, int]
+
+
+def _pooled_length(n: int) -> int:
+    return ((n - 3) // 2 + 1 - 7) // 3 + 1
+
+
+def _grid_axis(full: int, origin: int, length: int, pooled: int, device) -> tuple:
+    """Bilinear (align_corners=False) taps of the whole image's grid, as tile-local indices."""
+    full_pooled = _pooled_length(full)
+    y = torch.arange(origin, origin + length, device=device, dtype=torch.float32)
+    src = ((y + 0.5) * (full_pooled / full) - 0.5).clamp_(min=0)
+    i0 = src.floor()
+    lam = src - i0
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp_(max=full_pooled - 1)
+    shift = origin // ESA_STRIDE
+    return ((i0 - shift).clamp_(0, pooled - 1), (i1 - shift).clamp_(0, pooled - 1), lam)
 
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int | None = None):
@@ -34,15 +68,31 @@ class ESA(nn.Module):
         self.conv3 = _conv(f, f, 3, padding=1)
         self.conv4 = _conv(f, n_feats, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
         c1_ = self.conv1(x)
         c1 = self.conv2(c1_)
         v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
         c3 = self.conv3(v_max)
-        c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        if grid is None:
+            c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        else:
+            c3 = self._upsample_on_grid(c3, x.shape[2:], grid)
         cf = self.conv_f(c1_)
         c4 = self.conv4(c3 + cf)
         return x * torch.sigmoid(c4)
+
+    @staticmethod
+    def _upsample_on_grid(c3: torch.Tensor, size, grid: ESAGrid) -> torch.Tensor:
+        # The official ESA stretches its coarse map over the input it is given, so a tile's
+        # mask depends on the tile's size. Sampling at the whole image's coordinates instead
+        # makes a tile's mask equal the whole image's, away from the tile's edges.
+        (h0, h1, lh), (w0, w1, lw) = (
+            _grid_axis(grid.full_size[d], grid.origin[d], size[d], c3.shape[2 + d], c3.device)
+            for d in range(2))
+        lh = lh.to(c3.dtype).view(-1, 1)
+        lw = lw.to(c3.dtype)
+        rows = c3[:, :, h0] * (1 - lh) + c3[:, :, h1] * lh
+        return rows[..., w0] * (1 - lw) + rows[..., w1] * lw
 
 
 class RLFB(nn.Module):
@@ -57,11 +107,11 @@ class RLFB(nn.Module):
         self.c5 = _conv(in_channels, in_channels, 1)
         self.esa = ESA(esa_channels, in_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
         out = F.leaky_relu(self.c1_r(x), 0.05)
         out = F.leaky_relu(self.c2_r(out), 0.05)
         out = F.leaky_relu(self.c3_r(out), 0.05)
-        return self.esa(self.c5(out + x))
+        return self.esa(self.c5(out + x), grid)
 
 
 @dataclass(frozen=True)
@@ -105,10 +155,13 @@ class RLFN(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [getattr(self, f"block_{i}") for i in range(1, self.config.num_blocks + 1)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (N, 3, H, W) in [0, 255]; returns (N, 3, H*scale, W*scale) in ~[0, 255]."""
+    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
+        """``x``: (N, 3, H, W) in [0, 255]; returns (N, 3, H*scale, W*scale) in ~[0, 255].
+
+        ``grid``: set when ``x`` is a tile of a larger image (see ``ESAGrid``).
+        """
         feat = self.conv_1(x)
         out = feat
         for block in self.blocks:
-            out = block(out)
+            out = block(out, grid)
         return self.upsampler(self.conv_2(out) + feat)
