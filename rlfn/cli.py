@@ -155,6 +155,44 @@ def cmd_upscale(args) -> int:
     return 1 if errors or not written else 0
 
 
+# --------------------------------------------------------------------------- manifest
+def cmd_manifest(args) -> int:
+    """Build or update the manifest. Rejected files are reported (``error:`` lines) and kept
+    in the manifest; the exit code is 1 only when no usable image is left."""
+    from .data.manifest import ManifestError, build_manifest
+    from .data.sources import Source, SourceError, resolve
+
+    try:
+        sources = []
+        for item in args.sources:
+            p = Path(item)
+            if not p.exists():
+                raise CliError(f"{p}: no such file or directory")
+            kind = "folder" if p.is_dir() else "archive"  # archives are recognised by content
+            sources.append(Source(kind=kind, path=p, split=args.split,
+                                  name=p.resolve().name or None))
+        resolved = resolve(sources, args.cache, progress=not args.quiet)
+        summary = build_manifest(resolved, args.out, min_size=args.min_size,
+                                 progress=not args.quiet, workers=args.workers)
+    except (SourceError, ManifestError) as e:
+        raise CliError(str(e)) from None
+    for r in summary.rejected:
+        _err(f"{r['path']}: {r['reason']}")
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.usable else 1
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def _tile(text: str):
     if text == "auto":
         return "auto"
@@ -203,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
     u.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     u.set_defaults(func=cmd_upscale)
+
+    m = sub.add_parser("manifest", help="build or update the validated Parquet manifest of "
+                       "image folders / archives (exit 1 only when nothing usable is left)")
+    m.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder of images (walked recursively) or a zip / tar(.gz) archive")
+    m.add_argument("-o", "--out", required=True, metavar="MANIFEST.parquet",
+                   help="the manifest; its summary goes beside it (NAME.summary.json)")
+    m.add_argument("--min-size", type=_positive, default=1, metavar="N",
+                   help="reject images smaller than N pixels on either side (the HR crop)")
+    m.add_argument("--split", metavar="NAME", help="split of these sources (train, valid, ...)")
+    m.add_argument("--cache", default=".cache/rlfn", metavar="DIR",
+                   help="where archives are unpacked (default .cache/rlfn)")
+    m.add_argument("--workers", type=_positive, default=2, metavar="N",
+                   help="decoding processes when many files are new (default 2)")
+    m.set_defaults(func=cmd_manifest)
     return p
 
 

@@ -65,3 +65,13 @@ def make(kind: str, path: Path, h: int = 48, w: int = 40) -> Path:
     else:
         raise ValueError(kind)
     return path
+
+
+def exif_rotated(path: Path, h: int = 30, w: int = 50, orientation: int = 6) -> Path:
+    """A JPEG stored ``h`` x ``w`` whose EXIF orientation asks viewers to rotate it (6: 90
+    degrees clockwise, so it is shown ``w`` x ``h``)."""
+    im = Image.fromarray(rgb(h, w))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, format="JPEG", exif=exif, quality=95)
+    return path
