@@ -55,18 +55,19 @@ class EvalReport:
 def evaluate_folder(upscaler: Upscaler, hr_dir: str | Path, lr_dir: str | Path | None = None,
                     progress: bool = False, desc: str | None = None,
                     on_image: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
-                    ) -> EvalReport:
+                    limit: int | None = None) -> EvalReport:
     """Score ``upscaler`` on every image of ``hr_dir``.
 
     LR images come from ``lr_dir`` (same file names) or, without it, from the HR by the
     project's MATLAB-exact bicubic. HR is mod-cropped to the scale. The border of ``scale``
     pixels is cropped before PSNR/SSIM on Y. A bad file is reported in ``errors`` and the
     others are still scored. ``on_image(name, lr, sr, hr)`` sees every scored image.
+    ``limit`` scores only the first images (sorted by name).
     """
     scale = upscaler.scale
     report = EvalReport(scale=scale)
     errs: list[ImageError] = []
-    files = list_images([hr_dir], errs)
+    files = list_images([hr_dir], errs)[:limit]
     report.errors.extend(str(e) for e in errs)
     if not files and not errs:
         report.errors.append(f"{hr_dir}: no images found")

@@ -1,0 +1,1 @@
+"""Training: the paper's recipe, three warm-start stages, contrastive loss, exact resume, DDP."""
