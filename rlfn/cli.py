@@ -183,6 +183,34 @@ def cmd_manifest(args) -> int:
     return 0 if summary.usable else 1
 
 
+# --------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    """One training stage; rerunning the same command resumes (or does nothing when done)."""
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError, load_config
+    from .train.engine import train
+
+    try:
+        cfg = load_config(args.config, args.set, stage=args.stage)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    if args.init is not None and not Path(args.init).exists():
+        raise CliError(f"--init {args.init}: no such file")
+    try:
+        res = train(cfg, args.out, init=args.init, progress=not args.quiet)
+    except (CheckpointError, FileNotFoundError, FloatingPointError) as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:  # data problems: no usable images, patch too large, ...
+        raise CliError(str(e)) from None
+    if res.already_complete:
+        print(f"{res.weights}: already trained ({res.iterations} iterations); nothing to do")
+    else:
+        psnr = "" if res.final_psnr is None else f", validation Y-PSNR {res.final_psnr:.3f} dB"
+        print(f"stage {cfg.stage}: {res.iterations} iterations in {res.seconds / 60:.1f} min"
+              f"{psnr} -> {res.weights}")
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -256,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=_positive, default=2, metavar="N",
                    help="decoding processes when many files are new (default 2)")
     m.set_defaults(func=cmd_manifest)
+
+    t = sub.add_parser("train", help="train one stage (resumes when rerun with the same --out)")
+    t.add_argument("--config", required=True, metavar="FILE",
+                   help="YAML config (the train section of params.yaml works as one)")
+    t.add_argument("--stage", type=int, default=None, help="stage 1, 2 or 3 (3 adds the "
+                   "contrastive loss by default)")
+    t.add_argument("--init", metavar="WEIGHTS", help="warm start: the previous stage's "
+                   "model.safetensors (fresh optimizer and schedule)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -41,6 +41,7 @@ class TrainConfig:
     patch_size: int = 256  # HR crop; the LR crop is patch_size / scale
     augment: bool = True  # the 8 flips / 90-degree rotations
     num_workers: int = 2
+    epoch_iterations: int = 1000  # iterations per data epoch (each epoch reshuffles)
     # optimisation (the paper's values)
     iterations: int = 1_000_000
     batch_size: int = 64
@@ -80,7 +81,7 @@ class TrainConfig:
         if self.scale not in (2, 3, 4):
             bad("scale", f"must be 2, 3 or 4, got {self.scale}")
         for key in ("iterations", "batch_size", "patch_size", "lr_step", "checkpoint_every",
-                    "val_every", "log_every"):
+                    "val_every", "log_every", "epoch_iterations"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"must be a positive integer, got {v!r}")

@@ -213,9 +213,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
         contrastive = ContrastiveLoss(cfg.contrastive_channels, cfg.contrastive_seed).to(device)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
-    data = open_training_data(cfg, out_dir / "data", progress=progress and is_main)
+    data = open_training_data(cfg, out_dir / "data", rank, world, progress=progress and is_main)
     end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
-    batches = IterationBatches(data, cfg, start, end, rank, world, device)
+    batches = IterationBatches(data, cfg, start, end, device)
 
     curves_path = out_dir / "curves.csv"
     rows = _read_curves(curves_path, start) if is_main else []
