@@ -1,10 +1,10 @@
 """Training configuration: every value of the paper's recipe is a key with the paper's value
 as its default, checked before any work starts.
 
-A config file is YAML. Its top level holds the keys below; the ``train`` section of
-``params.yaml`` works as one (a file with a top-level ``train:`` mapping is unwrapped).
-``stages: {1: {...}, 2: {...}, 3: {...}}`` holds per-stage overrides (the contrastive loss
-is switched on in stage 3 by default). ``--set KEY=VALUE`` overrides anything (values are
+A config file is YAML. Its top level holds the keys below; ``params.yaml`` works as one (a
+file with a top-level ``train:`` mapping is unwrapped, and its ``train_stage1`` ..
+``train_stage3`` sections become the per-stage overrides). ``stages: {1: {...}, 2: {...},
+3: {...}}`` holds per-stage overrides (the contrastive loss is on in stage 3 by default). ``--set KEY=VALUE`` overrides anything (values are
 parsed as YAML: ``--set lr=1e-3 --set contrastive=false``).
 """
 
@@ -173,8 +173,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping |
             doc = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if isinstance(doc, dict) and "train" in doc:
+        if isinstance(doc, dict) and "train" in doc:  # a params.yaml: its train section, with
+            stage_sections = {k: doc.pop(f"train_stage{k}") for k in (1, 2, 3)  # the stage
+                              if isinstance(doc.get(f"train_stage{k}"), dict)}  # sections
             doc = doc["train"]
+            if stage_sections and isinstance(doc, dict) and "stages" not in doc:
+                doc = {**doc, "stages": {**DEFAULT_STAGES, **stage_sections}}
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: expected a mapping of keys, got {type(doc).__name__}")
         values = dict(doc)

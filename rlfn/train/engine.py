@@ -21,6 +21,7 @@ DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its share of every 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from .data import IterationBatches, open_training_data
 from .losses import ContrastiveLoss, bicubic_upsample
 from .schedule import lr_at
 
-__all__ = ["train", "TrainResult", "plot_curves"]
+__all__ = ["train", "TrainResult", "plot_curves", "run_key"]
 
 CURVE_FIELDS = ["iteration", "loss", "l1", "contrastive", "lr", "val_psnr", "seconds"]
 
@@ -67,6 +68,17 @@ class TrainResult:
         d = dict(vars(self))
         d["out_dir"], d["weights"] = str(self.out_dir), str(self.weights)
         return d
+
+
+def run_key(cfg: TrainConfig, init: str | Path | None = None) -> str:
+    """What determines a run's result: the config and, for a warm start, the init weights'
+    bytes. A checkpoint or finished run with another key is not resumed."""
+    key = cfg.digest()
+    if init is not None:
+        if not Path(init).exists():
+            raise CheckpointError(init, "no such file (the warm-start weights)")
+        key += "-" + hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]
+    return key
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -168,10 +180,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
     is_main = rank == 0
     final = out_dir / "model.safetensors"
     result_file = out_dir / "result.json"
-    digest = cfg.digest()
+    digest = run_key(cfg, init)
     if final.exists() and result_file.exists():
         done = json.loads(result_file.read_text())
-        if done.get("config_digest") == digest and done.get("init") == (str(init) if init else None):
+        if done.get("config_digest") == digest:
             r = TrainResult(out_dir, final, done["iterations"], done.get("final_psnr"),
                             done.get("best_psnr"), done.get("best_iteration"), 0.0,
                             done["iterations"], already_complete=True)

@@ -1,0 +1,163 @@
+"""Glue shared by every stage: params, paths, MLflow runs and tags. Written once, here.
+
+* ``params()`` reads ``params.yaml`` (``RLFN_PARAMS`` overrides the path).
+* ``tracking_uri()``: ``MLFLOW_TRACKING_URI`` when set (a real server), else the project's
+  SQLite store ``sqlite:///mlflow.db`` with artefacts in ``mlartifacts/`` beside it.
+* ``stage_run(stage, params)``: a context manager giving the stage's MLflow run, nested under
+  one parent run per ``dvc repro``. Stages of one repro find their parent by the tag
+  ``rlfn.repro_id``: ``RLFN_REPRO_ID`` when set, else the pid and start time of the ``dvc``
+  process that launched the stage (so a plain ``dvc repro`` groups its stages), else a fresh
+  id (a stage run by hand gets its own parent). Each stage run is tagged with the git commit,
+  the DVC stage name and a hash of the params it read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))  # project-local Prefect state
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+__all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commit",
+           "params_hash", "write_json", "log_dict_metrics"]
+
+
+def params(path: str | Path | None = None) -> dict[str, Any]:
+    p = Path(path or os.environ.get("RLFN_PARAMS", "params.yaml"))
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such params file (run from the project root)")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def tracking_uri(prm: dict | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = (prm or {}).get("mlflow", {}).get("db", "mlflow.db")
+    return f"sqlite:///{Path(db).resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(section: Any) -> str:
+    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dvc_ancestor() -> str | None:
+    """pid-starttime of the nearest ancestor process running ``dvc`` (Linux /proc)."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        words = [Path(c.decode(errors="replace")).name for c in cmd[:4] if c]
+        if "dvc" in words:  # `dvc repro`, `python .../dvc repro`, `python -m dvc repro`
+            return f"dvc-{pid}-{stat.rsplit(')', 1)[1].split()[19]}"
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid <= 1:
+            return None
+    return None
+
+
+def repro_id() -> str:
+    rid = os.environ.get("RLFN_REPRO_ID") or _dvc_ancestor()
+    if not rid:
+        rid = f"manual-{uuid.uuid4().hex[:12]}"
+        os.environ["RLFN_REPRO_ID"] = rid  # later runs in this process share it
+    return rid
+
+
+def _experiment(mlflow, prm: dict) -> str:
+    name = prm.get("mlflow", {}).get("experiment", "rlfn")
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(prm).startswith("sqlite:"):
+        art = Path(prm.get("mlflow", {}).get("artifacts", "mlartifacts")).resolve()
+        location = art.as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, prm: dict, section: Any = None) -> Iterator[Any]:
+    """The stage's MLflow run (nested under the repro's parent run), tagged and ready."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(prm))
+    exp_id = _experiment(mlflow, prm)
+    rid = repro_id()
+    commit = git_commit()
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.`rlfn.repro_id` = '{rid}' and "
+                               "tags.`rlfn.kind` = 'repro'", max_results=1, output_format="list")
+    if found:
+        parent_id = found[0].info.run_id
+    else:
+        parent = mlflow.MlflowClient().create_run(
+            exp_id, run_name=f"repro {rid}", tags={"rlfn.repro_id": rid, "rlfn.kind": "repro",
+                                                   "git_commit": commit})
+        parent_id = parent.info.run_id
+    client = mlflow.MlflowClient()
+    tags = {"rlfn.repro_id": rid, "rlfn.kind": "stage", "dvc_stage": stage,
+            "git_commit": commit, "params_hash": params_hash(section if section is not None
+                                                             else prm),
+            "mlflow.parentRunId": parent_id}
+    run = client.create_run(exp_id, run_name=stage, tags=tags)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_id=run.info.run_id):
+            yield run
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status)
+        client.set_terminated(parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return p
+
+
+def log_dict_metrics(prefix: str, nested: dict, step: int | None = None) -> None:
+    """Log a nested dict of numbers as MLflow metrics named ``prefix.a.b.c``."""
+    import mlflow
+
+    flat: dict[str, float] = {}
+
+    def walk(p: str, d: Any) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                walk(f"{p}.{k}" if p else str(k), v)
+        elif isinstance(d, (int, float)) and not isinstance(d, bool):
+            flat[p] = float(d)
+
+    walk(prefix, nested)
+    if flat:
+        mlflow.log_metrics(flat, step=step)

@@ -1,0 +1,242 @@
+"""The pipeline for real: `dvc repro` of Prefect flows logging to MLflow, on a tiny params set
+in a temporary copy of the project. No mocks: real DVC, real Prefect (temporary server), real
+MLflow (SQLite store, and a real `mlflow server` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+        ".dvcignore", ".gitignore", "data/sample/Set5", "data/sample/README.md"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ""
+    env.update(extra)
+    return env
+
+
+def _run(cmd, cwd, timeout=900, check=True, **env):
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env=_env(**env))
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
+                             f"{r.stderr[-6000:]}")
+    return r
+
+
+def _tiny_params(p: Path, iterations: int = 4) -> None:
+    prm = yaml.safe_load(p.read_text())
+    prm["data"]["min_size"] = 64
+    prm["train"].update(model="rlfn_ntire", iterations=iterations, batch_size=2, patch_size=64,
+                        val_every=2, checkpoint_every=2, log_every=1, num_workers=0,
+                        epoch_iterations=4, val_max_images=2)
+    prm["profile"]["max_images"] = 2
+    prm["profile"]["warmup"] = 1
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git repo holding a copy of the project with 4 training images and tiny params."""
+    d = tmp_path_factory.mktemp("proj") / "rlfn"
+    d.mkdir()
+    for rel in COPY:
+        src = ROOT / rel
+        dst = d / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    train = d / "data" / "sample" / "train"
+    train.mkdir(parents=True)
+    for f in sorted((ROOT / "data" / "sample" / "train").glob("*.png"))[:4]:
+        shutil.copy2(f, train / f.name)
+    _tiny_params(d / "params.yaml")
+    remote = d.parent / "remote"
+    cfg = (d / ".dvc" / "config").read_text()
+    (d / ".dvc" / "config").write_text(cfg.replace("../../rlfn-dvc-remote", str(remote)))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        _run(cmd, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def repro(project) -> dict:
+    t0 = time.perf_counter()
+    r = _run(["dvc", "repro"], project)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r2 = _run(["dvc", "repro"], project)
+    noop = time.perf_counter() - t0
+    print(f"\nfirst dvc repro {first:.1f} s, no-op rerun {noop:.1f} s")
+    return {"out": r.stdout + r.stderr, "noop_out": r2.stdout + r2.stderr, "noop_s": noop}
+
+
+def _mlflow(project: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow
+
+
+def test_repro_outputs_and_metrics(project, repro):
+    for k in (1, 2, 3):
+        stage = project / "models" / f"stage{k}"
+        for f in ("model.safetensors", "curves.csv", "curves.png", "result.json", "mlflow.json"):
+            assert (stage / f).exists(), (k, f)
+    ev = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(ev["x4"]["Set5"]) == {"psnr_y", "ssim_y"} and ev["mean_psnr_y"] > 10
+    stages = json.loads((project / "metrics" / "evaluate_stages.json").read_text())
+    assert set(stages) == {"bicubic", "stage1", "stage2", "stage3"}
+    assert abs(stages["bicubic"]["x4"]["Set5"]["psnr_y"] - 28.4302) < 0.01  # MATLAB bicubic
+    prof = json.loads((project / "metrics" / "profile.json").read_text())
+    assert prof["params"] == 317_218 and prof["runtime_ms_cpu"] > 0
+    promo = json.loads((project / "metrics" / "promote.json").read_text())
+    assert promo["promoted"] == 1  # no champion before: the first model is promoted
+    # DVC sees the metrics with set/scale/metric key paths
+    shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "psnr_y" in shown and "Set5" in shown
+    assert "Stage 'train_stage3' didn't change" in repro["noop_out"] or \
+        "Data and pipelines are up to date" in repro["noop_out"]
+
+
+def test_mlflow_parent_run_nested_stage_runs_and_registry(project, repro):
+    mlflow = _mlflow(project)
+    exp = mlflow.get_experiment_by_name("rlfn")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("rlfn.kind") == "repro"]
+    assert len(parents) == 1  # one parent per dvc repro (the no-op rerun ran no stage)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["dvc_stage"] for r in children) == sorted(
+        ["prepare", "degrade", "patches", "train_stage1", "train_stage2", "train_stage3",
+         "evaluate", "profile", "promote"])
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["git_commit"] and len(r.data.tags["params_hash"]) == 16
+    t3 = next(r for r in children if r.data.tags["dvc_stage"] == "train_stage3")
+    assert "contrastive" in r.data.params or "contrastive" in t3.data.params
+    hist = mlflow.MlflowClient().get_metric_history(t3.info.run_id, "loss")
+    assert len(hist) == 4  # per-step training curve
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("rlfn-x4", "champion")
+    assert champion.tags.get("rlfn.stage") == "3"
+    model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+    import numpy as np
+
+    out = model.predict(np.zeros((20, 24, 3), np.uint8))
+    assert out.shape == (80, 96, 3)
+
+
+def test_param_change_reruns_exactly_its_stages(project, repro):
+    st = _run(["dvc", "status"], project).stdout
+    assert "changed" not in st
+    p = project / "params.yaml"
+    prm = yaml.safe_load(p.read_text())
+    prm["profile"]["warmup"] = 2
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    st = _run(["dvc", "status", "--json"], project).stdout
+    changed = set(json.loads(st))
+    assert changed == {"profile"}
+    prm["train_stage3"]["contrastive_weight"] = 0.2
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+    assert changed == {"profile", "train_stage3"}  # downstream of it reruns when it does
+    prm["profile"]["warmup"] = 1
+    prm["train_stage3"]["contrastive_weight"] = 0.1
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
+
+
+def test_second_repro_while_one_runs_is_refused(project, repro):
+    p = project / "params.yaml"
+    prm = yaml.safe_load(p.read_text())
+    prm["profile"]["warmup"] = 3
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    first = subprocess.Popen(["dvc", "repro"], cwd=project, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lock = project / ".dvc" / "tmp" / "rwlock"
+        deadline = time.time() + 60
+        second = None
+        while time.time() < deadline and first.poll() is None:
+            second = _run(["dvc", "repro"], project, check=False, timeout=120)
+            if second.returncode != 0:
+                break
+            time.sleep(0.2)
+        assert second is not None and second.returncode != 0, "second repro was not refused"
+        assert "lock" in (second.stdout + second.stderr).lower()
+        out, _ = first.communicate(timeout=600)
+        assert first.returncode == 0, out[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert lock.parent.exists()
+    prof = json.loads((project / "metrics" / "profile.json").read_text())
+    assert prof["params"] == 317_218  # the first run's outputs are intact
+    assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stage_against_a_real_mlflow_server(project, repro, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+        _run([sys.executable, "-m", "pipeline.promote"], project, MLFLOW_TRACKING_URI=uri,
+             RLFN_REPRO_ID="server-test")
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("rlfn")
+        runs = client.search_runs([exp.experiment_id], "tags.`dvc_stage` = 'promote'")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert client.get_model_version_by_alias("rlfn-x4", "champion").version == "1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_dvc_push_and_pull_with_the_local_remote(project, repro):
+    _run(["dvc", "push"], project)
+    weights = project / "models" / "stage3" / "model.safetensors"
+    data = weights.read_bytes()
+    shutil.rmtree(project / "models")
+    _run(["dvc", "pull"], project)
+    assert weights.read_bytes() == data
