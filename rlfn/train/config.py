@@ -66,7 +66,7 @@ class TrainConfig:
     # speed
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = True
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
     threads: int = 0  # torch intra-op threads on CPU, 0 = torch's default
     stage: int = 1
     stages: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STAGES.items()})
