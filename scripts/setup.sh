@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 log=$(mktemp)
-if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,pipeline]' >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
 fi
 # drop the local package index's noise; keep anything else pip said

@@ -1,0 +1,433 @@
+"""pipeline.registry against real MLflow: a SQLite store in a temporary folder (one per module,
+each test with its own registered model) and, for the lease path, a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pipeline` is not an installed package; spawned children
+    sys.path.insert(0, str(ROOT))  # inherit this sys.path
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from pipeline import registry  # noqa: E402
+from pipeline.registry import champion, log_and_register, promote  # noqa: E402
+from rlfn.models import build_model  # noqa: E402
+from rlfn.upscale import upscale_array  # noqa: E402
+from rlfn.weights import WeightsError, load_model, save_model  # noqa: E402
+
+PSNR, RT = "mean_psnr_y", "runtime_ms_cpu"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return save_model(build_model("rlfn_ntire", 4),
+                      tmp_path_factory.mktemp("w") / "rlfn_ntire_x4.safetensors",
+                      provenance={"test": "registry"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in os.environ (which
+    ``pipeline._common.tracking_uri`` reads): put both back for the modules run after this."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_uri = getattr(tracking_utils, "_tracking_uri", None)
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(old_uri)
+    if old_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> Path:
+    """An empty SQLite tracking database with MLflow's tables made (that takes ~6 s), copied
+    for the local store and for the server rather than migrated twice."""
+    db = tmp_path_factory.mktemp("template") / "empty.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, empty_db):
+    """One SQLite tracking store for the module's tests (each uses its own model names)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    shutil.copyfile(empty_db, d / "mlflow.db")
+    uri = f"sqlite:///{d}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("registry-tests", artifact_location=(d / "art").as_uri())
+    yield {"uri": uri, "dir": d, "experiment_id": exp}
+
+
+@pytest.fixture
+def local(store):
+    mlflow.set_tracking_uri(store["uri"])  # a server test may have pointed it elsewhere
+    return store
+
+
+def _register(store, weights, name, psnr=None, rt=None):
+    figures = {k: v for k, v in ((PSNR, psnr), (RT, rt)) if v is not None}
+    with mlflow.start_run(experiment_id=store["experiment_id"]):
+        mv = log_and_register(weights, 4, registered_name=name, figures=figures,
+                              tags={"test": name})
+    return int(mv.version)
+
+
+def _champ_version(name):
+    mv = champion(name)
+    return None if mv is None else int(mv.version)
+
+
+def _tags(name, version):
+    return mlflow.MlflowClient().get_model_version(name, str(version)).tags
+
+
+# --------------------------------------------------------------------------------------------
+# Rules
+
+
+def test_first_model_is_promoted_and_tagged(local, weights):
+    name = "first"
+    assert champion(name) is None  # no such registered model yet
+    v1 = _register(local, weights, name, psnr=30.0, rt=100.0)
+    assert champion(name) is None
+    tags = _tags(name, v1)
+    assert float(tags["rlfn.figure.mean_psnr_y"]) == 30.0
+    assert float(tags["rlfn.figure.runtime_ms_cpu"]) == 100.0
+    assert tags["rlfn.scale"] == "4" and tags["rlfn.model"] == "rlfn_ntire"
+    assert tags["test"] == name and len(tags["rlfn.weights_sha256"]) == 64
+    # the safetensors file itself is a run artifact
+    run_files = [f.path for f in mlflow.MlflowClient().list_artifacts(tags["rlfn.run_id"],
+                                                                       "weights")]
+    assert run_files == ["weights/rlfn_ntire_x4.safetensors"]
+
+    d = promote(name, v1, runtime_budget_ms=200.0)
+    assert d["promoted"] is True and "no champion" in d["reason"]
+    assert d["candidate_version"] == v1 and d["champion_version"] is None
+    assert d["candidate_figures"] == {PSNR: 30.0, RT: 100.0} and d["champion_figures"] == {}
+    json.dumps(d)  # the stage writes it to a metrics file
+    assert _champ_version(name) == v1
+    tags = _tags(name, v1)
+    assert tags["rlfn.promotion.decision"] == "promoted"
+    assert tags["rlfn.promotion.compared_to"] == "none"
+    assert tags["rlfn.promotion.reason"] == d["reason"]
+    assert float(tags["rlfn.promotion.runtime_budget_ms"]) == 200.0
+
+
+def test_better_candidate_is_promoted(local, weights):
+    name = "better"
+    v1 = _register(local, weights, name, psnr=30.0)
+    assert promote(name, v1)["promoted"]
+    v2 = _register(local, weights, name, psnr=30.2)
+    d = promote(name, v2)
+    assert d["promoted"] is True, d["reason"]
+    assert d["champion_version"] == v1 and d["champion_figures"] == {PSNR: 30.0}
+    assert _champ_version(name) == v2
+    assert _tags(name, v2)["rlfn.promotion.compared_to"] == str(v1)
+
+
+@pytest.mark.parametrize("psnr", [29.9, 30.0], ids=["worse", "equal"])
+def test_worse_or_equal_candidate_is_refused(local, weights, psnr):
+    name = f"notbetter-{psnr}"
+    v1 = _register(local, weights, name, psnr=30.0)
+    promote(name, v1)
+    v2 = _register(local, weights, name, psnr=psnr)
+    d = promote(name, v2, margin=0.0)
+    assert d["promoted"] is False and "does not beat" in d["reason"]
+    assert _champ_version(name) == v1
+    tags = _tags(name, v2)
+    assert tags["rlfn.promotion.decision"] == "rejected"
+    assert tags["rlfn.promotion.compared_to"] == str(v1)
+
+
+def test_margin_is_strict(local, weights):
+    name = "margin"
+    v1 = _register(local, weights, name, psnr=30.0)
+    promote(name, v1)
+    v2 = _register(local, weights, name, psnr=30.05)
+    assert promote(name, v2, margin=0.1)["promoted"] is False  # within the margin
+    assert _champ_version(name) == v1
+    v3 = _register(local, weights, name, psnr=30.25)
+    assert promote(name, v3, margin=0.1)["promoted"] is True  # beyond it
+    assert _champ_version(name) == v3
+
+
+def test_runtime_budget(local, weights):
+    name = "budget"
+    v1 = _register(local, weights, name, psnr=30.0, rt=100.0)
+    promote(name, v1, runtime_budget_ms=150.0)
+    slow = _register(local, weights, name, psnr=35.0, rt=151.0)  # much better, too slow
+    d = promote(name, slow, runtime_budget_ms=150.0)
+    assert d["promoted"] is False and "over the runtime budget" in d["reason"]
+    unknown = _register(local, weights, name, psnr=35.0)  # no runtime figure, budget set
+    d = promote(name, unknown, runtime_budget_ms=150.0)
+    assert d["promoted"] is False and "no runtime_ms_cpu" in d["reason"]
+    assert _champ_version(name) == v1
+    ok = _register(local, weights, name, psnr=30.5, rt=150.0)  # on the budget is within it
+    assert promote(name, ok, runtime_budget_ms=150.0)["promoted"] is True
+    assert _champ_version(name) == ok
+
+
+def test_lower_is_better_and_missing_gate_figure(local, weights):
+    name = "lower"
+    v1 = _register(local, weights, name, psnr=30.0, rt=100.0)
+    promote(name, v1, gate_metric=RT, higher_is_better=False)
+    v2 = _register(local, weights, name, psnr=10.0, rt=90.0)
+    assert promote(name, v2, gate_metric=RT, higher_is_better=False)["promoted"] is True
+    v3 = _register(local, weights, name, rt=80.0)  # no PSNR figure: cannot be compared on it
+    d = promote(name, v3)
+    assert d["promoted"] is False and "no finite mean_psnr_y" in d["reason"]
+    assert _champ_version(name) == v2
+
+
+def test_failures_leave_the_champion_alone(local, weights):
+    name = "failures"
+    v1 = _register(local, weights, name, psnr=30.0)
+    promote(name, v1)
+    v2 = _register(local, weights, name, psnr=40.0)  # would win
+    with pytest.raises(MlflowException):
+        promote(name, 99)  # no such version
+    assert _champ_version(name) == v1
+    # Another promotion holds the lock: this one times out before touching the alias.
+    import fcntl
+
+    lock_path = registry._local_lock_path(local["uri"])
+    assert lock_path == Path(local["dir"]) / "mlflow.db.promote.lock"
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            promote(name, v2, lock_timeout_s=0.5)
+        assert 0.4 < time.monotonic() - t0 < 5
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    assert _champ_version(name) == v1
+    assert "rlfn.promotion.decision" not in _tags(name, v2)
+    with pytest.raises(ValueError):
+        promote(name, v2, margin=-1)
+    assert _champ_version(name) == v1
+    assert promote(name, v2)["promoted"] is True  # and once the lock is free it works
+
+
+def test_log_and_register_checks_before_logging(local, weights):
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        log_and_register(weights, 4, registered_name="checks")
+    with mlflow.start_run(experiment_id=local["experiment_id"]):
+        with pytest.raises(WeightsError, match="x4 model"):
+            log_and_register(weights, 2, registered_name="checks")
+        with pytest.raises(ValueError, match="finite"):
+            log_and_register(weights, 4, registered_name="checks", figures={PSNR: float("nan")})
+    assert mlflow.MlflowClient().search_registered_models("name = 'checks'") == []
+
+
+def _race_worker(uri, name, version, barrier, results):
+    import mlflow as mlf
+
+    from pipeline.registry import promote as promote_
+
+    mlf.set_tracking_uri(uri)
+    mlf.MlflowClient().get_registered_model(name)  # connect before the start line
+    barrier.wait(timeout=120)
+    try:
+        results.put(("ok", version, promote_(name, version)))
+    except BaseException as e:  # reported to the parent, which fails the test
+        results.put(("error", version, repr(e)))
+
+
+def test_two_racing_processes_cannot_both_win(local, weights):
+    name = "race"
+    v1 = _register(local, weights, name, psnr=30.0)
+    promote(name, v1)
+    a = _register(local, weights, name, psnr=31.0)
+    b = _register(local, weights, name, psnr=31.0)  # equally good: only the first may win
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(local["uri"], name, v, barrier, results))
+             for v in (a, b)]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(status == "ok" for status, _, _ in got), got
+    decisions = {v: d for _, v, d in got}
+    winners = [v for v, d in decisions.items() if d["promoted"]]
+    assert len(winners) == 1, [d["reason"] for d in decisions.values()]
+    (winner,) = winners
+    (loser,) = {a, b} - {winner}
+    assert _champ_version(name) == winner
+    assert decisions[winner]["champion_version"] == v1
+    assert decisions[loser]["champion_version"] == winner  # re-read inside the lock
+    assert "does not beat" in decisions[loser]["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# The pyfunc
+
+
+def test_pyfunc_from_registry_matches_upscale_array(local, weights, tmp_path):
+    v = _register(local, weights, None, psnr=28.0, rt=50.0)  # default name: rlfn-x4
+    assert promote("rlfn-x4", v)["promoted"]
+    model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+    img = registry.example_image(21)[:, :19]  # odd, non-square
+    out = model.predict(img)
+    ref = upscale_array(load_model(weights).model, img)
+    assert out.dtype == np.uint8 and out.shape == (84, 76, 3)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(model.predict(img, params={"tile": 0}), ref)
+    with pytest.raises(ValueError, match="too small"):
+        model.predict(np.zeros((14, 40, 3), np.uint8))
+    with pytest.raises(MlflowException):  # the signature wants uint8
+        model.predict(img.astype(np.float32))
+    batch = np.stack([img, img[::-1].copy()])  # batches: through the Python model itself
+    got = model.unwrap_python_model().predict(None, batch)
+    assert got.shape == (2, 84, 76, 3)
+    np.testing.assert_array_equal(got[0], ref)
+
+    # A fresh interpreter outside the project (no `pipeline` on its path) loads it too: the
+    # model carries its code.
+    np.save(tmp_path / "in.npy", img)
+    script = ("import sys, mlflow, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); "
+              "m = mlflow.pyfunc.load_model('models:/rlfn-x4@champion'); "
+              "np.save('out.npy', m.predict(np.load('in.npy')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    r = subprocess.run([sys.executable, "-c", script, local["uri"]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# A real tracking server: the lease path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, empty_db):
+    d = tmp_path_factory.mktemp("server")
+    shutil.copyfile(empty_db, d / "server.db")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/server.db",
+         "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
+        cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def stop():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        log.close()
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop()
+            pytest.fail(f"mlflow server did not come up:\n{(d / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.25)
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def test_tracking_server_lease_path(server, weights):
+    mlflow.set_tracking_uri(server)
+    exp = mlflow.create_experiment("registry-server")
+    client = mlflow.MlflowClient()
+    name = "rlfn-x4"
+
+    def register(psnr):
+        with mlflow.start_run(experiment_id=exp):
+            return int(log_and_register(weights, 4, figures={PSNR: psnr, RT: 80.0}).version)
+
+    def lease():
+        return client.get_registered_model(name).tags.get(registry.LEASE_TAG)
+
+    # Two promotions of equally good candidates racing, no champion yet: exactly one wins,
+    # the other then compares against the winner (equal is not better).
+    a, b = register(31.0), register(31.0)
+    start, out = threading.Barrier(2), {}
+
+    def race(v):
+        start.wait(timeout=60)
+        try:
+            out[v] = promote(name, v, runtime_budget_ms=100.0)
+        except BaseException as e:
+            out[v] = e
+
+    threads = [threading.Thread(target=race, args=(v,)) for v in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(x, dict) for x in out.values()), out
+    assert {x["lock"] for x in out.values()} == {"lease"}
+    winners = [v for v, x in out.items() if x["promoted"]]
+    assert len(winners) == 1, [x["reason"] for x in out.values()]
+    (loser,) = {a, b} - set(winners)
+    assert out[winners[0]]["champion_version"] is None
+    assert out[loser]["champion_version"] == winners[0]
+    assert int(champion(name).version) == winners[0]
+    assert lease() is None  # released
+
+    # A live foreign lease blocks (timeout, nothing moved); an expired one is taken over.
+    c = register(33.0)
+    foreign = {"token": "someone-else", "expires": time.time() + 600, "owner": "other:1"}
+    client.set_registered_model_tag(name, registry.LEASE_TAG, json.dumps(foreign))
+    with pytest.raises(TimeoutError, match="other:1"):
+        promote(name, c, lock_timeout_s=1.0)
+    assert int(champion(name).version) == winners[0]
+    assert json.loads(lease())["token"] == "someone-else"  # not ours to delete
+    foreign["expires"] = time.time() - 1  # its holder crashed long ago
+    client.set_registered_model_tag(name, registry.LEASE_TAG, json.dumps(foreign))
+    d = promote(name, c)
+    assert d["promoted"] and d["champion_version"] == winners[0]
+    assert lease() is None
+
+    # The champion loads back from the server's registry and predicts like the library.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    img = registry.example_image(16)
+    np.testing.assert_array_equal(model.predict(img),
+                                  upscale_array(load_model(weights).model, img))
