@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -264,14 +263,6 @@ def figures_of(mv: ModelVersion) -> dict[str, float]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Logging and registering
 
@@ -285,6 +276,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     of the given ``scale``, the figures are finite numbers. ``figures`` become the version's
     ``rlfn.figure.*`` tags (what ``promote`` compares); ``tags`` are added as given.
     """
+    from rlfn.io import sha256_file
     from rlfn.weights import load_model
 
     run = mlflow.active_run()
@@ -297,7 +289,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     version_tags = {
         "rlfn.scale": str(int(scale)),
         "rlfn.model": loaded.name,
-        "rlfn.weights_sha256": _sha256(weights),
+        "rlfn.weights_sha256": sha256_file(weights),
         "rlfn.run_id": run.info.run_id,
         **figure_tags(figures),
         **{str(k): str(v) for k, v in (tags or {}).items()},

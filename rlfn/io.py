@@ -8,6 +8,7 @@ reported in ``ImageInfo.notes`` so callers can tell the user.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import warnings
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageInfo", "read_image", "write_png", "list_images",
+__all__ = ["ImageError", "ImageInfo", "read_image", "write_png", "list_images", "sha256_file",
            "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -144,6 +145,12 @@ def _to_rgb8(im: Image.Image, info: ImageInfo) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (ValueError, OSError) as e:
         raise ImageError(info.path, f"unsupported pixel format {mode} ({e})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's contents."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_png(path: str | Path, arr: np.ndarray) -> Path:

@@ -34,7 +34,6 @@ and tqdm are used (no Prefect, DVC or MLflow), so this runs anywhere the library
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import posixpath
@@ -52,6 +51,8 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Iterable, Mapping
 
 from tqdm import tqdm
+
+from ..io import sha256_file
 
 __all__ = ["DIV2K", "KINDS", "ResolvedSource", "Source", "SourceError", "download", "resolve",
            "sha256_file", "unpack"]
@@ -203,12 +204,6 @@ class ResolvedSource:
     split: str | None
     kind: str
     path: Path
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file's contents."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_marker(marker: Path, size: int) -> None:

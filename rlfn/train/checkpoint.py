@@ -17,7 +17,6 @@ checkpoint of another architecture or scale, or whose files do not match their r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import sha256_file
 from ..models import RLFN
 from ..weights import WeightsError, infer_config, load_state_dict, save_model
 
@@ -51,14 +51,6 @@ class TrainState:
     best_psnr: float = float("-inf")
     best_iteration: int = 0
     extra: dict[str, Any] | None = None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,7 +89,7 @@ def save_checkpoint(out_dir: str | Path, model: RLFN, optimizer: torch.optim.Opt
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
-    files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors",
+    files = {f: sha256_file(tmp / f) for f in ("model.safetensors", "optimizer.safetensors",
                                            "rng.safetensors")}
     doc = {"iteration": state.iteration, "stage": state.stage,
            "config_digest": state.config_digest, "best_psnr": state.best_psnr,
@@ -142,7 +134,7 @@ def load_checkpoint(path: str | Path, model: RLFN, optimizer: torch.optim.Optimi
         f = path / fname
         if not f.exists():
             raise CheckpointError(f, "missing from the checkpoint")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f, "corrupted: its sha256 does not match the checkpoint record")
     weights = path / "model.safetensors"
     try:

@@ -21,7 +21,6 @@ DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its share of every 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..evaluate import evaluate_folder
-from ..io import write_png
+from ..io import sha256_file, write_png
 from ..models import RLFN, build_model
 from ..upscale import BicubicUpscaler, ModelUpscaler
 from ..weights import WeightsError, load_model, save_model
@@ -77,7 +76,7 @@ def run_key(cfg: TrainConfig, init: str | Path | None = None) -> str:
     if init is not None:
         if not Path(init).exists():
             raise CheckpointError(init, "no such file (the warm-start weights)")
-        key += "-" + hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]
+        key += "-" + sha256_file(init)[:16]
     return key
 
 
