@@ -230,6 +230,12 @@ def imresize(
             raise ValueError(f"output size must be positive, got {out_hw}")
         scales = (out_hw[0] / in_hw[0], out_hw[1] / in_hw[1])
 
+    with torch.autocast(img.device.type, enabled=False):  # exact arithmetic: never autocast
+        return _imresize(img, scales, out_hw, antialiasing, is_uint8, reference)
+
+
+def _imresize(img: torch.Tensor, scales: tuple[float, float], out_hw: tuple[int, int],
+              antialiasing: bool, is_uint8: bool, reference: bool) -> torch.Tensor:
     out_dtype = img.dtype
     x = img
     resize_dim = _resize_dim_reference if reference else _resize_dim

@@ -88,6 +88,15 @@ def test_float_input_keeps_dtype_and_matches_uint8_path_before_rounding():
     assert imresize(x.float(), scale=2).dtype == torch.float32
 
 
+def test_exact_under_autocast():
+    """Training runs under bf16 autocast; the bicubic negative must stay exact float math."""
+    x = torch.rand(2, 3, 12, 10) * 255
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = imresize(x, scale=4)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, imresize(x, scale=4))
+
+
 def test_upscale_shape_and_constant_image():
     x = torch.full((1, 3, 10, 12), 200, dtype=torch.uint8)
     y = imresize(x, scale=4)

@@ -174,14 +174,18 @@ def test_second_repro_while_one_runs_is_refused(project, repro):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lock = project / ".dvc" / "tmp" / "rwlock"
-        deadline = time.time() + 60
-        second = None
-        while time.time() < deadline and first.poll() is None:
-            second = _run(["dvc", "repro"], project, check=False, timeout=120)
-            if second.returncode != 0:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:  # until a stage is running
+            try:
+                held = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                held = {}
+            if any(held.get(k) for k in ("read", "write")):
                 break
-            time.sleep(0.2)
-        assert second is not None and second.returncode != 0, "second repro was not refused"
+            time.sleep(0.05)
+        assert first.poll() is None, "the first repro ended before a second could start"
+        second = _run(["dvc", "repro"], project, check=False, timeout=120)
+        assert second.returncode != 0, "second repro was not refused"
         assert "lock" in (second.stdout + second.stderr).lower()
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-3000:]
