@@ -1,5 +1,7 @@
 """prefect.yaml declares a deployment for every stage flow, and each entrypoint loads as a
-real Prefect flow."""
+real Prefect flow. Entrypoints are module paths (``pipeline.profile:profile``): a file path
+would put ``pipeline/`` on sys.path, where ``pipeline/profile.py`` shadows the standard
+library's ``profile`` (which torch imports through cProfile)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,14 @@ def test_every_stage_has_a_deployment_that_loads():
     entries = {d["name"]: d["entrypoint"] for d in doc["deployments"]}
     stages = {p.stem for p in (ROOT / "pipeline").glob("*.py")} - {"__init__", "_common",
                                                                    "registry"}
-    assert stages <= set(entries), stages - set(entries)
+    modules = {e.split(":")[0].removeprefix("pipeline.") for e in entries.values()}
+    assert stages <= modules, stages - modules
     for name, entrypoint in entries.items():
-        path, func = entrypoint.split(":")
-        flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + func)
+        module, _ = entrypoint.split(":")
+        assert module.startswith("pipeline.") and not module.endswith(".py"), entrypoint
+        flow = load_flow_from_entrypoint(entrypoint)
         assert isinstance(flow, Flow), name
         assert flow.name.startswith("rlfn-"), flow.name
+    import importlib.util
+
+    assert "pipeline" not in importlib.util.find_spec("profile").origin
