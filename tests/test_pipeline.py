@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -198,31 +198,8 @@ def test_second_repro_while_one_runs_is_refused(project, repro):
     assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stage_against_a_real_mlflow_server(project, repro, tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
+    with mlflow_server(tmp_path) as uri:
         _run([sys.executable, "-m", "pipeline.promote"], project, MLFLOW_TRACKING_URI=uri,
              RLFN_REPRO_ID="server-test")
         import mlflow
@@ -232,9 +209,6 @@ def test_stage_against_a_real_mlflow_server(project, repro, tmp_path):
         runs = client.search_runs([exp.experiment_id], "tags.`dvc_stage` = 'promote'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert client.get_model_version_by_alias("rlfn-x4", "champion").version == "1"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_dvc_push_and_pull_with_the_local_remote(project, repro):

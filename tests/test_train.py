@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from imagefiles import rgb
+from servers import free_port
 from rlfn.cli import main
 from rlfn.train.config import load_config
 from rlfn.train.engine import train
@@ -93,12 +93,6 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, hr_dir):
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
     cfg = _config(tmp_path, hr_dir, iterations=6, checkpoint_every=3)
     single = tmp_path / "single"
@@ -107,7 +101,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                         "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                        f"--master_port={_free_port()}", "-m", "rlfn", "-q", "train",
+                        f"--master_port={free_port()}", "-m", "rlfn", "-q", "train",
                         "--config", str(cfg), "--out", str(ddp)],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
