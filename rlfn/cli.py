@@ -2,6 +2,8 @@
 
 Exit codes: 0 all good; 1 some input failed (each failure printed as one ``error:`` line
 naming the file and the reason; the good inputs are still processed); 2 bad usage.
+``rlfn manifest`` records rejected files in the manifest and exits 1 only when nothing usable
+is left; ``rlfn train`` exits 1 on a refused config, checkpoint or data set.
 """
 
 from __future__ import annotations
