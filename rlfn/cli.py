@@ -213,6 +213,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- profile
+BACKENDS = ("eager",)  # the profiling issue adds channels_last, compile, ONNX Runtime, ...
+
+
+def cmd_profile(args) -> int:
+    """NTIRE-style counts on a 256x256 LR input, runtime over a folder, peak memory."""
+    from .complexity import count_complexity
+    from .profile import profile_runtime
+    from .weights import WeightsError, load_model
+
+    if args.backend not in BACKENDS:
+        raise CliError(f"--backend {args.backend}: unknown or not available; available: "
+                       f"{', '.join(BACKENDS)}")
+    device = _device(args.device)
+    input_dir = Path(args.input_dir)
+    if not input_dir.is_dir():
+        raise CliError(f"--input-dir {input_dir}: not a directory")
+    try:
+        loaded = load_model(args.model, scale=args.scale, device=device)
+    except WeightsError as e:
+        raise CliError(str(e)) from None
+    counts = count_complexity(loaded.model.cpu())
+    loaded.model.to(device)
+    try:
+        rt = profile_runtime(loaded.model, input_dir, args.max_images, args.warmup, str(device))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = {"model": str(args.model), "model_name": loaded.name, "scale": args.scale,
+           "backend": args.backend, "device": str(device),
+           "params": counts["params"], "flops": counts["flops"],
+           "activations": counts["activations"], "counts_input": counts["input"],
+           "runtime": {"unit": "ms", "median": rt["median_ms"], "mean": rt["mean_ms"],
+                       "stdev": rt["stdev_ms"], "min": rt["min_ms"], "max": rt["max_ms"],
+                       "images": rt["images"], "threads": rt["threads"],
+                       "input_dir": str(input_dir)},
+           "memory": {"unit": "MB", "peak_rss": rt["peak_rss_mb"],
+                      **({"peak_gpu_allocated": rt["peak_gpu_mb"]} if "peak_gpu_mb" in rt
+                         else {})}}
+    print(f"{loaded.name} x{args.scale} ({args.backend}, {device}):")
+    print(f"  params      {counts['params'] / 1e6:.3f} M")
+    print(f"  FLOPs       {counts['flops'] / 1e9:.2f} G   (256x256 LR input, NTIRE counting)")
+    print(f"  activations {counts['activations'] / 1e6:.2f} M")
+    print(f"  runtime     {rt['median_ms']:.1f} ms median, {rt['mean_ms']:.1f} +- "
+          f"{rt['stdev_ms']:.1f} ms mean ({rt['images']} images, {rt['threads']} threads)")
+    print(f"  peak RSS    {rt['peak_rss_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -298,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key (repeatable)")
     t.add_argument("--out", required=True, metavar="DIR")
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("profile", help="params / FLOPs / activations (NTIRE counting), "
+                        "runtime and peak memory")
+    pr.add_argument("--model", required=True, help="weights file")
+    pr.add_argument("--scale", type=_scale, required=True)
+    pr.add_argument("--input-dir", default="data/sample/train",
+                    help="LR images to time (default: the project's embedded DIV2K test LR "
+                         "sample; the challenge timed ../shared/data/div2k_test_lr_x4)")
+    pr.add_argument("--max-images", type=int, default=0, help="time only the first N (0: all)")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    pr.add_argument("--backend", default="eager", help=f"one of: {', '.join(BACKENDS)}")
+    pr.add_argument("--json", metavar="OUT.json")
+    pr.set_defaults(func=cmd_profile)
     return p
 
 
