@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install the project with its dev extras. Idempotent.
+# Create .venv (Python 3.11) and install the project with its dev, pipeline and infer extras. Idempotent.
 # torch is pinned to 2.13.0 in pyproject.toml: pip takes the CPU wheel from local disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 log=$(mktemp)
-if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,pipeline]' >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,pipeline,infer]' >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
 fi
 # drop the local package index's noise; keep anything else pip said
