@@ -583,3 +583,42 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
         }.items():
             client.set_model_version_tag(registered_name, version, prefix + key, value)
     return decision
+
+
+# --------------------------------------------------------------------------------------------
+# Reading versions back
+
+
+def version_weights(registered_name: str, dest: str | Path) -> list[dict[str, Any]]:
+    """Every version of ``registered_name`` with its weights file downloaded under ``dest``:
+    ``[{"version", "sha256", "path", "stage", "aliases"}]``, oldest first. A version whose
+    weights cannot be fetched is reported with ``"error"`` instead of ``"path"``; no such
+    registered model gives ``[]``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name = '{registered_name}'")
+    except MlflowException:
+        return []
+    try:
+        aliases = client.get_registered_model(registered_name).aliases or {}
+    except MlflowException:
+        aliases = {}
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
+    out = []
+    for mv in sorted(versions, key=lambda m: int(m.version)):
+        tags = mv.tags or {}
+        row = {"version": int(mv.version), "sha256": tags.get("rlfn.weights_sha256"),
+               "stage": tags.get("rlfn.stage"), "aliases": by_version.get(str(mv.version), [])}
+        try:
+            target = Path(dest) / f"v{mv.version}"
+            row["path"] = str(Path(mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="weights/model.safetensors",
+                dst_path=str(target))))
+        except (MlflowException, OSError) as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out.append(row)
+    return out

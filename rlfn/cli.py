@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .infer import backend_names
+
 __all__ = ["main", "build_parser"]
 
 
@@ -52,18 +54,45 @@ def _scale(text: str) -> int:
     return s
 
 
-def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | None,
-                   overlap: int):
-    from .upscale import BicubicUpscaler, ModelUpscaler
+def _check_backend(backend: str, device: torch.device) -> None:
+    from .infer import BackendError, check_backend
+
+    try:
+        check_backend(backend, device)
+    except BackendError as e:
+        raise CliError(f"--backend {backend}: {e}") from None
+
+
+def _engine(model: str, scale: int, device: torch.device, backend: str):
+    """Load ``model`` (checked against ``scale``) into an inference engine; errors first."""
+    from .infer import BackendError, make_engine
     from .weights import WeightsError, load_model
 
-    if model == "bicubic":
-        return BicubicUpscaler(scale), "bicubic"
+    _check_backend(backend, device)
     try:
         loaded = load_model(model, scale=scale, device=device)
     except WeightsError as e:
         raise CliError(str(e)) from None
-    return ModelUpscaler(loaded.model, tile=tile, overlap=overlap, device=device), loaded.name
+    try:
+        return make_engine(loaded.model, backend, device), loaded
+    except BackendError as e:
+        raise CliError(f"--backend {backend}: {e}") from None
+
+
+def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | None,
+                   overlap: int, backend: str = "eager"):
+    from .upscale import BicubicUpscaler, ModelUpscaler
+
+    if model == "bicubic":
+        if backend != "eager":
+            raise CliError(f"--backend {backend}: bicubic has no backends (it is not a model)")
+        return BicubicUpscaler(scale), "bicubic"
+    _check_backend(backend, device)
+    engine, loaded = _engine(model, scale, device, backend)
+    if tile not in (None, 0, "auto") and not engine.supports_grid:
+        raise CliError(f"--backend {backend} cannot run tiled (--tile {tile}): ESA's whole-image "
+                       "grid needs PyTorch; use eager, channels_last or bf16, or --tile 0")
+    return ModelUpscaler(engine, tile=tile, overlap=overlap), loaded.name
 
 
 # --------------------------------------------------------------------------- downscale
@@ -97,7 +126,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_folder
 
     upscaler, name = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
-                                    args.overlap)
+                                    args.overlap, args.backend)
     report = evaluate_folder(upscaler, args.hr, args.lr, progress=not args.quiet)
     for n in report.notes:
         _note(n)
@@ -112,7 +141,7 @@ def cmd_evaluate(args) -> int:
           f"({len(report.images)} images, {name}, x{args.scale})")
     if args.json:
         out = {"model": str(args.model), "model_name": name, "scale": args.scale,
-               "hr": str(args.hr), "lr": None if args.lr is None else str(args.lr),
+               "backend": args.backend, "device": args.device, "hr": str(args.hr), "lr": None if args.lr is None else str(args.lr),
                **report.to_dict()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -126,8 +155,9 @@ AUTO_TILE_PIXELS = 1024 * 1024  # LR pixels above which `--tile auto` tiles (~2 
 def cmd_upscale(args) -> int:
     from .io import ImageError, list_images, read_image, write_png
 
-    upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), None,
-                                 args.overlap)
+    upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
+                                 args.overlap, args.backend)
+    can_tile = getattr(getattr(upscaler, "engine", None), "supports_grid", True)
     errors: list = []
     files = list_images(args.inputs, errors)
     for e in errors:
@@ -146,6 +176,10 @@ def cmd_upscale(args) -> int:
             tile = args.tile
             if tile == "auto":
                 tile = 512 if lr.shape[0] * lr.shape[1] > AUTO_TILE_PIXELS else None
+                if tile and not can_tile:  # ONNX/OpenVINO/compiled graphs run it whole
+                    _note(f"{f}: backend {args.backend} runs untiled; a large image needs "
+                          "memory (eager or channels_last can tile)")
+                    tile = None
             upscaler.tile = None if tile in (None, 0) else int(tile)
             write_png(target, upscaler(lr))
             seen[target] = f
@@ -214,53 +248,105 @@ def cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------- profile
-BACKENDS = ("eager",)  # the profiling issue adds channels_last, compile, ONNX Runtime, ...
+# The challenge timed these 100 images; without ../shared the embedded sample stands in.
+_PROJECT = Path(__file__).resolve().parents[1]
+CHALLENGE_LR_DIR = Path("../shared/data/div2k_test_lr_x4")
+SAMPLE_LR_DIR = Path("data/sample/train")
+
+
+def _default_profile_dir() -> Path:
+    for d in (CHALLENGE_LR_DIR, _PROJECT.parent / "shared" / "data" / "div2k_test_lr_x4"):
+        if d.is_dir():
+            return d
+    for d in (SAMPLE_LR_DIR, _PROJECT / SAMPLE_LR_DIR):
+        if d.is_dir():
+            _note(f"{CHALLENGE_LR_DIR} not found: timing the embedded sample {d}")
+            return d
+    raise CliError(f"no --input-dir given and neither {CHALLENGE_LR_DIR} nor {SAMPLE_LR_DIR} "
+                   "exists here")
 
 
 def cmd_profile(args) -> int:
     """NTIRE-style counts on a 256x256 LR input, runtime over a folder, peak memory."""
     from .complexity import count_complexity
+    from .infer import BACKENDS
     from .profile import profile_runtime
-    from .weights import WeightsError, load_model
 
-    if args.backend not in BACKENDS:
-        raise CliError(f"--backend {args.backend}: unknown or not available; available: "
-                       f"{', '.join(BACKENDS)}")
     device = _device(args.device)
-    input_dir = Path(args.input_dir)
+    _check_backend(args.backend, device)
+    input_dir = _default_profile_dir() if args.input_dir is None else Path(args.input_dir)
     if not input_dir.is_dir():
         raise CliError(f"--input-dir {input_dir}: not a directory")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine, loaded = _engine(args.model, args.scale, torch.device("cpu"), "eager")
+    counts = count_complexity(loaded.model)
+    engine, loaded = _engine(args.model, args.scale, device, args.backend)
     try:
-        loaded = load_model(args.model, scale=args.scale, device=device)
-    except WeightsError as e:
-        raise CliError(str(e)) from None
-    counts = count_complexity(loaded.model.cpu())
-    loaded.model.to(device)
-    try:
-        rt = profile_runtime(loaded.model, input_dir, args.max_images, args.warmup, str(device))
+        rt = profile_runtime(engine, input_dir, args.max_images, args.warmup)
     except ValueError as e:
         raise CliError(str(e)) from None
+    mem = {"unit": "MB"}
+    if "peak_gpu_mb" in rt:
+        mem["peak_gpu_allocated"] = rt["peak_gpu_mb"]
+    else:
+        mem.update(peak_rss=rt["peak_rss_mb"], peak_rss_scope=rt["peak_rss_scope"],
+                   peak_rss_process=rt["peak_rss_mb_process"])
     out = {"model": str(args.model), "model_name": loaded.name, "scale": args.scale,
-           "backend": args.backend, "device": str(device),
+           "backend": args.backend, "exact": BACKENDS[args.backend].exact,
+           "device": str(device),
+           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
            "params": counts["params"], "flops": counts["flops"],
            "activations": counts["activations"], "counts_input": counts["input"],
            "runtime": {"unit": "ms", "median": rt["median_ms"], "mean": rt["mean_ms"],
                        "stdev": rt["stdev_ms"], "min": rt["min_ms"], "max": rt["max_ms"],
-                       "images": rt["images"], "threads": rt["threads"],
-                       "input_dir": str(input_dir)},
-           "memory": {"unit": "MB", "peak_rss": rt["peak_rss_mb"],
-                      **({"peak_gpu_allocated": rt["peak_gpu_mb"]} if "peak_gpu_mb" in rt
-                         else {})}}
+                       "images": rt["images"], "warmup": args.warmup,
+                       "threads": rt["threads"], "timer": "cuda.Event" if device.type == "cuda"
+                       else "perf_counter", "input_dir": str(input_dir)},
+           "memory": mem}
     print(f"{loaded.name} x{args.scale} ({args.backend}, {device}):")
     print(f"  params      {counts['params'] / 1e6:.3f} M")
     print(f"  FLOPs       {counts['flops'] / 1e9:.2f} G   (256x256 LR input, NTIRE counting)")
     print(f"  activations {counts['activations'] / 1e6:.2f} M")
     print(f"  runtime     {rt['median_ms']:.1f} ms median, {rt['mean_ms']:.1f} +- "
           f"{rt['stdev_ms']:.1f} ms mean ({rt['images']} images, {rt['threads']} threads)")
-    print(f"  peak RSS    {rt['peak_rss_mb']:.0f} MB")
+    if "peak_gpu_mb" in rt:
+        print(f"  peak GPU    {rt['peak_gpu_mb']:.0f} MB allocated")
+    else:
+        print(f"  peak RSS    {rt['peak_rss_mb']:.0f} MB ({rt['peak_rss_scope']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    """ONNX file with dynamic N/H/W; checked against PyTorch in ONNX Runtime unless told not."""
+    from .infer import check_backend
+    from .export import OPSET, ExportError, export_onnx
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise CliError(f"-o {out}: the output file must end in .onnx")
+    if out.is_dir():
+        raise CliError(f"-o {out}: is a directory")
+    try:
+        check_backend("onnxruntime" if not args.no_check else "eager", "cpu")
+        import onnx  # noqa: F401
+    except (ImportError, ValueError) as e:
+        raise CliError(f"export needs the [infer] extra (onnx, onnxscript, onnxruntime): {e}") \
+            from None
+    _, loaded = _engine(args.model, args.scale, torch.device("cpu"), "eager")
+    try:
+        export_onnx(loaded.model, out, opset=args.opset or OPSET, model_name=loaded.name,
+                    check=not args.no_check)
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    size = out.stat().st_size / 1e6
+    print(f"{loaded.name} x{args.scale} -> {out} ({size:.2f} MB, opset {args.opset or OPSET}, "
+          f"input 'lr' (N, 3, H, W) float32 0-255, dynamic N/H/W"
+          f"{'' if args.no_check else ', checked against PyTorch'})")
     return 0
 
 
@@ -309,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     e.add_argument("--tile", type=int, default=None, help="tile size in LR pixels")
     e.add_argument("--overlap", type=int, default=64)
+    e.add_argument("--backend", default="eager", choices=None, metavar="NAME",
+                   help=f"inference backend: {', '.join(backend_names())} (default eager)")
     e.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("upscale", help="super-resolve image files or folders")
@@ -321,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "over 1 MP by 512")
     u.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
     u.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    u.add_argument("--backend", default="eager", metavar="NAME",
+                   help=f"inference backend: {', '.join(backend_names())} (default eager)")
     u.set_defaults(func=cmd_upscale)
 
     m = sub.add_parser("manifest", help="build or update the validated Parquet manifest of "
@@ -354,15 +444,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "runtime and peak memory")
     pr.add_argument("--model", required=True, help="weights file")
     pr.add_argument("--scale", type=_scale, required=True)
-    pr.add_argument("--input-dir", default="data/sample/train",
-                    help="LR images to time (default: the project's embedded DIV2K test LR "
-                         "sample; the challenge timed ../shared/data/div2k_test_lr_x4)")
+    pr.add_argument("--input-dir", default=None,
+                    help=f"LR images to time (default: {CHALLENGE_LR_DIR}, the 100 DIV2K test "
+                         f"LR images the challenge timed; without it {SAMPLE_LR_DIR})")
     pr.add_argument("--max-images", type=int, default=0, help="time only the first N (0: all)")
     pr.add_argument("--warmup", type=int, default=2)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    pr.add_argument("--backend", default="eager", help=f"one of: {', '.join(BACKENDS)}")
+    pr.add_argument("--backend", default="eager", help=f"one of: {', '.join(backend_names())}")
+    pr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     pr.add_argument("--json", metavar="OUT.json")
     pr.set_defaults(func=cmd_profile)
+
+    x = sub.add_parser("export", help="export a model to ONNX (dynamic height/width)")
+    x.add_argument("--model", required=True, help="weights file")
+    x.add_argument("--scale", type=_scale, required=True)
+    x.add_argument("-o", "--out", required=True, metavar="MODEL.onnx")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    x.add_argument("--no-check", action="store_true",
+                   help="skip the ONNX Runtime vs PyTorch check of the written file")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -2,8 +2,11 @@
 
 Runtime follows the NTIRE Efficient-SR practice: warm-up runs first, then each image timed
 on its own (``perf_counter`` on CPU, CUDA events on GPU); median, mean and spread reported,
-with the thread count. (FLOPs/activations counting and the inference backends are the
-profiling issue's.)
+with the thread count. The model runs through an inference engine (``rlfn.infer``), so every
+backend is timed the same way. Peak memory: the GPU's max allocated, or on CPU the process's
+peak resident set during the timed runs alone (Linux resets the high-water mark through
+``/proc/self/clear_refs``; elsewhere the process's lifetime peak is reported and says so).
+NTIRE parameter/FLOP/activation counts are in ``rlfn.complexity``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .infer import Engine, as_engine, make_engine
 from .io import list_images, read_image
 from .upscale import to_tensor
 
 __all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime"]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def count_params(model: nn.Module) -> int:
@@ -32,45 +39,87 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-@torch.inference_mode()
-def time_inference(model: nn.Module, images: list[np.ndarray], warmup: int = 2,
-                   device: str | torch.device = "cpu") -> dict:
-    device = torch.device(device)
-    model = model.to(device).eval()
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False if we cannot."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mb() -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: int = 2,
+                   device: str | torch.device | None = None) -> dict:
+    """Per-image runtimes of ``model`` (a module, run eagerly, or an ``Engine``) in ms.
+
+    Inputs are put on the device first (not timed). ``warmup`` runs come first: they absorb
+    one-off costs (oneDNN primitive creation, compilation, CUDA graph capture); note that a
+    backend that specialises per input shape pays again for each new shape.
+    """
+    engine = as_engine(model, device)
+    device = engine.device
     tensors = [to_tensor(im, device) for im in images]
-    for x in tensors[: max(1, warmup)]:
-        model(x)
+    for i in range(max(1, warmup)):
+        engine(tensors[i % len(tensors)])
+    engine.synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = device.type == "cpu" and _reset_peak_rss()
     times = []
     for x in tensors:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(x)
+            engine(x)
             end.record()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            model(x)
+            engine(x)
             times.append((time.perf_counter() - t0) * 1000.0)
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-            "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
-            "min_ms": min(times), "max_ms": max(times), "images": len(times),
-            "threads": torch.get_num_threads(), "device": str(device)}
+    out = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+           "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
+           "min_ms": min(times), "max_ms": max(times), "images": len(times),
+           "times_ms": times, "threads": torch.get_num_threads(), "device": str(device),
+           "backend": engine.name}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        hwm = _hwm_mb() if rss_reset else None
+        out["peak_rss_mb"] = hwm if hwm is not None else peak_rss_mb()
+        out["peak_rss_scope"] = "timed runs" if hwm is not None else "process lifetime"
+    return out
 
 
-def profile_runtime(model: nn.Module, input_dir: str | Path, max_images: int = 0,
-                    warmup: int = 2, device: str = "cpu") -> dict:
-    """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name)."""
+def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images: int = 0,
+                    warmup: int = 2, device: str | torch.device | None = None,
+                    backend: str | None = None) -> dict:
+    """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name).
+
+    ``backend``: turn a module into that engine first (``rlfn.infer.make_engine``).
+    """
     files = list_images([input_dir])
     if max_images:
         files = files[:max_images]
     if not files:
         raise ValueError(f"{input_dir}: no images to time")
+    if backend is not None and not isinstance(model, Engine):
+        model = make_engine(model, backend, device)
+    engine = as_engine(model, device)
     images = [read_image(f)[0] for f in files]
-    out = time_inference(model, images, warmup, device)
-    out.update(params=count_params(model), peak_rss_mb=peak_rss_mb(),
-               input_hw=[list(im.shape[:2]) for im in images[:1]][0])
-    if torch.device(device).type == "cuda":
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out = time_inference(engine, images, warmup)
+    out.update(params=count_params(engine.model), peak_rss_mb_process=peak_rss_mb(),
+               input_hw=list(images[0].shape[:2]), input_dir=str(input_dir))
+    out.setdefault("peak_rss_mb", out["peak_rss_mb_process"])
     return out

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .bicubic import imresize_array
+from .infer import Engine, as_engine
 from .models.rlfn import ESA_STRIDE, RLFN, ESAGrid
 
 __all__ = ["to_tensor", "to_uint8", "upscale_array", "tile_starts", "ModelUpscaler",
@@ -39,9 +40,11 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
 
 
 @torch.inference_mode()
-def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, overlap: int = 64,
-                  device: str | torch.device | None = None) -> np.ndarray:
+def upscale_array(model: nn.Module | Engine, img: np.ndarray, tile: int | None = None,
+                  overlap: int = 64, device: str | torch.device | None = None) -> np.ndarray:
     """Super-resolve one uint8 RGB image; returns uint8 ``(H*s, W*s, 3)``.
+
+    ``model`` is a module (run eagerly, as it is) or an inference ``Engine`` (``rlfn.infer``).
 
     With ``tile`` (LR pixels), the image is processed in pieces of about ``tile x tile`` that
     overlap by at least ``overlap`` pixels; each output pixel is taken from the tile in which it
@@ -49,18 +52,21 @@ def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, ov
     start on ESA's 6-pixel grid and ESA samples its mask on the whole image's grid
     (``ESAGrid``), so the result stays within a grey level of the untiled output.
     """
-    if device is None:
-        device = next(model.parameters()).device
-    scale = model.scale
+    engine = as_engine(model, device)
+    device = engine.device
+    scale = engine.scale
     h, w = img.shape[:2]
     if tile is None or (h <= tile and w <= tile):
-        return to_uint8(model(to_tensor(img, device)))
-    min_tile = getattr(model, "min_input_size", 1)
+        return to_uint8(engine(to_tensor(img, device)))
+    align = ESA_STRIDE if isinstance(engine.model, RLFN) else 1
+    if align > 1 and not engine.supports_grid:
+        raise ValueError(f"backend {engine.name!r} cannot run tiled (ESA's whole-image grid "
+                         "needs eager PyTorch); run untiled or use eager, channels_last, bf16")
+    min_tile = engine.min_input_size
     if tile < max(min_tile, 2 * overlap + 1):
         raise ValueError(f"tile size {tile} too small: needs > 2 x overlap ({overlap}) and "
                          f">= {min_tile}")
     out = np.empty((h * scale, w * scale, 3), dtype=np.uint8)
-    align = ESA_STRIDE if isinstance(model, RLFN) else 1
     ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
 
     def bounds(starts: list[int], length: int) -> list[tuple[int, int, int, int]]:
@@ -79,27 +85,27 @@ def upscale_array(model: nn.Module, img: np.ndarray, tile: int | None = None, ov
         for x0, x1, ox0, ox1 in bounds(xs, w):
             if align > 1:
                 kwargs["grid"] = ESAGrid(origin=(y0, x0), full_size=(h, w))
-            sr = to_uint8(model(to_tensor(img[y0:y1, x0:x1], device), **kwargs))
+            sr = to_uint8(engine(to_tensor(img[y0:y1, x0:x1], device), **kwargs))
             out[oy0 * scale:oy1 * scale, ox0 * scale:ox1 * scale] = sr[
                 (oy0 - y0) * scale:(oy1 - y0) * scale, (ox0 - x0) * scale:(ox1 - x0) * scale]
     return out
 
 
 class ModelUpscaler:
-    """LR uint8 -> SR uint8 with a model (whole image, or tiled when ``tile`` is set)."""
+    """LR uint8 -> SR uint8 with a model or an inference engine (whole image, or tiled when
+    ``tile`` is set)."""
 
-    def __init__(self, model: nn.Module, tile: int | None = None, overlap: int = 64,
+    def __init__(self, model: nn.Module | Engine, tile: int | None = None, overlap: int = 64,
                  device: str | torch.device | None = None):
-        self.model = model
-        self.scale = int(model.scale)
-        self.min_input_size = int(getattr(model, "min_input_size", 1))
+        self.engine = as_engine(model, device)
+        self.model = self.engine.model
+        self.scale = self.engine.scale
+        self.min_input_size = self.engine.min_input_size
         self.tile = tile
         self.overlap = overlap
-        self.device = device
 
     def __call__(self, lr: np.ndarray) -> np.ndarray:
-        return upscale_array(self.model, lr, tile=self.tile, overlap=self.overlap,
-                             device=self.device)
+        return upscale_array(self.engine, lr, tile=self.tile, overlap=self.overlap)
 
 
 class BicubicUpscaler:

@@ -26,7 +26,7 @@ def test_profile_json_for_the_challenge_model(pretrained, shared, tmp_path, caps
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--backend", "tensorrt"], "--backend tensorrt: unknown or not available"),
+    (["--backend", "tensorrt"], "--backend tensorrt: unknown backend 'tensorrt'"),
     (["--scale", "2"], "is a x4 model, but --scale 2"),
     (["--input-dir", "/nonexistent"], "not a directory"),
 ])

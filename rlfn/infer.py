@@ -1,0 +1,327 @@
+"""Inference backends behind one interface: ``make_engine(model, backend, device)``.
+
+An engine takes a float32 ``(N, 3, H, W)`` batch in [0, 255] on its device and returns the
+float32 SR batch there; ``upscale``, ``evaluate`` and ``profile`` all run through one.
+
+=================  ======  ========================================================  =====
+backend            device  what it does                                              exact
+=================  ======  ========================================================  =====
+``eager``          both    the PyTorch module as it is, fp32 (the baseline)          yes
+``channels_last``  both    NHWC memory format: oneDNN/cuDNN's preferred layout       yes
+``compile``        both    ``torch.compile`` (Inductor; on CPU with weight freezing) yes
+``onnxruntime``    cpu     exported ONNX graph in ONNX Runtime (fp32)                yes
+``openvino``       cpu     exported ONNX graph in OpenVINO (fp32 precision hint)     yes
+``bf16``           both    bf16 autocast (CPU: only where the CPU has native bf16)   no
+``openvino_bf16``  cpu     OpenVINO with bf16 inference precision                    no
+``fp16``           cuda    half-precision weights and activations                    no
+``cuda_graphs``    cuda    fp16 + a CUDA graph captured per input shape              no
+=================  ======  ========================================================  =====
+
+"Exact" is what the backend promises (fp32 arithmetic, only summation order changes); the
+tests and ``bench/inference.py`` measure every backend's Set5 x4 PSNR against eager fp32:
+within 0.01 dB it is called exact, anything lossier is reported with its loss
+(``psnr_label``).
+
+Errors come before any work, as one-line ``BackendError``s: an unknown backend, a backend
+whose package is not installed, a GPU asked for where none exists, a backend that does not
+run on the device asked for, bf16 on a CPU without native bf16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["BackendError", "BackendInfo", "BACKENDS", "Engine", "make_engine", "check_backend",
+           "backend_names", "available_backends", "as_engine", "psnr_label", "EXACT_DB"]
+
+# Within this PSNR difference from eager fp32 (Set5 x4) a backend is called exact.
+EXACT_DB = 0.01
+
+
+class BackendError(ValueError):
+    """A backend that cannot run here: unknown, not installed, wrong device, no GPU."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    devices: tuple[str, ...]
+    requires: tuple[str, ...]  # importable modules (pip packages in the [infer] extra)
+    exact: bool  # fp32 arithmetic: promised within EXACT_DB of eager
+    description: str
+
+
+BACKENDS: dict[str, BackendInfo] = {b.name: b for b in [
+    BackendInfo("eager", ("cpu", "cuda"), (), True, "PyTorch eager, fp32 (the baseline)"),
+    BackendInfo("channels_last", ("cpu", "cuda"), (), True, "PyTorch eager, NHWC memory format"),
+    BackendInfo("compile", ("cpu", "cuda"), (), True, "torch.compile (Inductor), fp32"),
+    BackendInfo("onnxruntime", ("cpu",), ("onnxruntime", "onnx", "onnxscript"), True,
+                "ONNX Runtime, fp32"),
+    BackendInfo("openvino", ("cpu",), ("openvino", "onnx", "onnxscript"), True,
+                "OpenVINO, fp32 precision hint"),
+    BackendInfo("bf16", ("cpu", "cuda"), (), False, "bf16 autocast + channels_last"),
+    BackendInfo("openvino_bf16", ("cpu",), ("openvino", "onnx", "onnxscript"), False,
+                "OpenVINO, bf16 inference precision"),
+    BackendInfo("fp16", ("cuda",), (), False, "fp16 weights and activations + channels_last"),
+    BackendInfo("cuda_graphs", ("cuda",), (), False, "fp16 + CUDA graph per input shape"),
+]}
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_backend(name: str, device: str | torch.device = "cpu") -> BackendInfo:
+    """The backend's description, or a one-line ``BackendError`` saying why it cannot run."""
+    info = BACKENDS.get(name)
+    if info is None:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {dev}: no CUDA GPU is available on this machine")
+    if dev.type not in info.devices:
+        raise BackendError(f"backend {name!r} runs on {' or '.join(info.devices)} only, not "
+                           f"{dev.type}")
+    missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendError(f"backend {name!r} needs the Python package(s) {', '.join(missing)}, "
+                           f"not installed (pip install 'rlfn-pipeline[infer]')")
+    if name == "bf16" and dev.type == "cpu" and not _cpu_has_bf16():
+        raise BackendError("backend 'bf16': this CPU has no native bf16 (AVX512-BF16/AMX); "
+                           "emulated bf16 would be slower than fp32")
+    if name == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendError("backend 'bf16': this GPU does not support bf16")
+    return info
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backends that can run on ``device`` here (installed, supported by the hardware)."""
+    out = []
+    for name in BACKENDS:
+        try:
+            check_backend(name, device)
+        except BackendError:
+            continue
+        out.append(name)
+    return out
+
+
+def psnr_label(delta_db: float) -> str:
+    """``exact`` within ``EXACT_DB`` of eager fp32, else the measured loss."""
+    return "exact" if abs(delta_db) <= EXACT_DB else f"lossy ({delta_db:+.3f} dB)"
+
+
+# --------------------------------------------------------------------------- engines
+class Engine:
+    """A model ready to run: ``engine(x)`` with ``x`` float32 (N, 3, H, W) in [0, 255] on
+    ``engine.device``; returns float32 (N, 3, H*s, W*s) on the same device."""
+
+    name = "eager"
+    supports_grid = True  # can take ESAGrid (tiles that match the untiled output)
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model
+        self.device = device
+        self.scale = int(model.scale)
+        self.min_input_size = int(getattr(model, "min_input_size", 1))
+        self.info = BACKENDS[self.name]
+
+    def __call__(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._run(x, grid)
+
+    def _run(self, x: torch.Tensor, grid) -> torch.Tensor:
+        return self.model(x) if grid is None else self.model(x, grid=grid)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.name} on {self.device}>"
+
+
+class ChannelsLastEngine(Engine):
+    name = "channels_last"
+
+    def __init__(self, model, device):
+        super().__init__(model.to(memory_format=torch.channels_last), device)
+
+    def _run(self, x, grid):
+        x = x.contiguous(memory_format=torch.channels_last)
+        return super()._run(x, grid).contiguous()
+
+
+class Bf16Engine(ChannelsLastEngine):
+    name = "bf16"
+
+    def _run(self, x, grid):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return super()._run(x, grid).float()
+
+
+class Fp16Engine(Engine):
+    name = "fp16"
+
+    def __init__(self, model, device):
+        super().__init__(model.half().to(memory_format=torch.channels_last), device)
+
+    def _run(self, x, grid):
+        x = x.half().contiguous(memory_format=torch.channels_last)
+        return super()._run(x, grid).float().contiguous()
+
+
+class CudaGraphsEngine(Fp16Engine):
+    """fp16 forward captured once per input shape as a CUDA graph, then replayed: no Python or
+    kernel-launch overhead per layer. Input and output live in static buffers."""
+
+    name = "cuda_graphs"
+    supports_grid = False
+
+    def __init__(self, model, device):
+        super().__init__(model, device)
+        self._graphs: dict[tuple, tuple] = {}
+
+    def _run(self, x, grid):
+        if grid is not None:
+            raise BackendError("backend 'cuda_graphs' cannot run tiles with an ESA grid")
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            static_in = x.half().contiguous(memory_format=torch.channels_last).clone()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up cuDNN's algorithm choice outside the graph
+                    self.model(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.float().contiguous()
+
+
+class CompileEngine(Engine):
+    """``torch.compile`` with dynamic height/width (one compilation serves every image size).
+    On CPU Inductor freezes the weights (constant-folds and pre-packs them for oneDNN)."""
+
+    name = "compile"
+    supports_grid = False  # an ESAGrid per tile would recompile per tile
+
+    def __init__(self, model, device):
+        model = model.to(memory_format=torch.channels_last)
+        super().__init__(model, device)
+        options = {"freezing": True} if device.type == "cpu" else {}
+        self.compiled = torch.compile(model, dynamic=True, options=options)
+
+    def _run(self, x, grid):
+        if grid is not None:
+            raise BackendError("backend 'compile' cannot run tiles with an ESA grid")
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.compiled(x).contiguous()
+
+
+class _OnnxEngine(Engine):
+    """Runs the model's ONNX export (dynamic H/W; see ``rlfn.export``) on the CPU."""
+
+    supports_grid = False
+
+    def __init__(self, model, device):
+        from .export import export_onnx
+
+        super().__init__(model, device)
+        self.threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="rlfn-onnx-") as tmp:
+            path = export_onnx(model, Path(tmp) / "model.onnx", check=False)
+            self._load(path)
+
+    def _run(self, x, grid):
+        if grid is not None:
+            raise BackendError(f"backend {self.name!r} cannot run tiles with an ESA grid")
+        out = self._infer(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+        return torch.from_numpy(np.asarray(out))
+
+
+class OnnxRuntimeEngine(_OnnxEngine):
+    name = "onnxruntime"
+
+    def _load(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoEngine(_OnnxEngine):
+    name = "openvino"
+    precision = "f32"
+
+    def _load(self, path: Path) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+        self.request = self.compiled.create_infer_request()
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: x})[0].copy()
+
+
+class OpenVinoBf16Engine(OpenVinoEngine):
+    name = "openvino_bf16"
+    precision = "bf16"
+
+
+_ENGINES: dict[str, type[Engine]] = {e.name: e for e in [
+    Engine, ChannelsLastEngine, CompileEngine, OnnxRuntimeEngine, OpenVinoEngine, Bf16Engine,
+    OpenVinoBf16Engine, Fp16Engine, CudaGraphsEngine]}
+assert set(_ENGINES) == set(BACKENDS)
+
+
+def make_engine(model: nn.Module, backend: str = "eager",
+                device: str | torch.device | None = None) -> Engine:
+    """``model`` (fp32, as loaded) ready to run with ``backend`` on ``device`` (default: where
+    the model's weights are). The model is moved/converted; pass a copy to keep the original."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    check_backend(backend, device)
+    return _ENGINES[backend](model.to(device).float().eval(), device)
+
+
+def as_engine(model, device: str | torch.device | None = None) -> Engine:
+    """An ``Engine`` as it is, or a module wrapped in the eager one."""
+    if isinstance(model, Engine):
+        return model
+    if device is None:
+        device = next(model.parameters()).device
+    return Engine(model, torch.device(device))  # as it is: no copy, no mode change
