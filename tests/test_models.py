@@ -48,7 +48,7 @@ def test_every_model_every_scale_shapes(name, scale):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model name 'edsr'.*rlfn"):
         build_model("edsr")
-    assert model_names() == ["rlfn", "rlfn_ntire", "rlfn_s"]
+    assert {"rlfn", "rlfn_ntire", "rlfn_s"} <= set(model_names())
 
 
 @pytest.mark.parametrize("fname", sorted(OFFICIAL))

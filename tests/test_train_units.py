@@ -170,3 +170,14 @@ def test_interrupted_swap_falls_back_to_old(tmp_path):
     ck = find_checkpoint(tmp_path)
     assert ck == tmp_path / "checkpoint.old"
     assert json.loads((ck / "state.json").read_text())["iteration"] == 3
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    """A checkpoint of one architecture in the output folder, a run of another: a clean
+    CheckpointError naming both, not a crash."""
+    other = build_model("rfdb_r48", 4)
+    opt = torch.optim.Adam(other.parameters())
+    ck = save_checkpoint(tmp_path, other, opt, TrainState(1, 1, "d"))
+    model = build_model("rlfn_ntire", 4)
+    with pytest.raises(CheckpointError, match="another architecture: RFDNConfig"):
+        load_checkpoint(ck, model, torch.optim.Adam(model.parameters()))

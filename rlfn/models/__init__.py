@@ -1,5 +1,9 @@
-from .registry import MODELS, build_model, config_for, model_names, name_for
+from .edsr import EDSR, EDSRConfig
+from .registry import (ARCHITECTURES, MODELS, arch_name, build_from_config, build_model,
+                       config_for, model_names, name_for)
+from .rfdb import RFDB, RFDBR, RFDN, RFDNConfig
 from .rlfn import ESA, RLFB, RLFN, RLFNConfig
 
-__all__ = ["ESA", "RLFB", "RLFN", "RLFNConfig", "MODELS", "build_model", "config_for",
-           "model_names", "name_for"]
+__all__ = ["ESA", "RLFB", "RLFN", "RLFNConfig", "RFDB", "RFDBR", "RFDN", "RFDNConfig", "EDSR",
+           "EDSRConfig", "ARCHITECTURES", "MODELS", "arch_name", "build_from_config",
+           "build_model", "config_for", "model_names", "name_for"]

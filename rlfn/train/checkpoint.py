@@ -143,6 +143,9 @@ def load_checkpoint(path: str | Path, model: RLFN, optimizer: torch.optim.Optimi
     except WeightsError as e:
         raise CheckpointError(weights, e.reason) from None
     want = model.config
+    if type(found) is not type(want):
+        raise CheckpointError(weights, "checkpoint of another architecture: "
+                              f"{type(found).__name__} (this run: {type(want).__name__})")
     if found != want:
         diffs = [f"{k} {getattr(found, k)} (this run: {getattr(want, k)})"
                  for k in want.to_dict() if getattr(found, k) != getattr(want, k)]

@@ -6,6 +6,16 @@ file with a top-level ``train:`` mapping is unwrapped, and its ``train_stage1`` 
 ``train_stage3`` sections become the per-stage overrides). ``stages: {1: {...}, 2: {...},
 3: {...}}`` holds per-stage overrides (the contrastive loss is on in stage 3 by default). ``--set KEY=VALUE`` overrides anything (values are
 parsed as YAML: ``--set lr=1e-3 --set contrastive=false``).
+
+The learning-rate schedule (``schedule.lr_at``, a pure function of the iteration):
+
+* ``lr_schedule: step`` (default, the paper's): ``lr * lr_gamma ** (iteration // lr_step)``.
+  A slower decay in one long run (the paper's "e2000" warm-start ablation) is just another
+  ``lr_step``.
+* ``lr_schedule: cyclic`` (the paper's "clr"): the lr restarts at ``lr`` every ``lr_cycle``
+  iterations and decays by ``lr_step``/``lr_gamma`` within each cycle, in one run that keeps
+  the Adam state across restarts (a warm start, in contrast, begins a new stage with a fresh
+  optimizer). ``lr_cycle`` must be >= 1 then, and is 0 (unused) otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import yaml
 from ..models import model_names
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "DEFAULT_STAGES"]
+
+LR_SCHEDULES = ("step", "cyclic")
 
 # The paper's three warm-start stages: same recipe, stage 3 adds the contrastive loss.
 DEFAULT_STAGES: dict[int, dict[str, Any]] = {1: {}, 2: {}, 3: {"contrastive": True}}
@@ -51,6 +63,8 @@ class TrainConfig:
     eps: float = 1e-8
     lr_step: int = 200_000  # halve the lr every lr_step iterations
     lr_gamma: float = 0.5
+    lr_schedule: str = "step"  # step | cyclic (see the module docstring)
+    lr_cycle: int = 0  # cyclic: restart the lr every lr_cycle iterations; 0 with step
     seed: int = 0
     # contrastive loss (stage 3)
     contrastive: bool = False
@@ -92,6 +106,17 @@ class TrainConfig:
                               "15 px (RLFN's ESA minimum)")
         if not self.lr > 0 or not self.eps > 0:
             bad("lr" if not self.lr > 0 else "eps", "must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got "
+                               f"{self.lr_schedule!r}")
+        if not isinstance(self.lr_cycle, int) or isinstance(self.lr_cycle, bool):
+            bad("lr_cycle", f"must be an integer, got {self.lr_cycle!r}")
+        if self.lr_schedule == "cyclic" and self.lr_cycle < 1:
+            bad("lr_cycle", f"lr_schedule cyclic needs lr_cycle >= 1 (iterations per cycle), "
+                            f"got {self.lr_cycle}")
+        if self.lr_schedule != "cyclic" and self.lr_cycle != 0:
+            bad("lr_cycle", f"is only used with lr_schedule: cyclic (lr_schedule is "
+                            f"{self.lr_schedule!r}); leave it 0")
         for key in ("beta1", "beta2", "lr_gamma"):
             if not 0 < getattr(self, key) <= 1:
                 bad(key, f"must be in (0, 1], got {getattr(self, key)}")

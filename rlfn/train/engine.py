@@ -173,10 +173,15 @@ def _side_by_side(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int,
 
 def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
           progress: bool = True, on_log: Callable[[int, dict], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None,
+          on_validate: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train one stage (see the module docstring). ``on_log(iteration, metrics)`` receives the
     logged values (the pipeline sends them to MLflow). ``stop_after`` ends the run early after
-    that many iterations of this call (tests), leaving a checkpoint to resume from."""
+    that many iterations of this call (tests), leaving a checkpoint to resume from.
+    ``on_validate(iteration, val_psnr)`` is called by rank 0 after each validation (after
+    ``on_log``, before that iteration's checkpoint); an exception it raises (Optuna pruning)
+    propagates out of ``train`` with the last checkpoint and curves intact. Under DDP the
+    other ranks are not told: torchrun stops them when rank 0 exits."""
     out_dir = Path(out_dir)
     rank, world, local_rank = _dist()
     device = _device(cfg)
@@ -331,6 +336,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
                                 **({"psnr": f"{val:.2f}"} if val is not None else {}))
                 if on_log is not None:
                     on_log(it, {k: v for k, v in row.items() if v != "" and k != "iteration"})
+        if val is not None and on_validate is not None:
+            on_validate(it, val)
         if it % cfg.checkpoint_every == 0 or it == end:
             checkpoint(it)
     bar.close()
