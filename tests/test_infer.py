@@ -59,6 +59,27 @@ def test_backend_psnr_delta_on_set5(name, pretrained, benchmarks, eager_psnr):
         assert -1.0 < delta < EXACT_DB + 0.05, f"{name}: {delta:+.4f} dB"
 
 
+CUDA_BACKENDS = [b for b in BACKENDS if "cuda" in BACKENDS[b].devices]
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_cuda_backend_psnr_delta_on_set5(name, pretrained, benchmarks, eager_psnr):
+    """The same check on a GPU, against eager fp32 on the CPU (the reference numbers)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    try:
+        check_backend(name, "cuda")
+    except BackendError as e:
+        pytest.skip(str(e))
+    engine = make_engine(load_model(pretrained / "rlfn_x4.pth").model, name, "cuda")
+    delta = _psnr(engine, benchmarks) - eager_psnr
+    print(f"cuda {name}: {delta:+.4f} dB -> {psnr_label(delta)}")
+    if BACKENDS[name].exact:
+        assert abs(delta) <= EXACT_DB, f"{name} promised exact, measured {delta:+.4f} dB"
+    else:
+        assert -1.0 < delta < EXACT_DB + 0.05, f"{name}: {delta:+.4f} dB"
+
+
 def test_eager_matches_the_official_reference(eager_psnr, reference_metrics):
     """The baseline itself is the official number (so deltas are against the right thing)."""
     ref = reference_metrics["models"]["rlfn_x4.pth"]["Set5"]["psnr_y"]

@@ -4,6 +4,7 @@ MLflow (SQLite store, and a real `mlflow server` on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ def _tiny_params(p: Path, iterations: int = 4) -> None:
                         epoch_iterations=4, val_max_images=2)
     prm["profile"]["max_images"] = 2
     prm["profile"]["warmup"] = 1
+    prm["profile"]["pareto"].update(max_images=1, warmup=1)
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
 
 
@@ -109,6 +111,17 @@ def test_repro_outputs_and_metrics(project, repro):
     assert abs(stages["bicubic"]["x4"]["Set5"]["psnr_y"] - 28.4302) < 0.01  # MATLAB bicubic
     prof = json.loads((project / "metrics" / "profile.json").read_text())
     assert prof["params"] == 317_218 and prof["runtime_ms_cpu"] > 0
+    # NTIRE counts of the challenge architecture (here freshly trained): the published values
+    assert (round(prof["flops"] / 1e9, 2), round(prof["activations"] / 1e6, 2)) == (19.70, 80.05)
+    # Pareto: our 3 stages, each also a registered version (one point, both names); the
+    # official weights and B100 live in ../shared, absent beside this copy: skipped, said so
+    with open(project / "plots" / "pareto.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["label"] for r in rows) == ["stage1 (v1)", "stage2 (v2)", "stage3 (v3)"]
+    assert {r["set"] for r in rows} == {"Set5"} and all(float(r["runtime_ms"]) > 0 for r in rows)
+    assert any(r["on_front"] == "1" for r in rows)
+    assert (project / "plots" / "pareto.png").stat().st_size > 10_000
+    assert "rlfn_x4.pth not found; left out of the Pareto chart" in repro["out"]
     promo = json.loads((project / "metrics" / "promote.json").read_text())
     assert promo["promoted"] == 1  # no champion before: the first model is promoted
     # DVC sees the metrics with set/scale/metric key paths
@@ -131,6 +144,9 @@ def test_mlflow_parent_run_nested_stage_runs_and_registry(project, repro):
     for r in children:
         assert r.info.status == "FINISHED"
         assert r.data.tags["git_commit"] and len(r.data.tags["params_hash"]) == 16
+    prof_run = next(r for r in children if r.data.tags["dvc_stage"] == "profile")
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(prof_run.info.run_id, "pareto")]
+    assert sorted(arts) == ["pareto/pareto.csv", "pareto/pareto.png"]
     t3 = next(r for r in children if r.data.tags["dvc_stage"] == "train_stage3")
     assert "contrastive" in r.data.params or "contrastive" in t3.data.params
     hist = mlflow.MlflowClient().get_metric_history(t3.info.run_id, "loss")

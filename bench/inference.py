@@ -1,0 +1,161 @@
+"""Inference backends, measured in one run: ms/image on the DIV2K test LR set, speed-up vs
+eager fp32 on the same machine, and each backend's Set5 x4 PSNR delta against eager fp32.
+
+    python bench/inference.py                       # RLFN x4 and the challenge model, CPU
+    python bench/inference.py --device cuda         # every backend that runs on the GPU
+    python bench/inference.py --max-images 0 --json bench/results/inference.json
+
+The goal (issue 6): the fastest exact CPU backend >= 3x eager fp32 for RLFN and for the
+challenge model; on a GPU the same against eager fp32 on that card. "exact" = within 0.01 dB
+of eager on Set5 x4; "max diff" is the largest uint8 pixel difference on Set5.
+Backends that cannot run here (no GPU, package missing, no native bf16) are listed with why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlfn.evaluate import evaluate_folder  # noqa: E402
+from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine, psnr_label  # noqa: E402
+from rlfn.io import list_images, read_image  # noqa: E402
+from rlfn.profile import profile_runtime  # noqa: E402
+from rlfn.upscale import ModelUpscaler  # noqa: E402
+from rlfn.weights import load_model  # noqa: E402
+
+SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
+
+
+def set5_outputs(engine, hr_dir: Path, lr_dir: Path) -> tuple[float, list[np.ndarray]]:
+    outs: list[np.ndarray] = []
+    rep = evaluate_folder(ModelUpscaler(engine), hr_dir, lr_dir,
+                          on_image=lambda name, lr, sr, hr: outs.append(sr))
+    if rep.errors:
+        raise RuntimeError("; ".join(rep.errors))
+    return rep.mean["psnr_y"], outs
+
+
+def bench_model(weights: Path, backends: list[str], device: str, args) -> list[dict]:
+    hr_dir = SHARED / "data" / "benchmarks" / "Set5" / "x4" / "HR"
+    lr_dir = SHARED / "data" / "benchmarks" / "Set5" / "x4" / "LR"
+    rows: list[dict] = []
+    base_ms = base_psnr = base_out = None
+    for name in backends:
+        row = {"model": weights.name, "backend": name, "device": device}
+        try:
+            check_backend(name, device)
+        except BackendError as e:
+            row["skipped"] = str(e)
+            rows.append(row)
+            print(f"  {name:<14} skipped: {e}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        engine = make_engine(load_model(weights).model, name, device)
+        psnr, outs = set5_outputs(engine, hr_dir, lr_dir)  # also warms every Set5 shape up
+        setup_s = time.perf_counter() - t0
+        for _ in range(args.passes - 1):  # untimed passes: every image size seen once
+            profile_runtime(engine, args.input_dir, args.max_images, args.warmup)
+        rt = profile_runtime(engine, args.input_dir, args.max_images, args.warmup)
+        if name == "eager":
+            base_ms, base_psnr, base_out = rt["median_ms"], psnr, outs
+        delta = psnr - base_psnr
+        maxdiff = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(outs, base_out))
+        row.update(ms=rt["median_ms"], mean_ms=rt["mean_ms"], stdev_ms=rt["stdev_ms"],
+                   images=rt["images"], threads=rt["threads"], speedup=base_ms / rt["median_ms"],
+                   psnr=psnr, psnr_delta=delta, label=psnr_label(delta), max_diff=maxdiff,
+                   promised_exact=BACKENDS[name].exact, setup_s=setup_s,
+                   peak_mb=rt.get("peak_gpu_mb", rt.get("peak_rss_mb")))
+        rows.append(row)
+        print(f"  {name:<14} {row['ms']:9.1f} ms  x{row['speedup']:5.2f}  "
+              f"{delta:+.4f} dB  maxdiff {maxdiff:2d}  {row['label']}", flush=True)
+        del engine
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | backend | ms/image (median) | mean ± sd | speed-up vs eager | "
+            "Set5 x4 PSNR | delta vs eager | max pixel diff | label |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['backend']} | – | – | – | – | – | – | "
+                         f"not run: {r['skipped']} |")
+            continue
+        lines.append(f"| {r['model']} | {r['backend']} | {r['ms']:.1f} | {r['mean_ms']:.1f} ± "
+                     f"{r['stdev_ms']:.1f} | **{r['speedup']:.2f}x** | {r['psnr']:.4f} | "
+                     f"{r['psnr_delta']:+.4f} dB | {r['max_diff']} | {r['label']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["rlfn_x4.pth", "rlfn_ntire_x4.pth"],
+                    help="weights files (names are looked up in ../shared/pretrained)")
+    ap.add_argument("--backends", nargs="+", default=None, help="default: all for the device")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--input-dir", default=str(SHARED / "data" / "div2k_test_lr_x4"))
+    ap.add_argument("--max-images", type=int, default=20, help="0 = all 100")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="time the last of N passes over the images (2: every size warm)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        print(f"bench/inference.py needs {SHARED} (Set5 and the DIV2K test LR images)")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    backends = args.backends or [b for b in BACKENDS if device.split(":")[0] in BACKENDS[b].devices]
+    if "eager" not in backends:
+        backends.insert(0, "eager")
+    backends.remove("eager")
+    backends.insert(0, "eager")
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda") and
+             torch.cuda.is_available() else f"{platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads")
+    n = len(list_images([args.input_dir]))
+    print(f"device: {device} ({where}); torch {torch.__version__}; timed on "
+          f"{args.max_images or n} of {n} images in {args.input_dir}", flush=True)
+    rows = []
+    for m in args.models:
+        weights = Path(m) if Path(m).exists() else SHARED / "pretrained" / m
+        print(f"{weights.name}:", flush=True)
+        rows += bench_model(weights, backends, device, args)
+    print()
+    print(table(rows))
+    for m in args.models:
+        ok = [r for r in rows if r["model"] == Path(m).name and "skipped" not in r
+              and r["label"] == "exact" and r["promised_exact"]]
+        if ok:
+            best = max(ok, key=lambda r: r["speedup"])
+            print(f"{Path(m).name}: fastest exact (fp32) backend: {best['backend']} "
+                  f"{best['speedup']:.2f}x eager fp32 "
+                  f"({'meets' if best['speedup'] >= 3 else 'misses'} the 3x goal)")
+        ok_psnr = [r for r in rows if r["model"] == Path(m).name and "skipped" not in r
+                   and r["label"] == "exact"]
+        if ok_psnr:
+            best = max(ok_psnr, key=lambda r: r["speedup"])
+            print(f"{Path(m).name}: fastest within 0.01 dB: {best['backend']} "
+                  f"{best['speedup']:.2f}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": device, "where": where,
+                                               "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
