@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from rlfn.evaluate import evaluate_folder  # noqa: E402
 from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine, psnr_label  # noqa: E402
-from rlfn.io import list_images, read_image  # noqa: E402
+from rlfn.io import list_images  # noqa: E402
 from rlfn.profile import profile_runtime  # noqa: E402
 from rlfn.upscale import ModelUpscaler  # noqa: E402
 from rlfn.weights import load_model  # noqa: E402

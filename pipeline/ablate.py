@@ -39,7 +39,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline._common import params, stage_run, write_json
 

@@ -3,7 +3,7 @@
 # shows their target) as a DVC experiment `abl-<name>`, run one after another in the workspace,
 # then reports/ablations.md + reports/ablations.png from `dvc exp show --json`.
 #
-#   scripts/ablations.sh                 # all variants (small default: ~16 min on 2 CPU cores)
+#   scripts/ablations.sh                 # all variants (small default: ~8 min on 2 CPU cores)
 #   scripts/ablations.sh rfdb clr        # only these (the report still lists all)
 #   ABLATION_ARGS='-S ablation.base.iterations=200000 ...' scripts/ablations.sh   # full scale
 #

@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Iterator
 
 
+VENV_BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a subprocess that runs a project copy as a user would: this venv's
+    commands first, no inherited MLflow/Prefect settings, no PYTHONPATH (cwd's code wins)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ""
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

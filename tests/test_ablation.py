@@ -5,7 +5,6 @@ capture, and one real tiny ablation end to end (Prefect + MLflow, no mocks)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servers import clean_env
+
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 FIXTURE = Path(__file__).parent / "data" / "ablation_exp_show.json"
 
 from pipeline import ablate as abl  # noqa: E402
@@ -23,12 +23,7 @@ from pipeline import ablation_report as rep  # noqa: E402
 from pipeline._common import params  # noqa: E402
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = ""
-    env.update(extra)
-    return env
+_env = clean_env
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,8 @@ def exported(pretrained, tmp_path_factory):
 
 def test_onnx_file_has_dynamic_height_width_and_metadata(exported):
     m = onnx.load(str(exported))
-    (inp,), (outp,) = m.graph.input, m.graph.output
+    (inp,), (out,) = m.graph.input, m.graph.output
+    assert out.name == "sr" and inp.name == "lr"
     dims = inp.type.tensor_type.shape.dim
     assert dims[1].dim_value == 3
     assert dims[2].dim_param and dims[3].dim_param and dims[2].dim_param != dims[3].dim_param

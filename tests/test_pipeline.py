@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,20 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servers import mlflow_server
+from servers import clean_env, mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
         ".dvcignore", ".gitignore", "data/sample/Set5", "data/sample/README.md"]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = ""
-    env.update(extra)
-    return env
+_env = clean_env
 
 
 def _run(cmd, cwd, timeout=900, check=True, **env):
