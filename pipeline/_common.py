@@ -27,6 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))  # project-local Prefect state
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Prefect's temporary server otherwise tries to send telemetry (no network here) and races
+# its own SQLite for the telemetry session row, printing errors that are not ours.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commit",
            "params_hash", "write_json", "log_dict_metrics"]
