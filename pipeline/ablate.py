@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from prefect import flow
+
 from pipeline._common import params, stage_run, write_json
 
 __all__ = ["AblationError", "SCHEDULES", "variant_names", "resolve", "stage_overrides",
@@ -176,13 +178,9 @@ def check(params_file: str = "params.yaml") -> tuple[dict, str]:
     return prm, name
 
 
+@flow(name="rlfn-ablate", flow_run_name="ablate")
 def ablate(params_file: str = "params.yaml") -> dict:
-    from prefect import flow
-
-    return flow(name="rlfn-ablate", flow_run_name="ablate")(_ablate)(params_file)
-
-
-def _ablate(params_file: str = "params.yaml") -> dict:
+    """Train, score and time the variant ``ablation.name``; write ``ablation.out``."""
     import mlflow
 
     from pipeline._common import log_dict_metrics
