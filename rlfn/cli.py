@@ -63,16 +63,22 @@ def _check_backend(backend: str, device: torch.device) -> None:
         raise CliError(f"--backend {backend}: {e}") from None
 
 
-def _engine(model: str, scale: int, device: torch.device, backend: str):
-    """Load ``model`` (checked against ``scale``) into an inference engine; errors first."""
-    from .infer import BackendError, make_engine
+def _load(model: str, scale: int):
+    """Load ``model`` on the CPU, checked against ``scale``."""
     from .weights import WeightsError, load_model
 
-    _check_backend(backend, device)
     try:
-        loaded = load_model(model, scale=scale, device=device)
+        return load_model(model, scale=scale, device="cpu")
     except WeightsError as e:
         raise CliError(str(e)) from None
+
+
+def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=None):
+    """``model`` (or the already ``loaded`` one) in an inference engine; errors first."""
+    from .infer import BackendError, make_engine
+
+    _check_backend(backend, device)
+    loaded = loaded or _load(model, scale)
     try:
         return make_engine(loaded.model, backend, device), loaded
     except BackendError as e:
@@ -87,7 +93,6 @@ def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | Non
         if backend != "eager":
             raise CliError(f"--backend {backend}: bicubic has no backends (it is not a model)")
         return BicubicUpscaler(scale), "bicubic"
-    _check_backend(backend, device)
     engine, loaded = _engine(model, scale, device, backend)
     if tile not in (None, 0, "auto") and not engine.supports_grid:
         raise CliError(f"--backend {backend} cannot run tiled (--tile {tile}): ESA's whole-image "
@@ -279,9 +284,9 @@ def cmd_profile(args) -> int:
         raise CliError(f"--input-dir {input_dir}: not a directory")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine, loaded = _engine(args.model, args.scale, torch.device("cpu"), "eager")
-    counts = count_complexity(loaded.model)
-    engine, loaded = _engine(args.model, args.scale, device, args.backend)
+    loaded = _load(args.model, args.scale)
+    counts = count_complexity(loaded.model)  # on the CPU, before any backend converts it
+    engine, loaded = _engine(args.model, args.scale, device, args.backend, loaded)
     try:
         rt = profile_runtime(engine, input_dir, args.max_images, args.warmup)
     except ValueError as e:
@@ -337,7 +342,7 @@ def cmd_export(args) -> int:
     except (ImportError, ValueError) as e:
         raise CliError(f"export needs the [infer] extra (onnx, onnxscript, onnxruntime): {e}") \
             from None
-    _, loaded = _engine(args.model, args.scale, torch.device("cpu"), "eager")
+    loaded = _load(args.model, args.scale)
     try:
         export_onnx(loaded.model, out, opset=args.opset or OPSET, model_name=loaded.name,
                     check=not args.no_check)
