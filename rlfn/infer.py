@@ -151,6 +151,8 @@ class Engine:
         self.info = BACKENDS[self.name]
 
     def __call__(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        if grid is not None and not self.supports_grid:
+            raise BackendError(f"backend {self.name!r} cannot run tiles with an ESA grid")
         with torch.inference_mode():
             if self.device.type != "cuda":
                 return self._run(x, grid)
@@ -244,8 +246,6 @@ class CudaGraphsEngine(Fp16Engine):
         self._graphs: dict[tuple, tuple] = {}
 
     def _run(self, x, grid):
-        if grid is not None:
-            raise BackendError("backend 'cuda_graphs' cannot run tiles with an ESA grid")
         key = tuple(x.shape)
         if key not in self._graphs:
             static_in = x.half().contiguous(memory_format=torch.channels_last).clone()
@@ -280,8 +280,6 @@ class CompileEngine(Engine):
         self.compiled = torch.compile(model, dynamic=True, options=options)
 
     def _run(self, x, grid):
-        if grid is not None:
-            raise BackendError("backend 'compile' cannot run tiles with an ESA grid")
         x = x.contiguous(memory_format=torch.channels_last)
         return self.compiled(x).contiguous()
 
@@ -302,8 +300,6 @@ class CompileBf16Engine(Engine):
                                       options=options)
 
     def _run(self, x, grid):
-        if grid is not None:
-            raise BackendError("backend 'compile_bf16' cannot run tiles with an ESA grid")
         return self.compiled(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
@@ -322,8 +318,6 @@ class _OnnxEngine(Engine):
             self._load(path)
 
     def _run(self, x, grid):
-        if grid is not None:
-            raise BackendError(f"backend {self.name!r} cannot run tiles with an ESA grid")
         out = self._infer(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
         return torch.from_numpy(np.asarray(out))
 

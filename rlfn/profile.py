@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .infer import Engine, as_engine, make_engine
+from .infer import Engine, as_engine
 from .io import list_images, read_image
 from .upscale import to_tensor
 
@@ -103,19 +103,14 @@ def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: 
 
 
 def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images: int = 0,
-                    warmup: int = 2, device: str | torch.device | None = None,
-                    backend: str | None = None) -> dict:
-    """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name).
-
-    ``backend``: turn a module into that engine first (``rlfn.infer.make_engine``).
-    """
+                    warmup: int = 2, device: str | torch.device | None = None) -> dict:
+    """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name) of a
+    module (run eagerly) or an engine (``rlfn.infer.make_engine``)."""
     files = list_images([input_dir])
     if max_images:
         files = files[:max_images]
     if not files:
         raise ValueError(f"{input_dir}: no images to time")
-    if backend is not None and not isinstance(model, Engine):
-        model = make_engine(model, backend, device)
     engine = as_engine(model, device)
     images = [read_image(f)[0] for f in files]
     out = time_inference(engine, images, warmup)
