@@ -10,8 +10,20 @@ from .bicubic import imresize_array
 from .infer import Engine, as_engine
 from .models.rlfn import ESA_STRIDE, RLFN, ESAGrid
 
-__all__ = ["to_tensor", "to_uint8", "upscale_array", "tile_starts", "ModelUpscaler",
-           "BicubicUpscaler"]
+__all__ = ["to_tensor", "to_uint8", "upscale_array", "tile_starts", "auto_tile",
+           "ModelUpscaler", "BicubicUpscaler", "AUTO_TILE", "AUTO_TILE_PIXELS"]
+
+# The auto-tile policy (``rlfn upscale --tile auto``, the registered pyfunc's ``tile=-1``):
+# images over AUTO_TILE_PIXELS LR pixels (~2 GB of activations on a CPU) run in AUTO_TILE
+# tiles; smaller ones whole.
+AUTO_TILE_PIXELS = 1024 * 1024
+AUTO_TILE = 512
+
+
+def auto_tile(height: int, width: int, can_tile: bool = True) -> int | None:
+    """The tile size (LR pixels) the auto policy picks for an image, ``None`` for whole.
+    Engines that cannot tile (``can_tile`` False: ONNX/OpenVINO/compiled graphs) run whole."""
+    return AUTO_TILE if can_tile and height * width > AUTO_TILE_PIXELS else None
 
 
 def to_tensor(img: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
