@@ -4,7 +4,7 @@
 
 "plain": NCHW float32, the textbook loop. "channels_last fp32": the layout alone. "ours": what
 rlfn.train.engine does by default (channels_last; bf16 autocast on CUDA and on CPUs with
-native bf16, see engine._bf16_helps). Run on a CUDA machine to
+native bf16, see rlfn.device.bf16_native). Run on a CUDA machine to
 get the GPU table (the card is named). One run, same machine, alternating order.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlfn.models import build_model  # noqa: E402
-from rlfn.train.engine import _bf16_helps  # noqa: E402
+from rlfn.device import bf16_native  # noqa: E402
 
 
 def make_step(model, opt, channels_last: bool, bf16: bool, device):
@@ -55,7 +55,7 @@ def main() -> None:
     lr = (torch.rand(args.batch, 3, args.patch // args.scale, args.patch // args.scale,
                      generator=g) * 255).to(device)
     hr = (torch.rand(args.batch, 3, args.patch, args.patch, generator=g) * 255).to(device)
-    bf16 = _bf16_helps(device)
+    bf16 = bf16_native(device)
     variants = {"plain (NCHW fp32)": (False, False),
                 "channels_last fp32": (True, False),
                 f"ours (channels_last{', bf16 autocast' if bf16 else ''})": (True, bf16)}

@@ -1,0 +1,15 @@
+"""The pipeline: one Prefect flow per DVC stage (``python -m pipeline.<stage>``), settings from
+``params.yaml`` (``pipeline.settings``), runs and models in MLflow (``pipeline._common``,
+``pipeline.mlflow_registry``)."""
+
+import os as _os
+from pathlib import Path as _Path
+
+# Before Prefect or MLflow read their settings: project-local Prefect state, no telemetry
+# (there is no network, and Prefect's temporary server races its own SQLite for the telemetry
+# row, printing errors that are not ours), no artifact progress bars in logs, and the
+# library's log records ("rlfn" logger) in a flow run's Prefect log.
+_os.environ.setdefault("PREFECT_HOME", str(_Path(__file__).resolve().parents[1] / ".prefect"))
+_os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+_os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlfn")
+_os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,6 +1,10 @@
-"""Glue shared by every stage: params, paths, MLflow runs and tags. Written once, here.
+"""Glue shared by every stage: MLflow runs and tags, the entry point. Written once, here.
 
-* ``params()`` reads ``params.yaml`` (``RLFN_PARAMS`` overrides the path).
+* ``params()`` reads ``params.yaml`` (``RLFN_PARAMS`` overrides the path) as plain data; the
+  stages use ``pipeline.settings.load_settings()`` (the same file, checked and typed).
+* ``main(flow)``: every stage's ``__main__``: settings first (a bad one is one ``error:`` line,
+  exit 2, before Prefect or MLflow start), then the flow; an ``RLFNError`` it raises is one
+  ``error:`` line and its exit code (2 configuration, 1 data), anything else a traceback and 1.
 * ``tracking_uri()``: ``MLFLOW_TRACKING_URI`` when set (a real server), else the project's
   SQLite store ``sqlite:///mlflow.db`` with artefacts in ``mlartifacts/`` beside it.
 * ``stage_run(stage, params)``: a context manager giving the stage's MLflow run, nested under
@@ -20,34 +24,65 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
+from pipeline.settings import Settings, load_settings, params_path
+from rlfn.errors import ConfigError, RLFNError
+from rlfn.log import get_logger
+from rlfn.log import setup as setup_logging
+
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))  # project-local Prefect state
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# Prefect's temporary server otherwise tries to send telemetry (no network here) and races
-# its own SQLite for the telemetry session row, printing errors that are not ours.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commit",
-           "params_hash", "write_json", "log_dict_metrics"]
+           "params_hash", "write_json", "log_dict_metrics", "main", "log"]
+
+log = get_logger("pipeline")
 
 
 def params(path: str | Path | None = None) -> dict[str, Any]:
-    p = Path(path or os.environ.get("RLFN_PARAMS", "params.yaml"))
+    p = params_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such params file (run from the project root)")
+        raise ConfigError(p, "no such params file (run from the project root, or set "
+                             "RLFN_PARAMS)")
     return yaml.safe_load(p.read_text()) or {}
 
 
-def tracking_uri(prm: dict | None = None) -> str:
+def _mlflow_section(prm: Any) -> dict:
+    if isinstance(prm, Settings):
+        return prm.mlflow.model_dump()
+    return dict((prm or {}).get("mlflow") or {})
+
+
+def tracking_uri(prm: Any = None) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    db = (prm or {}).get("mlflow", {}).get("db", "mlflow.db")
+    db = _mlflow_section(prm).get("db", "mlflow.db")
     return f"sqlite:///{Path(db).resolve()}"
+
+
+def main(flow: Callable[..., Any], *args: Any,
+         check: Callable[[Settings], Any] | None = None) -> int:
+    """A stage's command line: check the settings (and ``check(settings)``, a stage's own
+    checks that need no Prefect: backends, ...), run ``flow(settings, *args)``, map errors to
+    the exit contract. The flow is called ``flow(*args, settings=settings)``. Returns the
+    exit code: ``sys.exit(main(flow))``."""
+    setup_logging()
+    try:
+        settings = load_settings()
+        if check is not None:
+            check(settings)
+    except RLFNError as e:
+        log.error(str(e))
+        return e.exit_code
+    try:
+        flow(*args, settings=settings)
+    except RLFNError as e:
+        log.error(str(e))
+        return e.exit_code
+    return 0
 
 
 def git_commit() -> str:
@@ -92,14 +127,15 @@ def repro_id() -> str:
     return rid
 
 
-def _experiment(mlflow, prm: dict) -> str:
-    name = prm.get("mlflow", {}).get("experiment", "rlfn")
+def _experiment(mlflow, prm: Any) -> str:
+    m = _mlflow_section(prm)
+    name = m.get("experiment", "rlfn")
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if tracking_uri(prm).startswith("sqlite:"):
-        art = Path(prm.get("mlflow", {}).get("artifacts", "mlartifacts")).resolve()
+        art = Path(m.get("artifacts", "mlartifacts")).resolve()
         location = art.as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
@@ -108,7 +144,7 @@ def _experiment(mlflow, prm: dict) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, prm: dict, section: Any = None) -> Iterator[Any]:
+def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
     """The stage's MLflow run (nested under the repro's parent run), tagged and ready."""
     import mlflow
 
@@ -127,8 +163,9 @@ def stage_run(stage: str, prm: dict, section: Any = None) -> Iterator[Any]:
         parent_id = parent.info.run_id
     client = mlflow.MlflowClient()
     tags = {"rlfn.repro_id": rid, "rlfn.kind": "stage", "dvc_stage": stage,
-            "git_commit": commit, "params_hash": params_hash(section if section is not None
-                                                             else prm),
+            "git_commit": commit, "params_hash": params_hash(
+                section if section is not None else
+                prm.raw if isinstance(prm, Settings) else prm),
             "mlflow.parentRunId": parent_id}
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     status = "FAILED"

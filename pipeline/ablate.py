@@ -7,11 +7,11 @@ or ``python -m pipeline.ablate`` (the name in params.yaml). All of them and the 
 
 A variant (``ablation.variants.<name>``) is ``{model, schedule, contrastive}`` or an alias
 ``{same_as: <name>}`` (the same runs under another row name). Every run trains with
-``train`` + ``train_stage<k>`` + ``ablation.base`` (a short budget of ``iterations`` per stage)
+``train`` + ``train_stages.<k>`` + ``ablation.base`` (a short budget of ``iterations`` per stage)
 + the variant's settings; ``ablation.stages`` (3) is the number of warm-start stages:
 
 * ``ws``: ``stages`` warm-start stages, each from the previous stage's weights with a fresh
-  optimizer and lr schedule; the contrastive loss (``train_stage<last>``'s weight and seed)
+  optimizer and lr schedule; the contrastive loss (``train_stages.<last>``'s weight and seed)
   only in the last stage, when ``contrastive: true``.
 * ``e2000``: one run of ``stages`` x ``iterations`` with ``lr_step`` x ``stages`` (the same
   total iterations, a slower decay).
@@ -42,7 +42,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from pipeline._common import params, stage_run, write_json
+from pipeline._common import log, params, stage_run, write_json
+from pipeline.settings import load_settings
+from rlfn.errors import ConfigError, RLFNError
+from rlfn.log import setup as setup_logging
 
 __all__ = ["AblationError", "SCHEDULES", "variant_names", "resolve", "stage_overrides",
            "stage_configs", "check", "ablate"]
@@ -51,8 +54,8 @@ SCHEDULES = ("ws", "e2000", "clr")
 SPEC_KEYS = {"model", "schedule", "contrastive", "same_as", "note"}
 
 
-class AblationError(ValueError):
-    """A bad ``ablation:`` setting; the message names it."""
+class AblationError(ConfigError):
+    """A bad ``ablation:`` setting; the message names it (exit code 2)."""
 
 
 def _section(prm: dict) -> dict:
@@ -146,17 +149,21 @@ def _data(prm: dict) -> dict:
 
 def stage_configs(prm: dict, name: str, params_file: str = "params.yaml",
                   data: dict | None = None) -> list:
-    """The checked ``TrainConfig`` of every run of the variant."""
-    from rlfn.train.config import ConfigError, load_config
+    """The checked ``TrainConfig`` of every run of the variant: ``train`` + the warm-start
+    stage's keys (``train_stages.<k>``, when defined) + the run's settings + ``data``."""
+    from rlfn.train.config import stage_config
 
+    settings = load_settings(params_file)
     data = data if data is not None else {"patch_store": "-"}
     out = []
     for k, sets in stage_overrides(prm, name):
         sets = {**sets, **data}
         if "patch_store" in data:
             sets.pop("hr_dir", None)
+        st = settings.train_stages.get(str(k))
         try:
-            out.append(load_config(params_file, sets, stage=k))
+            out.append(stage_config(settings.train, st.overrides if st else {}, k, extra=sets,
+                                    where=params_file, stage_where=f"train_stages.{k}"))
         except ConfigError as e:
             raise AblationError(f"ablation {name}: {e}") from None
     return out
@@ -207,9 +214,8 @@ def ablate(params_file: str = "params.yaml") -> dict:
         init, results, offset = None, [], 0
         for i, cfg in enumerate(cfgs, 1):
             out = root / f"stage{i}"
-            print(f"ablation {name}: run {i}/{len(cfgs)} {cfg.model} {cfg.iterations} it, "
-                  f"lr_schedule {cfg.lr_schedule}, contrastive {cfg.contrastive} -> {out}",
-                  flush=True)
+            log.info(f"ablation {name}: run {i}/{len(cfgs)} {cfg.model} {cfg.iterations} it, "
+                     f"lr_schedule {cfg.lr_schedule}, contrastive {cfg.contrastive} -> {out}")
             res = train(cfg, out, init=init, progress=False,
                         on_log=lambda it, m, o=offset: mlflow.log_metrics(m, step=o + it))
             results.append(res)
@@ -221,8 +227,8 @@ def ablate(params_file: str = "params.yaml") -> dict:
         for set_name, hr_dir in prm["evaluate"]["sets"].items():
             rep = evaluate_folder(ModelUpscaler(model), hr_dir)
             if rep.errors:
-                raise RuntimeError(f"ablation {name}: evaluate {set_name}: "
-                                   + "; ".join(rep.errors))
+                raise RLFNError(hr_dir, f"ablation {name}: evaluate {set_name}: "
+                                        + "; ".join(rep.errors))
             sets[set_name] = {k: round(v, 4) for k, v in rep.mean.items()}
         first = sets.get("Set5") or next(iter(sets.values()))
         cx = count_complexity(model)
@@ -251,9 +257,9 @@ def ablate(params_file: str = "params.yaml") -> dict:
         }
         write_json(a.get("out", "metrics/ablation.json"), metrics)
         log_dict_metrics("", {k: v for k, v in metrics.items() if k != "iterations_per_run"})
-        print(f"ablation {name}: Set5 {metrics['psnr_y']:.3f} dB / {metrics['ssim_y']:.4f}, "
-              f"{metrics['params'] / 1e3:.1f}K params, {metrics['flops'] / 1e9:.2f} G FLOPs, "
-              f"{metrics['runtime_ms_cpu']:.0f} ms CPU, {metrics['seconds']:.0f} s")
+        log.info(f"ablation {name}: Set5 {metrics['psnr_y']:.3f} dB / {metrics['ssim_y']:.4f}, "
+                 f"{metrics['params'] / 1e3:.1f}K params, {metrics['flops'] / 1e9:.2f} G "
+                 f"FLOPs, {metrics['runtime_ms_cpu']:.0f} ms CPU, {metrics['seconds']:.0f} s")
         return metrics
 
 
@@ -264,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
+    setup_logging()
     try:
         check(args.params)  # before the flow (and any training) starts
-    except (AblationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ablate(args.params)
+        ablate(args.params)
+    except RLFNError as e:
+        log.error(str(e))
+        return e.exit_code
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Stage `degrade`: the LR image of every usable manifest row, per scale (MATLAB bicubic)."""
+"""Stage `degrade`: the LR image of every usable manifest row, per scale (MATLAB-exact
+bicubic), into ``degrade.out`` (incremental: only new or changed images are made)."""
 
 from __future__ import annotations
+
+import sys
 
 import mlflow
 from prefect import flow, task
 
-from pipeline._common import params, stage_run
+from pipeline._common import log, main, stage_run
+from pipeline.settings import Settings, load_settings
 from rlfn.data.degrade import degrade as make_lr
 from rlfn.data.degrade import items_from_manifest
 from rlfn.data.manifest import read_manifest
@@ -18,20 +22,20 @@ def run(manifest: str, scales: list[int], out: str, workers: int):
 
 
 @flow(name="rlfn-degrade", flow_run_name="degrade")
-def degrade() -> dict:
-    prm = params()
-    g = prm["degrade"]
-    with stage_run("degrade", prm, g):
-        s = run(prm["data"]["manifest"], g["scales"], g["out"], g.get("workers", 2))
-        print(f"degrade: {s.made} made, {s.reused} reused, {s.removed} removed, "
-              f"{len(s.errors)} failed")
-        for e in s.errors:
-            print(f"error: {e}")
-        mlflow.log_params({"scales": ",".join(map(str, g["scales"]))})
-        mlflow.log_metrics({"lr_made": s.made, "lr_reused": s.reused, "lr_removed": s.removed,
-                            "lr_failed": len(s.errors)})
-        return s.to_dict()
+def degrade(settings: Settings | None = None) -> dict:
+    s = settings or load_settings()
+    g = s.degrade
+    with stage_run("degrade", s, s.section("degrade")):
+        r = run(s.data.manifest, g.scales, g.out, g.workers)
+        log.info(f"degrade: {r.made} made, {r.reused} reused, {r.removed} removed, "
+                 f"{len(r.errors)} failed")
+        for e in r.errors:
+            log.error(str(e))
+        mlflow.log_params({"scales": ",".join(map(str, g.scales))})
+        mlflow.log_metrics({"lr_made": r.made, "lr_reused": r.reused, "lr_removed": r.removed,
+                            "lr_failed": len(r.errors)})
+        return r.to_dict()
 
 
 if __name__ == "__main__":
-    degrade()
+    sys.exit(main(degrade))

@@ -1,24 +1,26 @@
-"""Stage `evaluate`: Y-PSNR/SSIM of every stage's model and of bicubic on the validation sets.
+"""Stage `evaluate`: Y-PSNR/SSIM of every stage's model and of bicubic on ``evaluate.sets``.
 
-``metrics/evaluate.json``: the final (last-stage) model, keyed ``x<scale>/<set>/<metric>``,
-plus ``mean_psnr_y`` over the sets (the promotion gate). ``metrics/evaluate_stages.json``:
-the same per stage and for bicubic. ``plots/psnr_by_stage.csv``: a DVC plot.
+``evaluate.out`` (metrics/evaluate.json): the last stage's model, keyed
+``x<scale>/<set>/<metric>``, plus ``mean_psnr_y`` over the sets (the promotion gate).
+``evaluate.stages_out`` (metrics/evaluate_stages.json): the same per stage and for bicubic.
+``evaluate.plot`` (plots/psnr_by_stage.csv): a DVC plot.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import mlflow
 from prefect import flow, task
 
-from pipeline._common import log_dict_metrics, params, stage_run, write_json
+from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
+from pipeline.settings import Settings, load_settings
+from rlfn.errors import DataError
 from rlfn.evaluate import evaluate_folder
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model
-
-STAGES = (1, 2, 3)
 
 
 @task
@@ -27,7 +29,7 @@ def score(upscaler, sets: dict[str, str]) -> dict:
     for name, hr_dir in sets.items():
         rep = evaluate_folder(upscaler, hr_dir, progress=True, desc=name)
         if rep.errors:
-            raise RuntimeError(f"evaluate {name}: " + "; ".join(rep.errors))
+            raise DataError(hr_dir, f"evaluate {name}: " + "; ".join(rep.errors))
         out[name] = {k: round(v, 6) for k, v in rep.mean.items()}
     return out
 
@@ -36,36 +38,37 @@ def _mean_psnr(by_set: dict) -> float:
     return round(sum(v["psnr_y"] for v in by_set.values()) / len(by_set), 6)
 
 
+def _write_plot(path: Path, results: dict, scale: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "set", "psnr_y", "ssim_y"])
+        for name, res in results.items():
+            for set_name, m in res[f"x{scale}"].items():
+                w.writerow([name, set_name, m["psnr_y"], m["ssim_y"]])
+
+
 @flow(name="rlfn-evaluate", flow_run_name="evaluate")
-def evaluate() -> dict:
-    prm = params()
-    e, scale = prm["evaluate"], prm["train"]["scale"]
-    models = Path(prm.get("train_launch", {}).get("out", "models"))
-    with stage_run("evaluate", prm, e):
-        results = {"bicubic": {f"x{scale}": score(BicubicUpscaler(scale), e["sets"])}}
-        for k in STAGES:
-            model = load_model(models / f"stage{k}" / "model.safetensors", scale=scale).model
-            results[f"stage{k}"] = {f"x{scale}": score(ModelUpscaler(model), e["sets"])}
-        for name, res in results.items():
+def evaluate(settings: Settings | None = None) -> dict:
+    s = settings or load_settings()
+    e, scale = s.evaluate, s.scale
+    with stage_run("evaluate", s, s.section("evaluate")):
+        results = {"bicubic": {f"x{scale}": score(BicubicUpscaler(scale), e.sets)}}
+        for k in s.stage_keys:
+            model = load_model(s.stage_weights(k), scale=scale).model
+            results[f"stage{k}"] = {f"x{scale}": score(ModelUpscaler(model), e.sets)}
+        for res in results.values():
             res["mean_psnr_y"] = _mean_psnr(res[f"x{scale}"])
-        final = results[f"stage{STAGES[-1]}"]
-        write_json(e["out"], final)
-        write_json(Path(e["out"]).with_name("evaluate_stages.json"), results)
-        plot = Path("plots/psnr_by_stage.csv")
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        with open(plot, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["model", "set", "psnr_y", "ssim_y"])
-            for name, res in results.items():
-                for set_name, m in res[f"x{scale}"].items():
-                    w.writerow([name, set_name, m["psnr_y"], m["ssim_y"]])
-        log_dict_metrics("", {n: r for n, r in results.items()})
-        mlflow.log_artifact(str(plot))
+        write_json(e.out, results[f"stage{s.last_stage}"])
+        write_json(e.stages_out, results)
+        _write_plot(Path(e.plot), results, scale)
+        log_dict_metrics("", results)
+        mlflow.log_artifact(e.plot)
         for name, res in results.items():
-            print(f"{name:>8}: " + ", ".join(f"{s} {m['psnr_y']:.3f} dB / {m['ssim_y']:.4f}"
-                                             for s, m in res[f"x{scale}"].items()))
+            log.info(f"{name:>8}: " + ", ".join(f"{n} {m['psnr_y']:.3f} dB / {m['ssim_y']:.4f}"
+                                                for n, m in res[f"x{scale}"].items()))
         return results
 
 
 if __name__ == "__main__":
-    evaluate()
+    sys.exit(main(evaluate))

@@ -1,13 +1,16 @@
-"""Stage `patches`: pack HR/LR training pairs into a memory-mapped Arrow store per scale."""
+"""Stage `patches`: pack HR/LR training pairs into a memory-mapped Arrow store per scale
+(``patches.out``/x<scale>.arrow)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
 from prefect import flow, task
 
-from pipeline._common import params, stage_run
+from pipeline._common import log, main, stage_run
+from pipeline.settings import Settings, load_settings
 from rlfn.data.degrade import items_from_manifest, lr_path
 from rlfn.data.manifest import read_manifest
 from rlfn.data.patches import build_patch_store
@@ -21,16 +24,15 @@ def pack(manifest: str, lr_dir: str, scale: int, out: Path, sub_image):
 
 
 @flow(name="rlfn-patches", flow_run_name="patches")
-def patches() -> None:
-    prm = params()
-    p = prm["patches"]
-    with stage_run("patches", prm, p):
-        for scale in prm["degrade"]["scales"]:
-            info = pack(prm["data"]["manifest"], prm["degrade"]["out"], scale,
-                        Path(p["out"]) / f"x{scale}.arrow", p.get("sub_image"))
-            print(f"patches x{scale}: {info}")
+def patches(settings: Settings | None = None) -> None:
+    s = settings or load_settings()
+    with stage_run("patches", s, s.section("patches")):
+        for scale in s.degrade.scales:
+            info = pack(s.data.manifest, s.degrade.out, scale, s.patches.store(scale),
+                        s.patches.sub_image)
+            log.info(f"patches x{scale}: {info}")
             mlflow.log_metric(f"patch_records_x{scale}", getattr(info, "records", 0))
 
 
 if __name__ == "__main__":
-    patches()
+    sys.exit(main(patches))

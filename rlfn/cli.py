@@ -1,9 +1,11 @@
 """The ``rlfn`` command: argument parsing and reporting only; the work is in the library.
 
-Exit codes: 0 all good; 1 some input failed (each failure printed as one ``error:`` line
-naming the file and the reason; the good inputs are still processed); 2 bad usage.
-``rlfn manifest`` records rejected files in the manifest and exits 1 only when nothing usable
-is left; ``rlfn train`` exits 1 on a refused config, checkpoint or data set.
+Exit codes (the library's error contract, ``rlfn.errors``): 0 all good; 1 bad data (some
+input failed: each failure printed as one ``error:`` line naming the file and the reason; the
+good inputs are still processed); 2 bad usage or configuration (an unknown option value, a
+backend or device that cannot run here, a refused training config), one ``error:`` line
+before any work. ``rlfn manifest`` records rejected files in the manifest and exits 1 only
+when nothing usable is left.
 """
 
 from __future__ import annotations
@@ -16,32 +18,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .device import parse_device
+from .errors import DataError, RLFNError, UsageError
 from .infer import backend_names
+from .log import get_logger
+from .log import setup as setup_logging
 
 __all__ = ["main", "build_parser"]
 
-
-class CliError(Exception):
-    """A failure that stops the command before any work (bad model file, bad option)."""
+log = get_logger("cli")
 
 
 def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    log.error(msg)
 
 
 def _note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr, flush=True)
+    log.warning(msg)
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: no CUDA GPU is available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise CliError(f"--device {name}: {e}") from None
+    return parse_device(name, f"--device {name}")
 
 
 def _scale(text: str) -> int:
@@ -60,17 +57,14 @@ def _check_backend(backend: str, device: torch.device) -> None:
     try:
         check_backend(backend, device)
     except BackendError as e:
-        raise CliError(f"--backend {backend}: {e}") from None
+        raise UsageError(f"--backend {backend}", e.reason) from None
 
 
 def _load(model: str, scale: int):
-    """Load ``model`` on the CPU, checked against ``scale``."""
-    from .weights import WeightsError, load_model
+    """Load ``model`` on the CPU, checked against ``scale`` (a ``WeightsError`` names it)."""
+    from .weights import load_model
 
-    try:
-        return load_model(model, scale=scale, device="cpu")
-    except WeightsError as e:
-        raise CliError(str(e)) from None
+    return load_model(model, scale=scale, device="cpu")
 
 
 def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=None):
@@ -82,7 +76,7 @@ def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=N
     try:
         return make_engine(loaded.model, backend, device), loaded
     except BackendError as e:
-        raise CliError(f"--backend {backend}: {e}") from None
+        raise UsageError(f"--backend {backend}", e.reason) from None
 
 
 def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | None,
@@ -91,12 +85,14 @@ def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | Non
 
     if model == "bicubic":
         if backend != "eager":
-            raise CliError(f"--backend {backend}: bicubic has no backends (it is not a model)")
+            raise UsageError(f"--backend {backend}", "bicubic has no backends (it is not a "
+                                                     "model)")
         return BicubicUpscaler(scale), "bicubic"
     engine, loaded = _engine(model, scale, device, backend)
     if tile not in (None, 0, "auto") and not engine.supports_grid:
-        raise CliError(f"--backend {backend} cannot run tiled (--tile {tile}): ESA's whole-image "
-                       "grid needs PyTorch; use eager, channels_last or bf16, or --tile 0")
+        raise UsageError(f"--backend {backend}", f"cannot run tiled (--tile {tile}): ESA's "
+                         "whole-image grid needs PyTorch; use eager, channels_last or bf16, or "
+                         "--tile 0")
     return ModelUpscaler(engine, tile=tile, overlap=overlap), loaded.name
 
 
@@ -108,7 +104,7 @@ def cmd_downscale(args) -> int:
     errors: list = []
     in_dir = Path(args.in_dir)
     if not in_dir.is_dir():
-        raise CliError(f"{in_dir}: not a directory")
+        raise DataError(in_dir, "not a directory")
     files = list_images([in_dir], errors)
     out_dir = Path(args.out_dir)
     written = 0
@@ -154,11 +150,9 @@ def cmd_evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------- upscale
-AUTO_TILE_PIXELS = 1024 * 1024  # LR pixels above which `--tile auto` tiles (~2 GB on CPU)
-
-
 def cmd_upscale(args) -> int:
     from .io import ImageError, list_images, read_image, write_png
+    from .upscale import AUTO_TILE_PIXELS, auto_tile
 
     upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
                                  args.overlap, args.backend)
@@ -180,11 +174,10 @@ def cmd_upscale(args) -> int:
                 _note(f"{f}: {n}")
             tile = args.tile
             if tile == "auto":
-                tile = 512 if lr.shape[0] * lr.shape[1] > AUTO_TILE_PIXELS else None
-                if tile and not can_tile:  # ONNX/OpenVINO/compiled graphs run it whole
+                tile = auto_tile(*lr.shape[:2], can_tile=can_tile)
+                if not can_tile and lr.shape[0] * lr.shape[1] > AUTO_TILE_PIXELS:
                     _note(f"{f}: backend {args.backend} runs untiled; a large image needs "
                           "memory (eager or channels_last can tile)")
-                    tile = None
             upscaler.tile = None if tile in (None, 0) else int(tile)
             write_png(target, upscaler(lr))
             seen[target] = f
@@ -200,23 +193,20 @@ def cmd_upscale(args) -> int:
 def cmd_manifest(args) -> int:
     """Build or update the manifest. Rejected files are reported (``error:`` lines) and kept
     in the manifest; the exit code is 1 only when no usable image is left."""
-    from .data.manifest import ManifestError, build_manifest
-    from .data.sources import Source, SourceError, resolve
+    from .data.manifest import build_manifest
+    from .data.sources import Source, resolve
 
-    try:
-        sources = []
-        for item in args.sources:
-            p = Path(item)
-            if not p.exists():
-                raise CliError(f"{p}: no such file or directory")
-            kind = "folder" if p.is_dir() else "archive"  # archives are recognised by content
-            sources.append(Source(kind=kind, path=p, split=args.split,
-                                  name=p.resolve().name or None))
-        resolved = resolve(sources, args.cache, progress=not args.quiet)
-        summary = build_manifest(resolved, args.out, min_size=args.min_size,
-                                 progress=not args.quiet, workers=args.workers)
-    except (SourceError, ManifestError) as e:
-        raise CliError(str(e)) from None
+    sources = []
+    for item in args.sources:
+        p = Path(item)
+        if not p.exists():
+            raise DataError(p, "no such file or directory")
+        kind = "folder" if p.is_dir() else "archive"  # archives are recognised by content
+        sources.append(Source(kind=kind, path=p, split=args.split,
+                              name=p.resolve().name or None))
+    resolved = resolve(sources, args.cache, progress=not args.quiet)
+    summary = build_manifest(resolved, args.out, min_size=args.min_size,
+                             progress=not args.quiet, workers=args.workers)
     for r in summary.rejected:
         _err(f"{r['path']}: {r['reason']}")
     for line in summary.lines():
@@ -226,23 +216,33 @@ def cmd_manifest(args) -> int:
 
 # --------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    """One training stage; rerunning the same command resumes (or does nothing when done)."""
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError, load_config
+    """One training stage; rerunning the same command resumes (or does nothing when done).
+    A config file with a top-level ``train:`` mapping (params.yaml) is read from that section
+    (``--section``)."""
+    import yaml
+
+    from .train.config import load_config
     from .train.engine import train
 
-    try:
-        cfg = load_config(args.config, args.set, stage=args.stage)
-    except ConfigError as e:
-        raise CliError(str(e)) from None
+    section = args.section
+    if section is None and Path(args.config).is_file():
+        try:
+            doc = yaml.safe_load(Path(args.config).read_text())
+        except yaml.YAMLError:
+            doc = None  # load_config says what is wrong with it
+        if isinstance(doc, dict) and isinstance(doc.get("train"), dict):
+            section = "train"
+    cfg = load_config(args.config, args.set, stage=args.stage, section=section)
     if args.init is not None and not Path(args.init).exists():
-        raise CliError(f"--init {args.init}: no such file")
+        raise UsageError(f"--init {args.init}", "no such file")
     try:
         res = train(cfg, args.out, init=args.init, progress=not args.quiet)
-    except (CheckpointError, FileNotFoundError, FloatingPointError) as e:
-        raise CliError(str(e)) from None
+    except FloatingPointError as e:  # a diverged loss
+        raise DataError(args.out, str(e)) from None
     except ValueError as e:  # data problems: no usable images, patch too large, ...
-        raise CliError(str(e)) from None
+        if isinstance(e, RLFNError):
+            raise
+        raise DataError(args.config, str(e)) from None
     if res.already_complete:
         print(f"{res.weights}: already trained ({res.iterations} iterations); nothing to do")
     else:
@@ -267,58 +267,42 @@ def _default_profile_dir() -> Path:
         if d.is_dir():
             _note(f"{CHALLENGE_LR_DIR} not found: timing the embedded sample {d}")
             return d
-    raise CliError(f"no --input-dir given and neither {CHALLENGE_LR_DIR} nor {SAMPLE_LR_DIR} "
-                   "exists here")
+    raise UsageError("--input-dir", f"not given, and neither {CHALLENGE_LR_DIR} nor "
+                                    f"{SAMPLE_LR_DIR} exists here")
 
 
 def cmd_profile(args) -> int:
     """NTIRE-style counts on a 256x256 LR input, runtime over a folder, peak memory."""
-    from .complexity import count_complexity
-    from .infer import BACKENDS
-    from .profile import profile_runtime
+    from .profile import profile_report
 
     device = _device(args.device)
     _check_backend(args.backend, device)
     input_dir = _default_profile_dir() if args.input_dir is None else Path(args.input_dir)
     if not input_dir.is_dir():
-        raise CliError(f"--input-dir {input_dir}: not a directory")
+        raise UsageError(f"--input-dir {input_dir}", "not a directory")
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = _load(args.model, args.scale)
-    counts = count_complexity(loaded.model)  # on the CPU, before any backend converts it
     engine, loaded = _engine(args.model, args.scale, device, args.backend, loaded)
     try:
-        rt = profile_runtime(engine, input_dir, args.max_images, args.warmup)
+        report = profile_report(loaded.model, engine, input_dir, args.max_images, args.warmup)
     except ValueError as e:
-        raise CliError(str(e)) from None
-    mem = {"unit": "MB"}
-    if "peak_gpu_mb" in rt:
-        mem["peak_gpu_allocated"] = rt["peak_gpu_mb"]
-    else:
-        mem.update(peak_rss=rt["peak_rss_mb"], peak_rss_scope=rt["peak_rss_scope"],
-                   peak_rss_process=rt["peak_rss_mb_process"])
+        if isinstance(e, RLFNError):
+            raise
+        raise DataError(input_dir, str(e)) from None
     out = {"model": str(args.model), "model_name": loaded.name, "scale": args.scale,
-           "backend": args.backend, "exact": BACKENDS[args.backend].exact,
-           "device": str(device),
-           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
-           "params": counts["params"], "flops": counts["flops"],
-           "activations": counts["activations"], "counts_input": counts["input"],
-           "runtime": {"unit": "ms", "median": rt["median_ms"], "mean": rt["mean_ms"],
-                       "stdev": rt["stdev_ms"], "min": rt["min_ms"], "max": rt["max_ms"],
-                       "images": rt["images"], "warmup": args.warmup,
-                       "threads": rt["threads"], "timer": "cuda.Event" if device.type == "cuda"
-                       else "perf_counter", "input_dir": str(input_dir)},
-           "memory": mem}
+           **report}
+    rt, mem = report["runtime"], report["memory"]
     print(f"{loaded.name} x{args.scale} ({args.backend}, {device}):")
-    print(f"  params      {counts['params'] / 1e6:.3f} M")
-    print(f"  FLOPs       {counts['flops'] / 1e9:.2f} G   (256x256 LR input, NTIRE counting)")
-    print(f"  activations {counts['activations'] / 1e6:.2f} M")
-    print(f"  runtime     {rt['median_ms']:.1f} ms median, {rt['mean_ms']:.1f} +- "
-          f"{rt['stdev_ms']:.1f} ms mean ({rt['images']} images, {rt['threads']} threads)")
-    if "peak_gpu_mb" in rt:
-        print(f"  peak GPU    {rt['peak_gpu_mb']:.0f} MB allocated")
+    print(f"  params      {report['params'] / 1e6:.3f} M")
+    print(f"  FLOPs       {report['flops'] / 1e9:.2f} G   (256x256 LR input, NTIRE counting)")
+    print(f"  activations {report['activations'] / 1e6:.2f} M")
+    print(f"  runtime     {rt['median']:.1f} ms median, {rt['mean']:.1f} +- "
+          f"{rt['stdev']:.1f} ms mean ({rt['images']} images, {rt['threads']} threads)")
+    if "peak_gpu_allocated" in mem:
+        print(f"  peak GPU    {mem['peak_gpu_allocated']:.0f} MB allocated")
     else:
-        print(f"  peak RSS    {rt['peak_rss_mb']:.0f} MB ({rt['peak_rss_scope']})")
+        print(f"  peak RSS    {mem['peak_rss']:.0f} MB ({mem['peak_rss_scope']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -329,25 +313,22 @@ def cmd_profile(args) -> int:
 def cmd_export(args) -> int:
     """ONNX file with dynamic N/H/W; checked against PyTorch in ONNX Runtime unless told not."""
     from .infer import check_backend
-    from .export import OPSET, ExportError, export_onnx
+    from .export import OPSET, export_onnx
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
-        raise CliError(f"-o {out}: the output file must end in .onnx")
+        raise UsageError(f"-o {out}", "the output file must end in .onnx")
     if out.is_dir():
-        raise CliError(f"-o {out}: is a directory")
+        raise UsageError(f"-o {out}", "is a directory")
     try:
         check_backend("onnxruntime" if not args.no_check else "eager", "cpu")
         import onnx  # noqa: F401
     except (ImportError, ValueError) as e:
-        raise CliError(f"export needs the [infer] extra (onnx, onnxscript, onnxruntime): {e}") \
-            from None
+        raise UsageError("export", f"needs the [infer] extra (onnx, onnxscript, onnxruntime): "
+                                   f"{e}") from None
     loaded = _load(args.model, args.scale)
-    try:
-        export_onnx(loaded.model, out, opset=args.opset or OPSET, model_name=loaded.name,
-                    check=not args.no_check)
-    except ExportError as e:
-        raise CliError(str(e)) from None
+    export_onnx(loaded.model, out, opset=args.opset or OPSET, model_name=loaded.name,
+                check=not args.no_check)
     size = out.stat().st_size / 1e6
     print(f"{loaded.name} x{args.scale} -> {out} ({size:.2f} MB, opset {args.opset or OPSET}, "
           f"input 'lr' (N, 3, H, W) float32 0-255, dynamic N/H/W"
@@ -435,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one stage (resumes when rerun with the same --out)")
     t.add_argument("--config", required=True, metavar="FILE",
-                   help="YAML config (the train section of params.yaml works as one)")
+                   help="YAML config (params.yaml works: its train section is read)")
+    t.add_argument("--section", metavar="NAME", help="read the config from this top-level "
+                   "mapping of FILE (default: train, when FILE has one)")
     t.add_argument("--stage", type=int, default=None, help="stage 1, 2 or 3 (3 adds the "
                    "contrastive loss by default)")
     t.add_argument("--init", metavar="WEIGHTS", help="warm start: the previous stage's "
@@ -473,11 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args.func(args))
-    except CliError as e:
+    except RLFNError as e:
         _err(str(e))
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

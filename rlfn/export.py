@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import RLFNError
+
 __all__ = ["export_onnx", "ExportError", "OPSET"]
 
 OPSET = 18
 
 
-class ExportError(RuntimeError):
+class ExportError(RLFNError, RuntimeError):
     pass
 
 

@@ -43,6 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .device import bf16_native
+from .errors import ConfigError
+
 __all__ = ["BackendError", "BackendInfo", "BACKENDS", "Engine", "make_engine", "check_backend",
            "backend_names", "available_backends", "as_engine", "psnr_label", "EXACT_DB"]
 
@@ -50,8 +53,9 @@ __all__ = ["BackendError", "BackendInfo", "BACKENDS", "Engine", "make_engine", "
 EXACT_DB = 0.01
 
 
-class BackendError(ValueError):
-    """A backend that cannot run here: unknown, not installed, wrong device, no GPU."""
+class BackendError(ConfigError):
+    """A backend that cannot run here: unknown, not installed, wrong device, no GPU. Raised
+    as ``BackendError(reason)`` (the caller knows the option or key) or with a ``where``."""
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,6 @@ def backend_names() -> list[str]:
     return list(BACKENDS)
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def check_backend(name: str, device: str | torch.device = "cpu") -> BackendInfo:
     """The backend's description, or a one-line ``BackendError`` saying why it cannot run."""
     info = BACKENDS.get(name)
@@ -107,11 +104,11 @@ def check_backend(name: str, device: str | torch.device = "cpu") -> BackendInfo:
     if missing:
         raise BackendError(f"backend {name!r} needs the Python package(s) {', '.join(missing)}, "
                            f"not installed (pip install 'rlfn-pipeline[infer]')")
-    if "bf16" in name and dev.type == "cpu" and not _cpu_has_bf16():
-        raise BackendError(f"backend {name!r}: this CPU has no native bf16 (AVX512-BF16/AMX); "
-                           "emulated bf16 would be slower than fp32")
-    if "bf16" in name and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BackendError(f"backend {name!r}: this GPU does not support bf16")
+    if "bf16" in name and not bf16_native(dev):
+        raise BackendError(f"backend {name!r}: " + (
+            "this GPU does not support bf16" if dev.type == "cuda" else
+            "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 would be slower "
+            "than fp32"))
     return info
 
 

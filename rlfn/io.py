@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DataError
+
 __all__ = ["ImageError", "ImageInfo", "read_image", "write_png", "list_images", "sha256_file",
            "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
@@ -26,13 +28,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
+class ImageError(DataError, ValueError):
+    """An image that cannot be used: ``ImageError(path, reason)``."""
 
 
 @dataclass

@@ -25,6 +25,21 @@ class _Plain(logging.Formatter):
         return self.PREFIX.get(record.levelno, "") + record.getMessage()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirect)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger(name: str | None = None) -> logging.Logger:
     if not name or name == ROOT_NAME:
         return logging.getLogger(ROOT_NAME)
@@ -33,12 +48,12 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def setup(level: int = logging.INFO, stream=None) -> logging.Logger:
+def setup(level: int = logging.INFO) -> logging.Logger:
     """Attach one plain stderr handler to the ``rlfn`` logger (idempotent)."""
     log = logging.getLogger(ROOT_NAME)
     log.setLevel(level)
     if not any(getattr(h, "_rlfn_plain", False) for h in log.handlers):
-        h = logging.StreamHandler(stream or sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(_Plain())
         h._rlfn_plain = True  # type: ignore[attr-defined]
         log.addHandler(h)

@@ -24,7 +24,7 @@ from .infer import Engine, as_engine
 from .io import list_images, read_image
 from .upscale import to_tensor
 
-__all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime"]
+__all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -118,3 +118,38 @@ def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images
                input_hw=list(images[0].shape[:2]), input_dir=str(input_dir))
     out.setdefault("peak_rss_mb", out["peak_rss_mb_process"])
     return out
+
+
+def profile_report(model: nn.Module, engine: Engine, input_dir: str | Path, max_images: int = 0,
+                   warmup: int = 2) -> dict:
+    """The one profile result (``rlfn profile --json``, the pipeline's profile stage):
+    NTIRE counts of ``model`` (on the CPU, before a backend converts it) and the runtime and
+    peak memory of ``engine`` over ``input_dir``::
+
+        {"backend", "exact", "device", "params", "flops", "activations", "counts_input",
+         "runtime": {"unit": "ms", "median", "mean", "stdev", "min", "max", "images",
+                     "warmup", "threads", "timer", "input_dir", "input_hw"},
+         "memory": {"unit": "MB", "peak_rss", "peak_rss_scope", "peak_rss_process"}
+                   or {"unit": "MB", "peak_gpu_allocated"}}
+    """
+    from .complexity import count_complexity
+
+    counts = count_complexity(model)
+    rt = profile_runtime(engine, input_dir, max_images, warmup)
+    mem: dict = {"unit": "MB"}
+    if "peak_gpu_mb" in rt:
+        mem["peak_gpu_allocated"] = rt["peak_gpu_mb"]
+    else:
+        mem.update(peak_rss=rt["peak_rss_mb"], peak_rss_scope=rt["peak_rss_scope"],
+                   peak_rss_process=rt["peak_rss_mb_process"])
+    dev = engine.device
+    return {"backend": engine.name, "exact": engine.info.exact, "device": str(dev),
+            **({"gpu": torch.cuda.get_device_name(dev)} if dev.type == "cuda" else {}),
+            "params": counts["params"], "flops": counts["flops"],
+            "activations": counts["activations"], "counts_input": counts["input"],
+            "runtime": {"unit": "ms", "median": rt["median_ms"], "mean": rt["mean_ms"],
+                        "stdev": rt["stdev_ms"], "min": rt["min_ms"], "max": rt["max_ms"],
+                        "images": rt["images"], "warmup": warmup, "threads": rt["threads"],
+                        "timer": "cuda.Event" if dev.type == "cuda" else "perf_counter",
+                        "input_dir": str(input_dir), "input_hw": rt["input_hw"]},
+            "memory": mem}

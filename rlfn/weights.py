@@ -18,6 +18,7 @@ import json
 import math
 import pickle
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,10 +26,11 @@ from typing import Any, Mapping
 import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from torch import nn
 
+from .errors import DataError
 from .models import (ARCHITECTURES, EDSRConfig, RFDNConfig, RLFNConfig, arch_name,
                      build_from_config, name_for)
 
@@ -38,13 +40,8 @@ __all__ = ["WeightsError", "LoadedModel", "load_state_dict", "infer_config", "lo
 FORMAT = "rlfn-pipeline/1"
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
+class WeightsError(DataError, ValueError):
+    """A weights file that cannot be used: ``WeightsError(path, reason)``."""
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -281,9 +278,26 @@ def save_model(model: nn.Module, path: str | Path,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    tmp.write_bytes(_sorted_header(save_bytes(tensors, metadata=meta)))
     tmp.replace(path)
     return path
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The safetensors bytes with the metadata keys in sorted order. safetensors writes its
+    ``__metadata__`` map in hash order, which differs from process to process, so the same
+    weights would give files with different bytes (and DVC hashes) run to run."""
+    n = struct.unpack("<Q", data[:8])[0]
+    raw = data[8:8 + n]
+    header = json.loads(raw)
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    body = raw.rstrip(b" ")
+    if len(new) != len(body):  # a formatting difference: keep the file as it was written
+        return data
+    return data[:8] + new + raw[len(body):] + data[8 + n:]
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Markdown summary of a retrain (.github/workflows/retrain.yml): the promotion decision that
 # the promote stage wrote to metrics/promote.json (pipeline/promote.py, keys from
-# pipeline.registry.promote) and the `dvc metrics diff BASE --md` table. Writes to stdout; the
+# pipeline.mlflow_registry.promote) and the `dvc metrics diff BASE --md` table. Writes to stdout; the
 # workflow appends it to $GITHUB_STEP_SUMMARY and posts it as a PR comment.
 #
 #   usage: scripts/retrain_summary.sh PROMOTE_JSON DIFF_MD BASE [NOTE]

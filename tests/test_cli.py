@@ -208,7 +208,7 @@ def test_cuda_requested_without_gpu(tmp_path, capsys, model_file):
         pytest.skip("a GPU is present")
     hr = _folder(tmp_path / "hr", ["good"])
     assert main(["-q", "evaluate", "--model", str(model_file), "--scale", "2", "--hr", str(hr),
-                 "--device", "cuda"]) == 1
+                 "--device", "cuda"]) == 2  # configuration: exit 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
 

@@ -162,3 +162,19 @@ def test_zip_checkpoint_layout_is_torch_zip(tmp_path):
     p = tmp_path / "a.pth"
     torch.save(build_model("rlfn_s", 2).state_dict(), p)
     assert zipfile.is_zipfile(p)
+
+
+def test_saved_weights_are_byte_identical_in_every_process(tmp_path):
+    """safetensors writes its metadata map in hash order (random per process); save_model
+    sorts it, so the same weights give the same file bytes and DVC hash on every run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom rlfn.models import build_model\n"
+            "from rlfn.weights import save_model\ntorch.manual_seed(0)\n"
+            "save_model(build_model('rlfn_ntire', 4), sys.argv[1], "
+            "{'stage': 3, 'seed': 0, 'init': 'x', 'iteration': 7, 'config_digest': 'd'})\n")
+    files = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, timeout=120)
+    assert len({f.read_bytes() for f in files}) == 1

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from rlfn.errors import DataError
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -346,7 +348,7 @@ def test_bad_batches_and_stores(store, tmp_path):
         ds.batch_sampler(6)
     with pytest.raises(IndexError):
         ds[len(ds)]
-    with pytest.raises(FileNotFoundError, match="no such patch store"):
+    with pytest.raises(DataError, match="no such patch store"):
         PatchStore(tmp_path / "none.arrow")
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(ValueError, match="not an Arrow IPC file"):

@@ -1,6 +1,7 @@
 """The pipeline for real: `dvc repro` of Prefect flows logging to MLflow, on a tiny params set
-in a temporary copy of the project. No mocks: real DVC, real Prefect (temporary server), real
-MLflow (SQLite store, and a real `mlflow server` on 127.0.0.1)."""
+in a temporary copy of the project. No mocks: real DVC, real Prefect (temporary server, read
+back through Prefect's own client), real MLflow (SQLite store, and a real `mlflow server` on
+127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,28 @@ COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/c
 
 
 _env = clean_env
+TRAIN_STAGES = ["train_stage@1", "train_stage@2", "train_stage@3"]
+DVC_STAGES = ["prepare", "degrade", "patches", *TRAIN_STAGES, "evaluate", "profile", "promote"]
+FLOW_RUNS = ["prepare", "degrade", "patches", "train-stage1", "train-stage2", "train-stage3",
+             "evaluate", "profile", "promote"]
+# pytest-timeout counts fixture setup: the module's first test pays for the whole `dvc repro`
+# (about 3 min on a 2-core machine); this leaves room for a machine several times slower.
+REPRO_TIMEOUT = 1500
+pytestmark = pytest.mark.timeout(REPRO_TIMEOUT)
+
+PREFECT_RUNS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        flows = {f.id: f.name for f in await client.read_flows(limit=200)}
+        runs = await client.read_flow_runs(limit=200)
+        print(json.dumps([{"flow": flows.get(r.flow_id), "name": r.name,
+                           "state": r.state_type.value} for r in runs]))
+
+asyncio.run(main())
+"""
 
 
 def _run(cmd, cwd, timeout=900, check=True, **env):
@@ -43,6 +66,7 @@ def _tiny_params(p: Path, iterations: int = 4) -> None:
     prm["profile"]["max_images"] = 2
     prm["profile"]["warmup"] = 1
     prm["profile"]["pareto"].update(max_images=1, warmup=1)
+    assert list(prm["train_stages"]) == ["1", "2", "3"]
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
 
 
@@ -73,16 +97,25 @@ def project(tmp_path_factory) -> Path:
     return d
 
 
+def prefect_flow_runs(project: Path) -> list[dict]:
+    """The flow runs Prefect recorded for the project (its PREFECT_HOME), read by Prefect's
+    client from Prefect's own database."""
+    r = _run([sys.executable, "-c", PREFECT_RUNS], project, timeout=300,
+             PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def repro(project) -> dict:
     t0 = time.perf_counter()
-    r = _run(["dvc", "repro"], project)
+    r = _run(["dvc", "repro"], project, timeout=REPRO_TIMEOUT - 300)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     r2 = _run(["dvc", "repro"], project)
     noop = time.perf_counter() - t0
     print(f"\nfirst dvc repro {first:.1f} s, no-op rerun {noop:.1f} s")
-    return {"out": r.stdout + r.stderr, "noop_out": r2.stdout + r2.stderr, "noop_s": noop}
+    return {"out": r.stdout + r.stderr, "noop_out": r2.stdout + r2.stderr, "noop_s": noop,
+            "flow_runs": prefect_flow_runs(project)}
 
 
 def _mlflow(project: Path):
@@ -120,8 +153,40 @@ def test_repro_outputs_and_metrics(project, repro):
     # DVC sees the metrics with set/scale/metric key paths
     shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "psnr_y" in shown and "Set5" in shown
-    assert "Stage 'train_stage3' didn't change" in repro["noop_out"] or \
+    assert "Stage 'train_stage@3' didn't change" in repro["noop_out"] or \
         "Data and pipelines are up to date" in repro["noop_out"]
+
+
+def test_prefect_recorded_every_stage_flow_run_completed(repro):
+    runs = repro["flow_runs"]
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(r["name"], []).append(r)
+    assert sorted(by_name) == sorted(FLOW_RUNS), runs  # one flow run per stage, nothing else
+    for name in FLOW_RUNS:
+        assert [r["state"] for r in by_name[name]] == ["COMPLETED"], (name, by_name[name])
+    assert by_name["train-stage3"][0]["flow"] == "rlfn-train"
+
+
+def test_every_source_file_change_reruns_the_stages_that_import_it(project, repro):
+    """Editing the inference engine reruns the stages that run a model through it (training's
+    validation, evaluate, profile, promote's pyfunc), and not the data stages."""
+    f = project / "rlfn" / "infer.py"
+    text = f.read_text()
+    try:
+        f.write_text(text + "\n# touched\n")
+        changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+        assert changed == {*TRAIN_STAGES, "evaluate", "profile", "promote"}, changed
+        (project / "pipeline" / "_common.py").write_text(
+            (project / "pipeline" / "_common.py").read_text() + "\n# touched\n")
+        f.write_text(text)
+        changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+        assert changed == set(DVC_STAGES), changed  # every stage runs through it
+    finally:
+        f.write_text(text)
+        c = project / "pipeline" / "_common.py"
+        c.write_text(c.read_text().replace("\n# touched\n", ""))
+    assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
 
 
 def test_mlflow_parent_run_nested_stage_runs_and_registry(project, repro):
@@ -131,16 +196,14 @@ def test_mlflow_parent_run_nested_stage_runs_and_registry(project, repro):
     parents = [r for r in runs if r.data.tags.get("rlfn.kind") == "repro"]
     assert len(parents) == 1  # one parent per dvc repro (the no-op rerun ran no stage)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["dvc_stage"] for r in children) == sorted(
-        ["prepare", "degrade", "patches", "train_stage1", "train_stage2", "train_stage3",
-         "evaluate", "profile", "promote"])
+    assert sorted(r.data.tags["dvc_stage"] for r in children) == sorted(DVC_STAGES)
     for r in children:
         assert r.info.status == "FINISHED"
         assert r.data.tags["git_commit"] and len(r.data.tags["params_hash"]) == 16
     prof_run = next(r for r in children if r.data.tags["dvc_stage"] == "profile")
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(prof_run.info.run_id, "pareto")]
     assert sorted(arts) == ["pareto/pareto.csv", "pareto/pareto.png"]
-    t3 = next(r for r in children if r.data.tags["dvc_stage"] == "train_stage3")
+    t3 = next(r for r in children if r.data.tags["dvc_stage"] == "train_stage@3")
     assert "contrastive" in r.data.params or "contrastive" in t3.data.params
     hist = mlflow.MlflowClient().get_metric_history(t3.info.run_id, "loss")
     assert len(hist) == 4  # per-step training curve
@@ -164,12 +227,13 @@ def test_param_change_reruns_exactly_its_stages(project, repro):
     st = _run(["dvc", "status", "--json"], project).stdout
     changed = set(json.loads(st))
     assert changed == {"profile"}
-    prm["train_stage3"]["contrastive_weight"] = 0.2
+    prm["train_stages"]["3"]["contrastive_weight"] = 0.2
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
-    assert changed == {"profile", "train_stage3"}  # downstream of it reruns when it does
+    assert changed == {"profile", "train_stage@3", "evaluate", "promote"}  # (evaluate,
+    # profile and promote read the stage list)
     prm["profile"]["warmup"] = 1
-    prm["train_stage3"]["contrastive_weight"] = 0.1
+    prm["train_stages"]["3"]["contrastive_weight"] = 0.1
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
     assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
 

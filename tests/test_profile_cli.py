@@ -25,17 +25,17 @@ def test_profile_json_for_the_challenge_model(pretrained, shared, tmp_path, caps
     assert "19.70 G" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--backend", "tensorrt"], "--backend tensorrt: unknown backend 'tensorrt'"),
-    (["--scale", "2"], "is a x4 model, but --scale 2"),
-    (["--input-dir", "/nonexistent"], "not a directory"),
+@pytest.mark.parametrize("argv, msg, code", [
+    (["--backend", "tensorrt"], "--backend tensorrt: unknown backend 'tensorrt'", 2),
+    (["--scale", "2"], "is a x4 model, but --scale 2", 1),
+    (["--input-dir", "/nonexistent"], "not a directory", 2),
 ])
-def test_profile_refusals_before_work(pretrained, capsys, argv, msg):
+def test_profile_refusals_before_work(pretrained, capsys, argv, msg, code):
     base = {"--model": str(pretrained / "rlfn_ntire_x4.pth"), "--scale": "4"}
     for i in range(0, len(argv), 2):
         base[argv[i]] = argv[i + 1]
     rc = main(["profile", *[x for kv in base.items() for x in kv]])
-    assert rc == 1 and msg in capsys.readouterr().err
+    assert rc == code and msg in capsys.readouterr().err
 
 
 def test_profile_cuda_without_gpu(pretrained, capsys):
@@ -43,4 +43,4 @@ def test_profile_cuda_without_gpu(pretrained, capsys):
         pytest.skip("a GPU is present")
     rc = main(["profile", "--model", str(pretrained / "rlfn_ntire_x4.pth"), "--scale", "4",
                "--device", "cuda"])
-    assert rc == 1 and "no CUDA GPU" in capsys.readouterr().err
+    assert rc == 2 and "no CUDA GPU" in capsys.readouterr().err

@@ -1,5 +1,8 @@
 """Training end to end on tiny settings: exact resume after SIGKILL (real subprocesses), DDP
-with torchrun on CPU, warm start and the contrastive stage, refusals before work."""
+with torchrun on CPU, warm start and the contrastive stage, refusals before work.
+
+The slow ones (subprocesses, torchrun) carry their own ``pytest.mark.timeout``, sized for a
+busy 2-core machine; nothing here asserts on wall-clock time."""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from imagefiles import rgb
 from servers import free_port
+import rlfn.train.engine as engine
 from rlfn.cli import main
 from rlfn.train.config import load_config
 from rlfn.train.engine import train
@@ -40,8 +43,10 @@ def hr_dir(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, hr_dir: Path, **kw) -> Path:
+    """A standalone config file (its top level holds the keys; the params.yaml layout, a
+    ``train:`` section, is load_config's ``section="train"``: test_train_units)."""
     p = tmp_path / "train.yaml"
-    p.write_text(yaml.safe_dump({"train": {**TINY, "hr_dir": str(hr_dir), **kw}}))
+    p.write_text(yaml.safe_dump({**TINY, "hr_dir": str(hr_dir), **kw}))
     return p
 
 
@@ -61,6 +66,11 @@ def _ckpt_iteration(out: Path) -> int:
         return 0
 
 
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.timeout(900)  # four training subprocesses of 60 iterations (~30 s on 2 idle cores)
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, hr_dir):
     cfg = _config(tmp_path, hr_dir, iterations=60, amp="auto")  # the default path (bf16 on
     # CPUs with native bf16)
@@ -73,7 +83,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, hr_dir):
         before = _ckpt_iteration(out)
         proc = subprocess.Popen(_cmd(cfg, out), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a bound on waiting, not a check of speed
         while _ckpt_iteration(out) <= before and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(rnd.uniform(0.0, 0.4))  # somewhere in the middle of the following steps
@@ -93,6 +103,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, hr_dir):
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
 
+@pytest.mark.timeout(600)  # torchrun: two processes with their own imports, plus one run (~16 s)
 def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
     cfg = _config(tmp_path, hr_dir, iterations=6, checkpoint_every=3)
     single = tmp_path / "single"
@@ -103,25 +114,68 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
                         "--nproc_per_node=2", "--master_addr=127.0.0.1",
                         f"--master_port={free_port()}", "-m", "rlfn", "-q", "train",
                         "--config", str(cfg), "--out", str(ddp)],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
+    # it really ran distributed: two ranks, each with half of every batch
+    batch = TINY["batch_size"]
+    assert (_result(single)["world_size"], _result(single)["per_rank_batch"]) == (1, batch)
+    done = _result(ddp)
+    assert (done["world_size"], done["per_rank_batch"]) == (2, batch // 2), done
+    assert done["iterations"] == 6 and done["config"]["batch_size"] == batch
+    # and trained the same model as one process (the same global batches)
     a, b = _weights(single), _weights(ddp)
+    assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
     assert any((a[k] != b[k]).any() for k in a) or worst == 0  # ran for real, not copied
 
 
-def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks):
+def _spy_on_setup(monkeypatch) -> list[dict]:
+    """Record what each ``train`` call's first step starts from: the model weights and the
+    optimizer state that ``engine.prepare_run`` hands to the loop."""
+    seen = []
+    real = engine.prepare_run
+
+    def spy(ctx):
+        run = real(ctx)
+        seen.append({"start": run.start, "optimizer_state": len(run.optimizer.state),
+                     "weights": {k: v.detach().to("cpu").clone()
+                                 for k, v in run.model.state_dict().items()}})
+        return run
+
+    monkeypatch.setattr(engine, "prepare_run", spy)
+    return seen
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks, monkeypatch):
     val = benchmarks / "Set5" / "x4" / "HR"
     cfg = _config(tmp_path, hr_dir, iterations=6, val_every=3, val_hr_dir=str(val),
                   val_max_images=2, amp="auto")  # the default: bf16 autocast where it helps
     s2 = tmp_path / "s2"
     res2 = train(load_config(cfg, stage=2), s2, progress=False)
+    seen = _spy_on_setup(monkeypatch)
     s3 = tmp_path / "s3"
     res3 = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    # warm start: stage 3's first step starts from stage 2's final weights, exactly, with a
+    # fresh optimizer (no Adam moments) and a fresh schedule
+    stage2 = _weights(s2)
+    assert len(seen) == 1 and seen[0]["start"] == 0 and seen[0]["optimizer_state"] == 0
+    assert _same(seen[0]["weights"], stage2)
     assert res3.iterations == 6 and res3.final_psnr is not None
     rows = (s3 / "curves.csv").read_text().splitlines()
     header = rows[0].split(",")
+    assert float(rows[1].split(",")[header.index("lr")]) == 1e-3
+    assert not _same(_weights(s3), stage2)  # and then trained
+    # the same stage from scratch starts from the seeded weights and ends elsewhere
+    scratch = tmp_path / "s3_scratch"
+    train(load_config(cfg, stage=3), scratch, progress=False)
+    assert len(seen) == 2 and not _same(seen[1]["weights"], stage2)
+    assert not _same(_weights(scratch), _weights(s3))
     contrastive = [float(r.split(",")[header.index("contrastive")]) for r in rows[1:]]
     assert all(c > 0 for c in contrastive)  # stage 3: contrastive loss on
     rows2 = (s2 / "curves.csv").read_text().splitlines()[1:]
@@ -130,11 +184,15 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks)
         assert (s3 / f).exists(), f
     assert sorted(p.name for p in (s3 / "crops").iterdir()) == ["iter_0000003.png",
                                                                 "iter_0000006.png"]
-    result = json.loads((s3 / "result.json").read_text())
+    result = _result(s3)
     assert result["init"] == str(res2.weights) and result["stage"] == 3
     assert result["config"]["contrastive"] is True
-    # warm start: the first stage-3 step starts from stage 2's weights with a fresh schedule
-    assert float(rows[1].split(",")[header.index("lr")]) == 1e-3
+    assert (result["world_size"], result["per_rank_batch"]) == (1, TINY["batch_size"])
+    assert (res3.world_size, res3.per_rank_batch) == (1, TINY["batch_size"])
+    # a finished stage is not redone (and says what it recorded)
+    again = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    assert again.already_complete and len(seen) == 2
+    assert (again.iterations, again.world_size, again.per_rank_batch) == (6, 1, 4)
 
 
 def test_contrastive_switched_off_for_the_ablation(tmp_path, hr_dir):
@@ -171,12 +229,15 @@ def test_refusals_name_the_file_and_the_mismatch(tmp_path, hr_dir, capsys):
                str(x2)])
     err = capsys.readouterr().err
     assert rc == 1 and str(x2) in err and "x2" in err, err
-    # params out of range: refused before any work (no output folder made)
-    for bad, msg in (("batch_size=0", "batch_size"), ("patch_size=66", "not divisible"),
-                     ("model=unet", "unknown model")):
+    # params out of range: refused before any work (no output folder made), naming the key
+    # and the value (a ConfigError: exit 2)
+    for bad, msg in (("batch_size=0", "--set batch_size: must be a positive integer, got 0"),
+                     ("patch_size=66", "--set patch_size: 66 is not divisible by the scale 4"),
+                     ("model=unet", "--set model: unknown model name 'unet'")):
         rc = main(["-q", "train", "--config", str(cfg), "--out", str(tmp_path / "never"),
                    "--set", bad])
-        assert rc == 1 and msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err, err
     assert not (tmp_path / "never").exists()
 
 
@@ -195,4 +256,19 @@ def test_hr_dir_with_bad_images_and_too_small(tmp_path, hr_dir, capsys):
     empty.mkdir()
     rc = main(["-q", "train", "--config", str(_config(tmp_path, empty, iterations=2)), "--out",
                str(tmp_path / "o2")])
-    assert rc == 1 and "no usable training images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{empty}: no usable training images" in err, err
+    # a folder that is not there, and validation images that cannot be used: data errors
+    # naming the folder (exit 1)
+    nowhere = _config(tmp_path, tmp_path / "nowhere", iterations=2)
+    rc = main(["-q", "train", "--config", str(nowhere), "--out", str(tmp_path / "o3")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path / 'nowhere'}: not a directory" in err, err
+    bad_val = tmp_path / "bad_val"
+    bad_val.mkdir()
+    (bad_val / "broken.png").write_text("not an image")
+    rc = main(["-q", "train", "--config", str(_config(tmp_path, hr_dir, iterations=2,
+                                                      val_hr_dir=str(bad_val))),
+               "--out", str(tmp_path / "o4")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{bad_val}: no usable validation images" in err, err

@@ -13,7 +13,9 @@ from rlfn.bicubic import imresize
 from rlfn.models import build_model
 from rlfn.train.checkpoint import (CheckpointError, TrainState, find_checkpoint,
                                    load_checkpoint, save_checkpoint)
-from rlfn.train.config import ConfigError, TrainConfig, load_config
+from rlfn.errors import DataError, EXIT_DATA, EXIT_USAGE
+from rlfn.errors import ConfigError as SharedConfigError
+from rlfn.train.config import DEFAULT_STAGES, ConfigError, TrainConfig, load_config, stage_config
 from rlfn.train.schedule import lr_at
 from rlfn.train.losses import ContrastiveLoss, FrozenFeatures, bicubic_upsample
 
@@ -34,13 +36,99 @@ def test_load_config_train_section_stage_and_sets(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train:\n  model: rlfn_s\n  scale: 2\n  hr_dir: data/hr\n  lr_step: 2e5\n"
                  "  stages:\n    1: {}\n    2: {lr: 2.0e-4}\n    3: {contrastive: true}\n")
-    c1 = load_config(p)
+    c1 = load_config(p, section="train")
     assert (c1.model, c1.scale, c1.stage, c1.contrastive, c1.lr_step) == ("rlfn_s", 2, 1, False,
                                                                          200000)
-    c3 = load_config(p, ["batch_size=8", "contrastive_weight=0.5"], stage=3)
+    c3 = load_config(p, ["batch_size=8", "contrastive_weight=0.5"], stage=3, section="train")
     assert c3.contrastive and c3.contrastive_weight == 0.5 and c3.batch_size == 8
-    assert load_config(p, stage=2).lr == 2e-4
+    assert load_config(p, stage=2, section="train").lr == 2e-4
     assert c1.digest() != c3.digest()
+    # without section the top level is the config: a params.yaml is refused, with the hint
+    with pytest.raises(ConfigError, match=r"params.yaml: train: unknown key 'train'.*"
+                                          r"section='train'"):
+        load_config(p)
+
+
+def test_stage_sections_any_number_and_the_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train: {model: rlfn_ntire, hr_dir: x, lr: 1.0e-3}\n"
+                 "train_stage1: {}\ntrain_stage2: {lr: 2.0e-4}\n"
+                 "train_stage7: {contrastive: true, lr: 1.0e-4}\n"
+                 "train_stage_x: {lr: 9}\ntrain_launch: {ddp: false}\n")  # not stages
+    cfgs = {k: load_config(p, stage=k, section="train") for k in (1, 2, 7)}
+    assert {k: (c.lr, c.contrastive) for k, c in cfgs.items()} == {
+        1: (1e-3, False), 2: (2e-4, False), 7: (1e-4, True)}
+    assert all(sorted(c.stages) == [1, 2, 7] for c in cfgs.values())
+    # the sections given are the stages: no default stage 3 beside them
+    with pytest.raises(ConfigError, match=r"^stage: unknown stage 3; defined: \[1, 2, 7\]"):
+        load_config(p, stage=3, section="train")
+    # another section name works the same way
+    q = tmp_path / "other.yaml"
+    q.write_text("recipe: {hr_dir: x}\nrecipe_stage4: {lr: 3.0e-4}\n")
+    assert load_config(q, stage=4, section="recipe").lr == 3e-4
+    # no stage sections: the paper's three stages, stage 3 contrastive
+    r = tmp_path / "plain.yaml"
+    r.write_text("train: {hr_dir: x}\n")
+    assert load_config(r, stage=3, section="train").contrastive
+    assert not load_config(r, stage=2, section="train").contrastive
+    assert load_config(r, section="train").stages == DEFAULT_STAGES
+    # top-level config with its own stages mapping (what the pipeline writes for torchrun)
+    t = tmp_path / "config.yaml"
+    t.write_text("hr_dir: x\nlr: 1.0e-3\nstages: {5: {lr: 5.0e-4}}\n")
+    c5 = load_config(t, stage=5)
+    assert (c5.stage, c5.lr, sorted(c5.stages)) == (5, 5e-4, [5])
+    # stage sections and a stages mapping at once: ambiguous
+    both = tmp_path / "both.yaml"
+    both.write_text("train: {hr_dir: x, stages: {1: {}}}\ntrain_stage2: {}\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: train.stages: give the stages either"):
+        load_config(both, section="train")
+
+
+def test_the_stage_check_is_not_limited_to_three():
+    assert TrainConfig(hr_dir="x", stage=4, stages={4: {}}).validate().stage == 4
+    with pytest.raises(ConfigError, match=r"stage: unknown stage 4; defined: \[1, 2, 3\]"):
+        TrainConfig(hr_dir="x", stage=4).validate()
+    c = stage_config({"hr_dir": "x", "lr": 1e-3}, {"contrastive": True}, 9,
+                     extra={"patch_store": "p.arrow"}, where="params.yaml",
+                     stage_where="train_stages.9")
+    assert (c.stage, c.contrastive, c.patch_store, c.lr, c.stages) == (
+        9, True, "p.arrow", 1e-3, {9: {"contrastive": True}})
+
+
+@pytest.mark.parametrize("text, sets, where, reason", [
+    ("train: {hr_dir: x, lr: -1}\n", [], "{p}: train.lr", "must be > 0, got -1.0"),
+    ("train: {hr_dir: x}\ntrain_stage2: {batch_size: 0}\n", [],
+     "{p}: train_stage2.batch_size", "must be a positive integer, got 0"),
+    ("train: {hr_dir: x, amp: fp8}\n", [], "{p}: train.amp",
+     "must be auto, bf16 or off, got 'fp8'"),
+    ("train: {hr_dir: x, seed: abc}\n", [], "{p}: train.seed", "expected a number, got 'abc'"),
+    ("train: {hr_dir: x}\n", ["lr_gamma=2"], "--set lr_gamma", "must be in (0, 1], got 2.0"),
+    ("train: {hr_dir: x, betch_size: 3}\n", [], "{p}: train.betch_size",
+     "unknown key 'betch_size'; did you mean 'batch_size'?"),
+    ("train: {model: rlfn}\n", [], "{p}: train.hr_dir",
+     "give hr_dir (a folder of HR images) or patch_store"),
+    ("train: [1, 2]\n", [], "{p}: train", "expected a mapping of keys, got list"),
+    ("other: {}\n", [], "{p}", "no 'train' section (top-level keys: other)"),
+])
+def test_config_errors_name_the_file_the_key_and_the_value(tmp_path, text, sets, where, reason):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, sets, stage=2 if "stage2" in text else None, section="train")
+    assert (e.value.where, e.value.reason) == (where.format(p=p), reason)
+    assert str(e.value) == f"{where.format(p=p)}: {reason}"
+
+
+def test_errors_are_the_shared_contract(tmp_path):
+    assert ConfigError is SharedConfigError
+    with pytest.raises(SharedConfigError) as e:
+        load_config(None, ["hr_dir=x", "lr=0"])
+    assert e.value.exit_code == EXIT_USAGE and isinstance(e.value, ValueError)
+    err = CheckpointError(tmp_path / "c", "corrupted")
+    assert isinstance(err, DataError) and isinstance(err, ValueError)
+    assert (err.where, err.path, err.reason, err.exit_code) == (
+        str(tmp_path / "c"), str(tmp_path / "c"), "corrupted", EXIT_DATA)
+    assert str(err) == f"{tmp_path / 'c'}: corrupted"
 
 
 @pytest.mark.parametrize("sets, match", [
@@ -67,9 +155,19 @@ def test_missing_data_and_bad_file(tmp_path):
     bad = tmp_path / "b.yaml"
     bad.write_text("train: [1, 2]\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
-        load_config(bad)
+        load_config(bad, section="train")
     with pytest.raises(ConfigError, match="unknown stage 4"):
         load_config(None, ["hr_dir=x"], stage=4)
+
+
+def test_bf16_autocast_choice():
+    from rlfn.device import cpu_has_bf16
+    from rlfn.train.step import use_bf16
+
+    cpu = torch.device("cpu")
+    assert not use_bf16(TrainConfig(hr_dir="x", amp="off"), cpu)
+    assert use_bf16(TrainConfig(hr_dir="x", amp="bf16"), cpu)
+    assert use_bf16(TrainConfig(hr_dir="x", amp="auto"), cpu) == cpu_has_bf16()
 
 
 # ------------------------------------------------------------------ contrastive loss

@@ -84,6 +84,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ..errors import DataError
 from ..io import IMAGE_EXTENSIONS, ImageError, read_image
 from .sources import ResolvedSource, sha256_file
 
@@ -124,7 +125,7 @@ _FACTS = ("sha256", "width", "height", "mode", "bit_depth", "format", "notes", "
 _MIN_POOL_FILES = 32
 
 
-class ManifestError(RuntimeError):
+class ManifestError(DataError, RuntimeError):
     """A manifest that cannot be built: clashing source names, a folder that cannot be listed."""
 
 

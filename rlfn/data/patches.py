@@ -41,10 +41,11 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from rlfn.bicubic import downscale, modcrop
+from rlfn.errors import DataError
 from rlfn.io import read_image
 
-__all__ = ["FORMAT", "VERSION", "SCHEMA", "StoreInfo", "PatchStore", "build_patch_store",
-           "sub_image_grid", "sidecar_path"]
+__all__ = ["FORMAT", "VERSION", "SCHEMA", "StoreInfo", "PatchStore", "PatchStoreError",
+           "build_patch_store", "sub_image_grid", "sidecar_path"]
 
 FORMAT = "rlfn-patch-store"
 VERSION = 1
@@ -60,6 +61,10 @@ SCHEMA = pa.schema([
     ("lr", pa.large_binary()),
 ])
 
+
+
+class PatchStoreError(DataError, ValueError):
+    """A patch store that cannot be opened: ``PatchStoreError(path, reason)``."""
 
 @dataclass(frozen=True)
 class StoreInfo:
@@ -260,22 +265,22 @@ class PatchStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such patch store (build it with "
-                                    f"build_patch_store)")
+            raise PatchStoreError(self.path, "no such patch store (build it with "
+                                             "build_patch_store: the patches stage)")
         self._mmap = pa.memory_map(str(self.path), "r")
         try:
             reader = pa.ipc.open_file(self._mmap)
         except pa.ArrowInvalid as e:
             self._mmap.close()
-            raise ValueError(f"{self.path}: not an Arrow IPC file ({e})") from None
+            raise PatchStoreError(self.path, f"not an Arrow IPC file ({e})") from None
         meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
         if meta.get("format") != FORMAT or not reader.schema.equals(SCHEMA, check_metadata=False):
             self._mmap.close()
-            raise ValueError(f"{self.path}: not an {FORMAT} file")
+            raise PatchStoreError(self.path, f"not an {FORMAT} file")
         if int(meta["version"]) != VERSION:
             self._mmap.close()
-            raise ValueError(f"{self.path}: store version {meta['version']}, this code reads "
-                             f"version {VERSION}; rebuild the store")
+            raise PatchStoreError(self.path, f"store version {meta['version']}, this code "
+                                             f"reads version {VERSION}; rebuild the store")
         self.scale = int(meta["scale"])
         sub = json.loads(meta["sub_image"])
         self.sub_image = tuple(sub) if sub else None

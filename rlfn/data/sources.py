@@ -52,6 +52,8 @@ from typing import Any, Iterable, Mapping
 
 from tqdm import tqdm
 
+from ..errors import DataError
+
 from ..io import sha256_file
 
 __all__ = ["DIV2K", "KINDS", "ResolvedSource", "Source", "SourceError", "download", "resolve",
@@ -93,8 +95,9 @@ _KIND_FIELDS = {"folder": {"path"}, "archive": {"path"}, "url": {"url", "sha256"
 _TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class SourceError(RuntimeError):
-    """A source that cannot be used: bad declaration, failed download, unsafe archive, ..."""
+class SourceError(DataError, RuntimeError):
+    """A source that cannot be used: bad declaration, failed download, unsafe archive, ...
+    (``SourceError(where, reason)`` or ``SourceError(message)``)."""
 
 
 def _unsafe_path(name: str) -> str | None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import DataError
 from ..io import sha256_file
 from ..models import RLFN
 from ..weights import WeightsError, infer_config, load_state_dict, save_model
@@ -37,10 +38,9 @@ __all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint"
 NAME = "checkpoint"
 
 
-class CheckpointError(ValueError):
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {reason}")
+class CheckpointError(DataError, ValueError):
+    """A checkpoint (or warm-start weights file) that cannot be used:
+    ``CheckpointError(path, reason)``, printed as ``"<path>: <reason>"`` (exit 1)."""
 
 
 @dataclass

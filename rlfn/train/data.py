@@ -14,10 +14,16 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import PatchDataset
 from ..data.patches import build_patch_store
+from ..errors import DataError
 from ..io import ImageError, list_images, read_image
 from .config import TrainConfig
 
-__all__ = ["open_training_data", "IterationBatches", "store_from_folder"]
+__all__ = ["open_training_data", "IterationBatches", "store_from_folder", "TrainDataError"]
+
+
+class TrainDataError(DataError, ValueError):
+    """Training or validation images that cannot be used: ``TrainDataError(folder, reason)``
+    (exit 1; a ``ValueError`` too, as these errors always were)."""
 
 
 def store_from_folder(hr_dir: str | Path, scale: int, min_size: int, data_dir: str | Path,
@@ -27,7 +33,7 @@ def store_from_folder(hr_dir: str | Path, scale: int, min_size: int, data_dir: s
     reported on stderr and left out."""
     hr_dir, data_dir = Path(hr_dir), Path(data_dir)
     if not hr_dir.is_dir():
-        raise FileNotFoundError(f"hr_dir {hr_dir}: not a directory")
+        raise TrainDataError(hr_dir, "not a directory (hr_dir: the HR training images)")
     files = list_images([hr_dir])
     sig = hashlib.sha256(json.dumps(
         [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [scale, min_size]
@@ -46,8 +52,8 @@ def store_from_folder(hr_dir: str | Path, scale: int, min_size: int, data_dir: s
     for msg in skipped:
         print(f"warning: skipped {msg}", file=sys.stderr)
     if not pairs:
-        raise ValueError(f"hr_dir {hr_dir}: no usable training images"
-                         + (f" ({len(skipped)} skipped)" if skipped else ""))
+        raise TrainDataError(hr_dir, "no usable training images (hr_dir"
+                             + (f"; {len(skipped)} skipped)" if skipped else ")"))
     data_dir.mkdir(parents=True, exist_ok=True)
     build_patch_store(pairs, scale, store, progress=progress)
     stamp.write_text(json.dumps({"sig": sig, "hr_dir": str(hr_dir), "images": len(pairs),

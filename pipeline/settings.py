@@ -1,0 +1,267 @@
+"""The pipeline's settings: ``params.yaml`` checked once into typed objects.
+
+``load_settings(path)`` reads the params file (``RLFN_PARAMS`` or ``params.yaml``) and validates
+every section a default stage reads into a :class:`Settings` (pydantic models: each field's
+default here is the one default in the project). A value that cannot be used is one
+:class:`rlfn.errors.ConfigError` naming the file, the key, the value and what is allowed::
+
+    params.yaml: profile.warmup: input should be greater than or equal to 0 (got -1)
+
+Flows take a ``Settings`` as their parameter (``None``: read ``params.yaml`` in the working
+directory, as a Prefect deployment does). The paths in it are the ones ``dvc.yaml`` uses
+(``${data.manifest}``, ``${train_launch.out}``, ...): moving an output is one edit of
+params.yaml. The ``tune:`` and ``ablation:`` sections (stages outside the default pipeline)
+are checked by their own modules, which read them from here.
+
+The library (``rlfn``) never sees this layout: stages hand it plain values, and
+``pipeline.stage_config.train_config`` builds a stage's ``TrainConfig``. This module imports
+nothing of the library but its errors, so that a stage's DVC deps stay its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from rlfn.errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "params_path", "DataSettings", "DegradeSettings",
+           "PatchesSettings", "TrainLaunch", "StageSettings", "EvaluateSettings",
+           "ParetoSettings", "ProfileSettings", "PromoteSettings", "MlflowSettings"]
+
+
+def params_path(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("RLFN_PARAMS", "params.yaml"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Section):
+    sources: list[dict[str, Any]] = Field(min_length=1)
+    cache: str = ".cache/rlfn"
+    manifest: str = "data/manifest.parquet"
+    manifest_summary: str = "data/manifest.summary.json"
+    min_size: PositiveInt = 128
+    workers: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _summary_beside(self) -> "DataSettings":
+        m = Path(self.manifest)
+        want = m.with_name((m.stem if m.suffix == ".parquet" else m.name) + ".summary.json")
+        if Path(self.manifest_summary) != want:
+            raise ValueError(f"manifest_summary: the manifest's summary is written beside it, "
+                             f"as {want}; got {self.manifest_summary}")
+        return self
+    # each source is checked by the prepare stage (rlfn.data.sources), the one that reads them
+
+
+class DegradeSettings(_Section):
+    scales: list[Literal[2, 3, 4]] = Field(default=[4], min_length=1)
+    out: str = "data/lr"
+    workers: PositiveInt = 2
+
+    @field_validator("scales")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated scale in {v}")
+        return v
+
+
+class PatchesSettings(_Section):
+    out: str = "data/patches"
+    sub_image: tuple[PositiveInt, PositiveInt] | None = None  # (size, step) to pre-cut 2K images
+
+    def store(self, scale: int) -> Path:
+        return Path(self.out) / f"x{scale}.arrow"
+
+
+class TrainLaunch(_Section):
+    out: str = "models"
+    curves: str = "plots/training"
+    ddp: bool = False
+    nproc_per_node: PositiveInt = 2
+
+    def stage_dir(self, key: str) -> Path:
+        return Path(self.out) / f"stage{key}"
+
+
+class StageSettings(BaseModel):
+    """One warm-start stage: ``init`` (the previous stage's weights, or the patch store for a
+    first stage trained from seeded weights) plus ``train`` keys it overrides."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    init: str
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def warm_start(self) -> Path | None:
+        """The weights this stage starts from, ``None`` when it starts from seeded weights."""
+        return Path(self.init) if self.init.endswith(".safetensors") else None
+
+
+class EvaluateSettings(_Section):
+    sets: dict[str, str] = Field(min_length=1)
+    out: str = "metrics/evaluate.json"
+    stages_out: str = "metrics/evaluate_stages.json"
+    plot: str = "plots/psnr_by_stage.csv"
+
+
+class ParetoSettings(_Section):
+    backend: str = "openvino"
+    max_images: NonNegativeInt = 5
+    warmup: NonNegativeInt = 1
+    sets: dict[str, str] = {}
+    models: list[str] = []
+    registry: bool = True
+    csv: str = "plots/pareto.csv"
+    png: str = "plots/pareto.png"
+
+
+class ProfileSettings(_Section):
+    input_dir: str = "data/sample/train"
+    max_images: NonNegativeInt = 10
+    warmup: NonNegativeInt = 2
+    threads: NonNegativeInt = 0
+    backend: str = "eager"
+    out: str = "metrics/profile.json"
+    pareto: ParetoSettings = ParetoSettings()
+
+
+class PromoteSettings(_Section):
+    gate_metric: str = "mean_psnr_y"
+    margin: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    runtime_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    registered_model: str | None = None
+    out: str = "metrics/promote.json"
+
+
+class MlflowSettings(_Section):
+    db: str = "mlflow.db"
+    artifacts: str = "mlartifacts"
+    experiment: str = "rlfn"
+
+
+class Settings(BaseModel):
+    """Every section of params.yaml that a default stage reads."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    params_file: str = "params.yaml"
+    data: DataSettings
+    degrade: DegradeSettings = DegradeSettings()
+    patches: PatchesSettings = PatchesSettings()
+    train: dict[str, Any]
+    train_launch: TrainLaunch = TrainLaunch()
+    train_stages: dict[str, StageSettings] = Field(min_length=1)
+    evaluate: EvaluateSettings
+    profile: ProfileSettings = ProfileSettings()
+    promote: PromoteSettings = PromoteSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    raw: dict[str, Any] = Field(default_factory=dict, repr=False)  # the whole file
+
+    @field_validator("train_stages", mode="before")
+    @classmethod
+    def _stage_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for k in v:
+                if not str(k).isdigit() or int(k) < 1:
+                    raise ValueError(f"stage key {k!r} must be a positive integer in quotes "
+                                     "(\"1\", \"2\", ...)")
+            keys = [int(k) for k in v]
+            if keys != sorted(keys):
+                raise ValueError(f"stages must be listed in order, got {list(v)}")
+            return {str(k): s for k, s in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _chain(self) -> "Settings":
+        keys = list(self.train_stages)
+        for prev, key in zip([None] + keys, keys):
+            init = self.train_stages[key].init
+            want = None if prev is None else str(self.train_launch.stage_dir(prev) /
+                                                 "model.safetensors")
+            if want is not None and Path(init) != Path(want):
+                raise ValueError(f"train_stages.{key}.init: a later stage warm-starts from the "
+                                 f"previous stage's weights {want}, got {init}")
+            if want is None and Path(init) != Path(self.patches.out):
+                raise ValueError(f"train_stages.{key}.init: the first stage starts from the "
+                                 f"patch store {self.patches.out} (seeded weights), got {init}")
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def scale(self) -> int:
+        return int(self.train.get("scale", 4))
+
+    @property
+    def stage_keys(self) -> list[str]:
+        return list(self.train_stages)
+
+    @property
+    def last_stage(self) -> str:
+        return self.stage_keys[-1]
+
+    def stage_dir(self, key: str) -> Path:
+        return self.train_launch.stage_dir(key)
+
+    def stage_weights(self, key: str) -> Path:
+        return self.stage_dir(key) / "model.safetensors"
+
+    @property
+    def final_weights(self) -> Path:
+        return self.stage_weights(self.last_stage)
+
+    @property
+    def registered_model(self) -> str:
+        return self.promote.registered_model or f"rlfn-x{self.scale}"
+
+    def section(self, name: str) -> Any:
+        """A section as plain data (what a stage's MLflow params hash covers)."""
+        value = getattr(self, name)
+        return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    if msg.startswith("value error, "):
+        msg = msg[len("value error, "):]
+    got = err.get("input")
+    tail = "" if err["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return loc, msg + tail
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """``params.yaml`` (or ``path``) checked into :class:`Settings`; the first problem is one
+    ``ConfigError`` naming the file and key."""
+    p = params_path(path)
+    if not p.exists():
+        raise ConfigError(p, "no such params file (run from the project root, or set "
+                             "RLFN_PARAMS)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(p, f"not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(p, f"expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        s = Settings(**{k: v for k, v in raw.items() if k not in ("params_file", "raw")},
+                     params_file=str(p), raw=raw)
+    except ValidationError as e:
+        loc, msg = _describe(e.errors()[0])
+        more = len(e.errors()) - 1
+        raise ConfigError(f"{p}: {loc}", msg + (f" (and {more} more problem"
+                                                f"{'s' if more > 1 else ''})" if more else "")
+                          ) from None
+    return s
