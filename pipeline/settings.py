@@ -21,6 +21,7 @@ nothing of the library but its errors, so that a stage's DVC deps stay its own.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,8 +236,13 @@ def _describe(err: dict) -> tuple[str, str]:
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
-    if msg.startswith("value error, "):
+    if msg.startswith("value error, "):  # our validators say "key: reason" themselves
         msg = msg[len("value error, "):]
+        m = re.match(r"([A-Za-z_][\w.\[\]]*): (.*)", msg, re.S)
+        if m:
+            key = m.group(1)
+            loc = key if not loc or key.startswith(loc + ".") else f"{loc}.{key}"
+            msg = m.group(2)
     got = err.get("input")
     tail = "" if err["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
     return loc, msg + tail

@@ -114,4 +114,5 @@ def train_stage(stage: str, settings: Settings | None = None) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", required=True, help="a key of params.yaml's train_stages")
-    sys.exit(main(train_stage, str(ap.parse_args().stage)))
+    key = str(ap.parse_args().stage)
+    sys.exit(main(train_stage, key, check=lambda s: train_config(s, key)))
