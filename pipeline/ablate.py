@@ -21,7 +21,7 @@ A variant (``ablation.variants.<name>``) is ``{model, schedule, contrastive}`` o
 
 With ``e2000``/``clr`` ``contrastive: true`` means the whole run. Training data: the patches
 stage's store ``data/patches/x<scale>.arrow`` when present, else ``train.hr_dir`` (as
-``pipeline/tune.py``). Runs go to ``ablations/<name>/stage<k>/`` (git-ignored, started afresh).
+``pipeline/tune/``). Runs go to ``ablations/<name>/stage<k>/`` (git-ignored, started afresh).
 
 ``ablation.out`` (``metrics/ablation.json``): name, model, schedule, contrastive, Set5 (first
 of ``evaluate.sets``) ``psnr_y``/``ssim_y`` and every set's scores, params/FLOPs/activations

@@ -1,5 +1,6 @@
-"""pipeline.registry against real MLflow: a SQLite store in a temporary folder (one per module,
-each test with its own registered model) and, for the lease path, a real ``mlflow server``."""
+"""pipeline.mlflow_registry against real MLflow: a SQLite store in a temporary folder (one per
+module, each test with its own registered model) and, for the lease path, a real
+``mlflow server``."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pipeline` is not an installed package; spawned children
     sys.path.insert(0, str(ROOT))  # inherit this sys.path
 
-mlflow = pytest.importorskip("mlflow")
-
+import mlflow  # noqa: E402  (a required dependency of the pipeline: no skip)
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from pipeline import registry  # noqa: E402
-from pipeline.registry import champion, log_and_register, promote  # noqa: E402
+import rlfn.upscale  # noqa: E402
+from pipeline import mlflow_registry  # noqa: E402
+from pipeline.mlflow_registry import champion, locks, log_and_register, promote  # noqa: E402
 from rlfn.models import build_model  # noqa: E402
 from rlfn.upscale import upscale_array  # noqa: E402
 from rlfn.weights import WeightsError, load_model, save_model  # noqa: E402
@@ -212,7 +213,7 @@ def test_failures_leave_the_champion_alone(local, weights):
     # Another promotion holds the lock: this one times out before touching the alias.
     import fcntl
 
-    lock_path = registry._local_lock_path(local["uri"])
+    lock_path = locks._local_lock_path(local["uri"])
     assert lock_path == Path(local["dir"]) / "mlflow.db.promote.lock"
     with open(lock_path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -241,7 +242,7 @@ def test_log_and_register_checks_before_logging(local, weights):
 def _race_worker(uri, name, version, barrier, results):
     import mlflow as mlf
 
-    from pipeline.registry import promote as promote_
+    from pipeline.mlflow_registry import promote as promote_
 
     mlf.set_tracking_uri(uri)
     mlf.MlflowClient().get_registered_model(name)  # connect before the start line
@@ -271,6 +272,7 @@ def test_two_racing_processes_cannot_both_win(local, weights):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    assert sorted(v for _, v, _ in got) == sorted((a, b)), got
     assert all(status == "ok" for status, _, _ in got), got
     decisions = {v: d for _, v, d in got}
     winners = [v for v, d in decisions.items() if d["promoted"]]
@@ -287,13 +289,14 @@ def test_two_racing_processes_cannot_both_win(local, weights):
 # The pyfunc
 
 
-def test_pyfunc_from_registry_matches_upscale_array(local, weights, tmp_path):
+def test_pyfunc_from_registry_matches_upscale_array(local, weights, tmp_path, monkeypatch):
     v = _register(local, weights, None, psnr=28.0, rt=50.0)  # default name: rlfn-x4
     assert promote("rlfn-x4", v)["promoted"]
     model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
-    img = registry.example_image(21)[:, :19]  # odd, non-square
+    net = load_model(weights).model
+    img = mlflow_registry.example_image(21)[:, :19]  # odd, non-square
     out = model.predict(img)
-    ref = upscale_array(load_model(weights).model, img)
+    ref = upscale_array(net, img)
     assert out.dtype == np.uint8 and out.shape == (84, 76, 3)
     np.testing.assert_array_equal(out, ref)
     np.testing.assert_array_equal(model.predict(img, params={"tile": 0}), ref)
@@ -305,18 +308,50 @@ def test_pyfunc_from_registry_matches_upscale_array(local, weights, tmp_path):
     got = model.unwrap_python_model().predict(None, batch)
     assert got.shape == (2, 84, 76, 3)
     np.testing.assert_array_equal(got[0], ref)
+    np.testing.assert_array_equal(got[1], upscale_array(net, img[::-1].copy()))
 
-    # A fresh interpreter outside the project (no `pipeline` on its path) loads it too: the
-    # model carries its code.
+    # Tiling: the signature's params reach upscale_array, and tile=-1 (the default) follows
+    # rlfn.upscale.auto_tile, the library's one auto-tile policy (its threshold lowered here so
+    # that a small image crosses it). Tiled output differs from whole, so each case shows.
+    big = mlflow_registry.example_image(48)[:, :42]
+    whole, tiled = upscale_array(net, big), upscale_array(net, big, tile=24, overlap=4)
+    assert not np.array_equal(whole, tiled)
+    np.testing.assert_array_equal(model.predict(big, params={"tile": 24, "overlap": 4}), tiled)
+    monkeypatch.setattr(rlfn.upscale, "AUTO_TILE", 24)
+    monkeypatch.setattr(rlfn.upscale, "AUTO_TILE_PIXELS", big.shape[0] * big.shape[1] - 1)
+    np.testing.assert_array_equal(model.predict(big, params={"overlap": 4}), tiled)
+    np.testing.assert_array_equal(model.predict(big, params={"tile": 0}), whole)
+    monkeypatch.setattr(rlfn.upscale, "AUTO_TILE_PIXELS", big.shape[0] * big.shape[1])
+    np.testing.assert_array_equal(model.predict(big, params={"overlap": 4}), whole)
+
+    # A fresh interpreter in another folder, without this checkout on its path, loads it too:
+    # the model carries its code (a `pipeline` package holding only `mlflow_registry`, and
+    # `rlfn`), and those copies are what it runs.
     np.save(tmp_path / "in.npy", img)
-    script = ("import sys, mlflow, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); "
-              "m = mlflow.pyfunc.load_model('models:/rlfn-x4@champion'); "
-              "np.save('out.npy', m.predict(np.load('in.npy')))")
+    script = """
+import json, sys
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+m = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+np.save("out.npy", m.predict(np.load("in.npy")))
+import pipeline, rlfn
+print(json.dumps({name: sys.modules[name].__file__ for name in (
+    "pipeline", "pipeline.mlflow_registry", "pipeline.mlflow_registry.pyfunc", "rlfn",
+    "rlfn.upscale", "rlfn.weights")}))
+"""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     r = subprocess.run([sys.executable, "-c", script, local["uri"]], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
+    files = {k: Path(v).resolve() for k, v in json.loads(r.stdout.splitlines()[-1]).items()}
+    code = files["pipeline"].parents[1]
+    assert code.name == "code", files
+    for name, f in files.items():
+        assert f.is_relative_to(code) and not f.is_relative_to(ROOT), (name, f)
+    shipped = {p.name for p in (code / "pipeline").iterdir()} - {"__pycache__"}
+    assert shipped == {"__init__.py", "mlflow_registry"}, shipped  # nothing else of pipeline/
+    assert "_common" not in " ".join(p.name for p in (code / "pipeline").rglob("*.py"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +377,7 @@ def test_tracking_server_lease_path(server, weights):
             return int(log_and_register(weights, 4, figures={PSNR: psnr, RT: 80.0}).version)
 
     def lease():
-        return client.get_registered_model(name).tags.get(registry.LEASE_TAG)
+        return client.get_registered_model(name).tags.get(mlflow_registry.LEASE_TAG)
 
     # Two promotions of equally good candidates racing, no champion yet: exactly one wins,
     # the other then compares against the winner (equal is not better).
@@ -361,7 +396,8 @@ def test_tracking_server_lease_path(server, weights):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert all(isinstance(x, dict) for x in out.values()), out
+    assert not any(t.is_alive() for t in threads), "a promotion hung"
+    assert set(out) == {a, b} and all(isinstance(x, dict) for x in out.values()), out
     assert {x["lock"] for x in out.values()} == {"lease"}
     winners = [v for v, x in out.items() if x["promoted"]]
     assert len(winners) == 1, [x["reason"] for x in out.values()]
@@ -374,19 +410,19 @@ def test_tracking_server_lease_path(server, weights):
     # A live foreign lease blocks (timeout, nothing moved); an expired one is taken over.
     c = register(33.0)
     foreign = {"token": "someone-else", "expires": time.time() + 600, "owner": "other:1"}
-    client.set_registered_model_tag(name, registry.LEASE_TAG, json.dumps(foreign))
+    client.set_registered_model_tag(name, mlflow_registry.LEASE_TAG, json.dumps(foreign))
     with pytest.raises(TimeoutError, match="other:1"):
         promote(name, c, lock_timeout_s=1.0)
     assert int(champion(name).version) == winners[0]
     assert json.loads(lease())["token"] == "someone-else"  # not ours to delete
     foreign["expires"] = time.time() - 1  # its holder crashed long ago
-    client.set_registered_model_tag(name, registry.LEASE_TAG, json.dumps(foreign))
+    client.set_registered_model_tag(name, mlflow_registry.LEASE_TAG, json.dumps(foreign))
     d = promote(name, c)
     assert d["promoted"] and d["champion_version"] == winners[0]
     assert lease() is None
 
     # The champion loads back from the server's registry and predicts like the library.
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    img = registry.example_image(16)
+    img = mlflow_registry.example_image(16)
     np.testing.assert_array_equal(model.predict(img),
                                   upscale_array(load_model(weights).model, img))

@@ -1,13 +1,19 @@
 """`python -m pipeline.tune` for real: Optuna studies in SQLite, the Prefect flow, MLflow's
 SQLite store, each in a temporary project with its own params.yaml and tiny images. No mocks:
 pruning really happens, a study process is really SIGKILLed and resumed, the best params are
-merged back into a params file, and bad input is refused before any work."""
+merged back into a params file, and bad input is refused before any work.
+
+Every ``python -m pipeline.tune`` a test starts runs in its own session (process group) and
+carries a marker in its environment: a timeout or a kill takes the whole group (the study and
+the Prefect temporary server it started), and afterwards nothing carrying the marker may be
+left running."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import uuid
 import sqlite3
 import subprocess
 import sys
@@ -55,9 +61,83 @@ def _project(d: Path, tune: dict, train: dict | None = None) -> Path:
     return d
 
 
+MARK = "RLFN_TUNE_TEST_MARK"  # in the environment of every process a test starts
+
+
+def _marked(mark: str) -> dict[int, str]:
+    """pid -> command line of the live processes whose environment has ``MARK=mark``."""
+    needle = f"{MARK}={mark}".encode()
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (d / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":  # exited, not yet reaped
+                continue
+            found[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (started with start_new_session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its session's group id is its pid
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _kill_marked(mark: str) -> dict[int, str]:
+    """SIGKILL every live process carrying ``mark``; returns them."""
+    left = _marked(mark)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _no_survivors(mark: str, grace_s: float = 10.0) -> None:
+    """Fail if a process started under ``mark`` is still running after ``grace_s`` (a normal
+    exit stops Prefect's temporary server within ~5 s); those are killed first."""
+    deadline = time.monotonic() + grace_s
+    while _marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _kill_marked(mark)
+    assert not left, f"processes left running: {left}"
+
+
+def _start(project: Path, *args: str, **kw) -> tuple[subprocess.Popen, str]:
+    """``python -m pipeline.tune *args`` in ``project``, in a new session, marked."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *args], cwd=project,
+                            env={**_env(project), MARK: mark}, start_new_session=True, **kw)
+    return proc, mark
+
+
 def _run(project: Path, *args: str, check: bool = True, timeout: int = 300):
-    r = subprocess.run([sys.executable, "-m", "pipeline.tune", *args], cwd=project,
-                       env=_env(project), capture_output=True, text=True, timeout=timeout)
+    proc, mark = _start(project, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"pipeline.tune {args} ran past {timeout} s:\n{out[-3000:]}\n"
+                             f"{err[-6000:]}") from None
+    finally:
+        if proc.poll() is None:  # interrupted: nothing it started outlives the test
+            _kill_group(proc)
+            _kill_marked(mark)
+    _no_survivors(mark)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and r.returncode != 0:
         raise AssertionError(f"pipeline.tune {args} failed ({r.returncode}):\n"
                              f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
@@ -103,6 +183,9 @@ def pruned(tmp_path_factory) -> Path:
     return d
 
 
+# Timeouts (pytest-timeout counts fixture setup): the `pruned` study takes ~35 s on a
+# 2-core machine (its own limit: 300 s); whichever test of the three runs first pays for it.
+@pytest.mark.timeout(600)
 def test_study_prunes_a_hopeless_trial(pruned):
     study = _study(pruned)
     trials = study.get_trials()
@@ -129,6 +212,7 @@ def test_study_prunes_a_hopeless_trial(pruned):
     assert summary["n_trials_target"] == 4
 
 
+@pytest.mark.timeout(600)
 def test_trials_are_nested_mlflow_runs_under_the_stage_run(pruned):
     mlflow, runs = _mlflow_runs(pruned)
     stage = [r for r in runs if r.data.tags.get("dvc_stage") == "tune"
@@ -153,12 +237,18 @@ def test_trials_are_nested_mlflow_runs_under_the_stage_run(pruned):
     assert stage[0].data.metrics["trials_pruned"] >= 1
 
 
+@pytest.mark.timeout(600)
 def test_best_params_merge_back_into_params_yaml(pruned):
     best = yaml.safe_load((pruned / "tune" / "best_params.yaml").read_text())
     study = _study(pruned)
     assert best == {"train": study.best_params}
     before = (pruned / "params.yaml").read_text()
+    dry = _run(pruned, "--apply", "--dry-run")
+    assert "train.lr: 0.001 -> 0.003" in dry.stdout
+    assert "params.yaml: would change" in dry.stdout
+    assert (pruned / "params.yaml").read_text() == before  # a dry run writes nothing
     r = _run(pruned, "--apply")
+    assert "params.yaml: changed" in r.stdout
     assert "train.lr: 0.001 -> 0.003" in r.stdout
     after = (pruned / "params.yaml").read_text()
     merged = yaml.safe_load(after)
@@ -207,16 +297,18 @@ def _db_trials(db: Path) -> list[tuple]:
         return []
 
 
+@pytest.mark.timeout(900)  # ~60 s on 2 cores; its own limits: 300 s to the kill, 300 s resumed
 def test_killed_study_resumes(tmp_path):
     d = _project(tmp_path / "proj", {
         "n_trials": 4, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
         "space": {"lr": {"type": "float", "low": 1e-3, "high": 4e-3, "log": True}}},
         train={"iterations": 40})
     db = d / "optuna.db"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=d, env=_env(d),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "first_run.log", "wb")
+    proc, mark = _start(d, stdout=log, stderr=subprocess.STDOUT)
+    log.close()  # the child holds its own descriptor
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             rows = _db_trials(db)
             done = [r for r in rows if r[1] in ("COMPLETE", "PRUNED")]
@@ -224,12 +316,17 @@ def test_killed_study_resumes(tmp_path):
             if done and running:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the study ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.poll() is None, ("the study ended before it could be killed:\n"
+                                     + (tmp_path / "first_run.log").read_text()[-5000:])
+        started = _marked(mark)
+        # the study process and the Prefect temporary server it started: the kill must take both
+        assert any("prefect.server.api.server" in cmd for cmd in started.values()), started
+        _kill_group(proc)  # SIGKILL, as a crash or the OOM killer would
+        _no_survivors(mark, grace_s=5.0)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_group(proc)
+        _kill_marked(mark)  # whatever happened above, nothing of it outlives the test
     before = {t.number: t for t in _study(d).get_trials()}
     killed = [n for n, t in before.items() if t.state.name == "RUNNING"]
     finished = {n: t for n, t in before.items() if t.state.name in ("COMPLETE", "PRUNED")}
@@ -268,52 +365,61 @@ def test_killed_study_resumes(tmp_path):
 
 # ------------------------------------------------------------------ bad input, no work
 GOOD_SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}}
-BAD = [
-    ({"storage": "postgresql://user:s3cret@127.0.0.1:1/db"},
-     "tune.storage postgresql://user:***@127.0.0.1:1/db: cannot open"),
-    ({"storage": "sqlite:///no/such/dir/optuna.db"},
-     "tune.storage sqlite:///no/such/dir/optuna.db: cannot open: directory no/such/dir"),
-    ({"storage": "sqlite:///:memory:"}, "in-memory database cannot be resumed"),
-    ({"space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-4}}},
+BAD = [  # (tune: settings, the key the error names, the message)
+    ({"storage": "postgresql://user:s3cret@127.0.0.1:1/db"}, "tune.storage",
+     "tune.storage: cannot open postgresql://user:***@127.0.0.1:1/db ("),
+    ({"storage": "sqlite:///no/such/dir/optuna.db"}, "tune.storage",
+     "tune.storage: cannot open sqlite:///no/such/dir/optuna.db: directory no/such/dir"),
+    ({"storage": "sqlite:///:memory:"}, "tune.storage", "in-memory database cannot be resumed"),
+    ({"space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-4}}}, "tune.space.lr",
      "tune.space.lr: empty search space (low 0.001 >= high 0.0001)"),
-    ({"space": {"batch_size": {"type": "int", "low": 4, "high": 4}}},
+    ({"space": {"batch_size": {"type": "int", "low": 4, "high": 4}}}, "tune.space.batch_size",
      "tune.space.batch_size: empty search space"),
-    ({"space": {"patch_size": {"type": "categorical", "choices": []}}},
+    ({"space": {"patch_size": {"type": "categorical", "choices": []}}}, "tune.space.patch_size",
      "tune.space.patch_size: empty search space"),
-    ({"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}},
+    ({"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}, "tune.space.lr",
      "tune.space.lr: unknown type 'loguniform'"),
-    ({"space": {"learning_rate": GOOD_SPACE["lr"]}},
+    ({"space": {"learning_rate": GOOD_SPACE["lr"]}}, "tune.space.learning_rate",
      "tune.space.learning_rate: 'learning_rate' is not a tunable training setting"),
     ({"space": {"patch_size": {"type": "categorical", "choices": [64, 66]}}},
-     "tune.space.patch_size: value 66 is not a valid training setting"),
-    ({"space": {"lr": {"type": "float", "low": 0, "high": 1e-3, "log": True}}},
+     "tune.space.patch_size", "tune.space.patch_size: value 66 is not a valid training setting"),
+    ({"space": {"lr": {"type": "float", "low": 0, "high": 1e-3, "log": True}}}, "tune.space.lr",
      "tune.space.lr: log scale needs low > 0"),
-    ({"space": {}}, "tune.space: empty"),
-    ({"pruner": {"name": "medain"}}, "tune.pruner: unknown pruner 'medain'"),
-    ({"pruner": {"name": "median", "n_startup": 2}},
+    ({"space": {"lr": {"type": "float", "low": "x", "high": 1e-3}}}, "tune.space.lr.low",
+     "tune.space.lr.low: expected a number, got 'x'"),
+    ({"space": {}}, "tune.space", "tune.space: empty"),
+    ({"base": {"lr": 1e-3}}, "tune.space", "tune.space: lr also set in tune.base"),
+    ({"pruner": {"name": "medain"}}, "tune.pruner", "tune.pruner: unknown pruner 'medain'"),
+    ({"pruner": {"name": "median", "n_startup": 2}}, "tune.pruner",
      "tune.pruner: unknown option(s) n_startup for median"),
-    ({"sampler": {"name": "bayes"}}, "tune.sampler: unknown sampler 'bayes'"),
-    ({"metric": "loss"}, "tune.metric: unknown metric 'loss'"),
-    ({"base": {"epochs": 3}}, "tune.base: 'epochs' is not a training setting"),
-    ({"n_trials": 0}, "tune.n_trials: must be >= 1"),
-    ({"nonsense": 1}, "tune: unknown key(s) nonsense"),
+    ({"sampler": {"name": "bayes"}}, "tune.sampler", "tune.sampler: unknown sampler 'bayes'"),
+    ({"metric": "loss"}, "tune.metric", "tune.metric: unknown metric 'loss'"),
+    ({"base": {"epochs": 3}}, "tune.base", "tune.base: 'epochs' is not a training setting"),
+    ({"n_trials": 0}, "tune.n_trials", "tune.n_trials: must be >= 1"),
+    ({"enqueue": [{"batch_size": 4}]}, "tune.enqueue[0]",
+     "tune.enqueue[0]: batch_size not in tune.space"),
+    ({"nonsense": 1}, "tune", "tune: unknown key(s) nonsense"),
 ]
 
 
-@pytest.mark.parametrize("over,message", BAD, ids=[m.split(":")[0] + "-" + str(i)
-                                                    for i, (_, m) in enumerate(BAD)])
-def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch, over, message):
+@pytest.mark.parametrize("over,key,message", BAD, ids=[f"{k}-{i}" for i, (_, k, _) in
+                                                        enumerate(BAD)])
+def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch, over, key, message):
     from pipeline.tune import TuneError, load_spec, open_storage
+    from rlfn.errors import ConfigError
 
     d = _project(tmp_path / "proj", {"space": GOOD_SPACE, **over})
     monkeypatch.chdir(d)
     with pytest.raises(TuneError) as e:
         open_storage(load_spec("params.yaml"))
     assert message in str(e.value)
+    assert e.value.where == key  # the error names the key at fault
+    assert isinstance(e.value, ConfigError) and e.value.exit_code == 2  # bad configuration
     assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
     assert not (d / "optuna.db").exists() and not (d / "tune").exists()
 
 
+@pytest.mark.timeout(300)  # ~5 s; the run's own limit is 120 s
 def test_cli_bad_input_one_line_error_no_work(tmp_path):
     d = _project(tmp_path / "proj", {"space": GOOD_SPACE,
                                      "storage": "postgresql://user:s3cret@127.0.0.1:1/db"})
@@ -321,13 +427,29 @@ def test_cli_bad_input_one_line_error_no_work(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        "error: tune.storage postgresql://user:***@127.0.0.1:1/db: cannot open"), r.stderr
+        "error: tune.storage: cannot open postgresql://user:***@127.0.0.1:1/db ("), r.stderr
     assert "s3cret" not in r.stdout + r.stderr
     for p in ("mlflow.db", "optuna.db", "tune", "metrics", ".prefect/prefect.db"):
         assert not (d / p).exists(), p  # refused before Prefect, MLflow or Optuna started
 
 
+def test_prefect_entrypoint_loads_the_flow():
+    """prefect.yaml's entrypoint ``pipeline.tune:tune`` names the package; it must load the
+    flow itself (not the package, nor a module of it)."""
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    entry = {d["name"]: d["entrypoint"] for d in
+             yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert "pipeline.tune:tune" in entry.values(), entry
+    flow = load_flow_from_entrypoint("pipeline.tune:tune")
+    assert isinstance(flow, Flow) and flow.name == "rlfn-tune"
+    import pipeline.tune
+
+    assert flow is pipeline.tune.tune
+
+
 # ------------------------------------------------------------------ the DVC stage
+@pytest.mark.timeout(600)  # ~2 s; four dvc calls of at most 120 s each
 def test_dvc_stage_is_outside_the_default_pipeline(tmp_path):
     for rel in ("dvc.yaml", "experiments/dvc.yaml", "params.yaml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,143 @@
+"""Champion and promotion: the decision (``_decide``) and ``promote``, which moves the
+``champion`` alias only if the candidate is better (rules in the package documentation)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from .locks import _lock
+from .versions import RUNTIME_FIGURE, _client, figures_of
+
+__all__ = ["promote", "champion", "CHAMPION_ALIAS", "PROMOTION_PREFIX", "LOCK_TIMEOUT_S"]
+
+CHAMPION_ALIAS = "champion"
+PROMOTION_PREFIX = "rlfn.promotion."
+LOCK_TIMEOUT_S = 120.0
+
+
+def _champion(client: MlflowClient, name: str, alias: str = CHAMPION_ALIAS
+              ) -> ModelVersion | None:
+    # Read the alias table of the registered model rather than classifying "not found" errors:
+    # a failed read must raise, never look like "no champion" (that would promote anything).
+    rm = client.get_registered_model(name)
+    version = (rm.aliases or {}).get(alias)
+    if version is None:
+        return None
+    return client.get_model_version(name, str(version))
+
+
+def champion(registered_name: str, alias: str = CHAMPION_ALIAS) -> ModelVersion | None:
+    """The version the ``champion`` alias points at; ``None`` if there is none (or no such
+    registered model)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    client = _client()
+    try:
+        client.get_registered_model(registered_name)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    return _champion(client, registered_name, alias)
+
+
+def _decide(cand: ModelVersion, champ: ModelVersion | None, gate_metric: str, margin: float,
+            runtime_budget_ms: float | None, higher_is_better: bool) -> tuple[bool, str]:
+    cf = figures_of(cand)
+    v = cand.version
+    gate = cf.get(gate_metric)
+    if gate is None or not math.isfinite(gate):
+        return False, f"candidate v{v} has no finite {gate_metric} figure to compare"
+    if runtime_budget_ms is not None:
+        rt = cf.get(RUNTIME_FIGURE)
+        if rt is None or not math.isfinite(rt):
+            return False, (f"candidate v{v} has no {RUNTIME_FIGURE} figure, and a runtime "
+                           f"budget of {runtime_budget_ms:g} ms is set")
+        if rt > runtime_budget_ms:
+            return False, (f"candidate v{v} is over the runtime budget: {RUNTIME_FIGURE} "
+                           f"{rt:g} > {runtime_budget_ms:g} ms")
+    if champ is None:
+        return True, f"no champion yet; candidate v{v} ({gate_metric} {gate:g}) becomes champion"
+    if str(champ.version) == str(v):
+        return False, f"candidate v{v} already is the champion"
+    held = figures_of(champ).get(gate_metric)
+    if held is None or not math.isfinite(held):
+        return False, (f"champion v{champ.version} has no {gate_metric} figure, so nothing shows "
+                       f"v{v} is better; move the alias by hand if it is")
+    gain = gate - held if higher_is_better else held - gate
+    better = "higher" if higher_is_better else "lower"
+    if gain > margin:
+        return True, (f"candidate v{v} beats champion v{champ.version} on {gate_metric}: "
+                      f"{gate:g} vs {held:g} ({better} is better, by {gain:g} > margin "
+                      f"{margin:g})")
+    return False, (f"candidate v{v} does not beat champion v{champ.version} on {gate_metric} by "
+                   f"more than {margin:g}: {gate:g} vs {held:g} ({better} is better)")
+
+
+def promote(registered_name: str, version: int | str, *, gate_metric: str = "mean_psnr_y",
+            margin: float = 0.0, runtime_budget_ms: float | None = None,
+            higher_is_better: bool = True, alias: str = CHAMPION_ALIAS, lock: str = "auto",
+            lock_timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
+    """Move ``alias`` (``champion``) to ``version`` only if it is better; return the decision.
+
+    The decision: ``promoted``, ``reason``, ``registered_model``, ``alias``,
+    ``candidate_version``, ``champion_version`` (the champion compared against, or None),
+    ``candidate_figures``, ``champion_figures``, ``gate_metric``, ``margin``,
+    ``higher_is_better``, ``runtime_budget_ms``, ``lock`` and ``decided_at``. It is also
+    written as ``rlfn.promotion.*`` tags on the candidate. ``lock``: ``auto`` (file lock for a
+    local store, lease otherwise), ``file`` or ``lease``. Errors raise before the alias moves.
+    """
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    if runtime_budget_ms is not None:
+        runtime_budget_ms = float(runtime_budget_ms)
+        if not (runtime_budget_ms > 0 and math.isfinite(runtime_budget_ms)):
+            raise ValueError(f"runtime_budget_ms must be a positive number, got "
+                             f"{runtime_budget_ms}")
+    version = str(int(version))
+    client = _client()
+    client.get_model_version(registered_name, version)  # fail fast on an unknown candidate
+
+    with _lock(client, registered_name, lock, lock_timeout_s) as held:
+        cand = client.get_model_version(registered_name, version)
+        champ = _champion(client, registered_name, alias)  # re-read inside the lock
+        promoted, reason = _decide(cand, champ, gate_metric, margin, runtime_budget_ms,
+                                   higher_is_better)
+        decision: dict[str, Any] = {
+            "promoted": promoted,
+            "reason": reason,
+            "registered_model": registered_name,
+            "alias": alias,
+            "candidate_version": int(cand.version),
+            "champion_version": int(champ.version) if champ is not None else None,
+            "candidate_figures": figures_of(cand),
+            "champion_figures": figures_of(champ) if champ is not None else {},
+            "gate_metric": gate_metric,
+            "margin": margin,
+            "higher_is_better": bool(higher_is_better),
+            "runtime_budget_ms": runtime_budget_ms,
+            "lock": held.kind,
+            "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if promoted:
+            held.check()
+            client.set_registered_model_alias(registered_name, alias, version)
+        prefix = PROMOTION_PREFIX
+        for key, value in {
+            "decision": "promoted" if promoted else "rejected",
+            "reason": reason,
+            "compared_to": str(decision["champion_version"]) if champ is not None else "none",
+            "gate_metric": gate_metric,
+            "margin": repr(margin),
+            "runtime_budget_ms": "none" if runtime_budget_ms is None else repr(runtime_budget_ms),
+            "decided_at": decision["decided_at"],
+        }.items():
+            client.set_model_version_tag(registered_name, version, prefix + key, value)
+    return decision
