@@ -13,3 +13,5 @@ _os.environ.setdefault("PREFECT_HOME", str(_Path(__file__).resolve().parents[1] 
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlfn")
 _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# The stages log through the "rlfn" logger before and after their flow runs too: no warning.
+_os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

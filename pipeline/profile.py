@@ -33,6 +33,7 @@ from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
 from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
 from rlfn.io import sha256_file
+from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto
 from rlfn.profile import profile_report, profile_runtime
 from rlfn.upscale import ModelUpscaler
@@ -44,10 +45,15 @@ CSV_FIELDS = ["label", "kind", "set", "psnr_y", "ssim_y", "runtime_ms", "params"
 
 @task
 def measure(weights: Path, scale: int, p: ProfileSettings) -> dict:
-    """The profile report (``rlfn.profile.profile_report``) of one weights file on the CPU."""
+    """The profile report (``rlfn.profile.profile_report``) of one weights file on the CPU,
+    timed image by image alongside ``profile.reference`` (seeded weights; its runtime does
+    not depend on them) for the machine-independent ``runtime_rel``."""
     loaded = load_model(weights, scale=scale)
     engine = make_engine(loaded.model, p.backend, "cpu")
-    return profile_report(loaded.model, engine, p.input_dir, p.max_images, p.warmup)
+    torch.manual_seed(0)
+    reference = make_engine(build_model(p.reference, scale).eval(), p.backend, "cpu")
+    return profile_report(loaded.model, engine, p.input_dir, p.max_images, p.warmup,
+                          reference=reference, reference_name=p.reference)
 
 
 def figures(report: dict) -> dict:
@@ -56,6 +62,8 @@ def figures(report: dict) -> dict:
     return {"params": report["params"], "flops": report["flops"],
             "activations": report["activations"], "counts_input": report["counts_input"],
             "backend": report["backend"], "runtime_ms_cpu": round(rt["median"], 3),
+            "runtime_rel": round(rt["relative"], 4), "reference": rt["reference"],
+            "reference_runtime_ms_cpu": round(rt["reference_median"], 3),
             "runtime_ms_cpu_mean": round(rt["mean"], 3),
             "runtime_ms_cpu_stdev": round(rt["stdev"], 3), "threads": rt["threads"],
             "images": rt["images"], "input_hw": rt["input_hw"],
@@ -168,6 +176,9 @@ def check(s: Settings) -> None:
     if not BACKENDS[p.backend].exact:
         raise ConfigError(f"{s.params_file}: profile.backend", f"{p.backend} is not exact; the "
                           "promotion gate's runtime must come from an exact backend")
+    if p.reference not in model_names():
+        raise ConfigError(f"{s.params_file}: profile.reference", f"unknown model "
+                          f"{p.reference!r}; known: {', '.join(model_names())}")
 
 
 @flow(name="rlfn-profile", flow_run_name="profile")
@@ -191,7 +202,9 @@ def profile(settings: Settings | None = None) -> dict:
         log.info(f"profile: {out['params']:,} params, {out['flops'] / 1e9:.2f} G FLOPs, "
                  f"{out['activations'] / 1e6:.2f} M activations; {out['runtime_ms_cpu']:.1f} "
                  f"ms/image (CPU {out['backend']}, {out['threads']} threads, median of "
-                 f"{out['images']}), peak RSS {out['peak_rss_mb']:.0f} MB")
+                 f"{out['images']}), {out['runtime_rel']:.2f}x {out['reference']} "
+                 f"({out['reference_runtime_ms_cpu']:.1f} ms), peak RSS "
+                 f"{out['peak_rss_mb']:.0f} MB")
         for row in rows:
             log.info(f"  pareto {row['label']:<28} {row['set']:<6} {row['psnr_y']:.3f} dB  "
                      f"{row['runtime_ms']:.1f} ms{'  *front*' if row['on_front'] else ''}")

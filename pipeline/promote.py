@@ -3,8 +3,10 @@
 The candidate is the last stage's registered version. Its figures (the gate metric from
 ``evaluate.out``, CPU runtime from ``profile.out``) are recorded on the version, then
 ``pipeline.mlflow_registry.promote`` decides under a lock: promoted only if it beats the
-current champion by more than ``promote.margin`` and stays within
-``promote.runtime_budget_ms``. The decision and both models' figures go to ``promote.out``
+current champion by more than ``promote.margin`` and stays within its budgets: the CPU time
+relative to a reference model timed in the same run (``promote.runtime_budget_rel``: the
+same decision on a fast or a slow machine), the NTIRE FLOPs (``promote.flops_budget_g``)
+and, when set, the absolute ``promote.runtime_budget_ms``. The decision and both models' figures go to ``promote.out``
 and onto the version's tags.
 """
 
@@ -60,13 +62,14 @@ def promote(settings: Settings | None = None) -> dict:
     evaluation, prof = _read(s.evaluate.out), _read(s.profile.out)
     if p.gate_metric not in evaluation:
         raise DataError(s.evaluate.out, f"has no {p.gate_metric!r} (promote.gate_metric)")
-    figures = {p.gate_metric: evaluation[p.gate_metric],
-               "runtime_ms_cpu": prof["runtime_ms_cpu"], "params": prof["params"]}
+    figures = {p.gate_metric: evaluation[p.gate_metric], "params": prof["params"],
+               "flops": prof["flops"], "runtime_ms_cpu": prof["runtime_ms_cpu"],
+               "runtime_rel": prof["runtime_rel"]}
     with stage_run("promote", s, s.section("promote")):
         mlflow.set_tracking_uri(tracking_uri(s))
         version = candidate(s.stage_dir(s.last_stage), s.last_stage, s.scale, name, figures)
         decision = decide(name, version.version, gate_metric=p.gate_metric, margin=p.margin,
-                          runtime_budget_ms=p.runtime_budget_ms)
+                          budgets=p.budgets())
         out = {"promoted": int(bool(decision["promoted"])), "decision": decision}
         write_json(p.out, out)
         mlflow.log_metric("promoted", out["promoted"])

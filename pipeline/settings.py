@@ -134,7 +134,8 @@ class ProfileSettings(_Section):
     max_images: NonNegativeInt = 10
     warmup: NonNegativeInt = 2
     threads: NonNegativeInt = 0
-    backend: str = "eager"
+    backend: str = "openvino"
+    reference: str = "rlfn_ntire"  # timed alongside: runtime_rel = model time / its time
     out: str = "metrics/profile.json"
     pareto: ParetoSettings = ParetoSettings()
 
@@ -142,9 +143,22 @@ class ProfileSettings(_Section):
 class PromoteSettings(_Section):
     gate_metric: str = "mean_psnr_y"
     margin: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    runtime_budget_rel: float | None = Field(default=3.0, gt=0, allow_inf_nan=False)
+    flops_budget_g: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     runtime_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     registered_model: str | None = None
     out: str = "metrics/promote.json"
+
+    def budgets(self) -> dict[str, float]:
+        """``{figure: maximum}`` of the budgets that are set (figures of the profile stage)."""
+        out = {}
+        if self.runtime_budget_rel is not None:
+            out["runtime_rel"] = self.runtime_budget_rel
+        if self.flops_budget_g is not None:
+            out["flops"] = self.flops_budget_g * 1e9
+        if self.runtime_budget_ms is not None:
+            out["runtime_ms_cpu"] = self.runtime_budget_ms
+        return out
 
 
 class MlflowSettings(_Section):

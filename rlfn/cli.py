@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .device import parse_device
 from .errors import DataError, RLFNError, UsageError
 from .infer import backend_names
 from .log import get_logger
 from .log import setup as setup_logging
+from .progress import progress
 
 __all__ = ["main", "build_parser"]
 
@@ -108,7 +108,7 @@ def cmd_downscale(args) -> int:
     files = list_images([in_dir], errors)
     out_dir = Path(args.out_dir)
     written = 0
-    for f in tqdm(files, desc=f"downscale x{args.scale}", unit="img", disable=args.quiet):
+    for f in progress(files, desc=f"downscale x{args.scale}", unit="img", enabled=not args.quiet):
         try:
             hr, info = read_image(f, min_size=args.scale)
             for n in info.notes:
@@ -164,7 +164,7 @@ def cmd_upscale(args) -> int:
     out_dir = Path(args.out)
     seen: dict[Path, Path] = {}
     written = 0
-    for f in tqdm(files, desc=f"upscale x{args.scale}", unit="img", disable=args.quiet):
+    for f in progress(files, desc=f"upscale x{args.scale}", unit="img", enabled=not args.quiet):
         try:
             target = out_dir / (f.stem + ".png")
             if target in seen:
@@ -361,7 +361,7 @@ def _tile(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlfn", description="RLFN super-resolution: "
                                 "MATLAB-exact bicubic, evaluation and inference.")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (bars or lines)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("downscale", help="HR folder -> MATLAB-exact bicubic LR PNGs")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-from tqdm import tqdm
+from .progress import progress as progress_bar
 
 from .bicubic import downscale, modcrop
 from .io import ImageError, list_images, read_image
@@ -71,8 +71,8 @@ def evaluate_folder(upscaler: Upscaler, hr_dir: str | Path, lr_dir: str | Path |
     report.errors.extend(str(e) for e in errs)
     if not files and not errs:
         report.errors.append(f"{hr_dir}: no images found")
-    for hr_path in tqdm(files, desc=desc or f"evaluate x{scale}", unit="img", disable=not progress,
-                        leave=False):
+    for hr_path in progress_bar(files, desc=desc or f"evaluate x{scale}", unit="img",
+                                enabled=progress, leave=False):
         try:
             hr, info = read_image(hr_path)
             report.notes.extend(f"{hr_path}: {n}" for n in info.notes)

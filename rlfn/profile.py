@@ -58,41 +58,63 @@ def _hwm_mb() -> float | None:
     return None
 
 
+def _timed(engine: Engine, x: torch.Tensor) -> float:
+    if engine.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        engine(x)
+        end.record()
+        torch.cuda.synchronize(engine.device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    engine(x)
+    return (time.perf_counter() - t0) * 1000.0
+
+
 def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: int = 2,
-                   device: str | torch.device | None = None) -> dict:
+                   device: str | torch.device | None = None,
+                   reference: nn.Module | Engine | None = None) -> dict:
     """Per-image runtimes of ``model`` (a module, run eagerly, or an ``Engine``) in ms.
 
     Inputs are put on the device first (not timed). ``warmup`` runs come first: they absorb
     one-off costs (oneDNN primitive creation, compilation, CUDA graph capture); note that a
     backend that specialises per input shape pays again for each new shape.
+
+    With a ``reference`` model, each image is also run through it right after (in alternating
+    order), and ``relative`` is the median of the per-image time ratios model / reference: a
+    figure that means the same on a fast or a slow machine, and under load, since both models
+    see the same machine at the same moment (``reference_median_ms`` is its own median).
     """
     engine = as_engine(model, device)
     device = engine.device
+    ref = as_engine(reference, device) if reference is not None else None
     tensors = [to_tensor(im, device) for im in images]
     for i in range(max(1, warmup)):
-        engine(tensors[i % len(tensors)])
-    engine.synchronize()
+        for e in (engine, ref) if ref is not None else (engine,):
+            e(tensors[i % len(tensors)])
+            e.synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = device.type == "cpu" and _reset_peak_rss()
-    times = []
-    for x in tensors:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            engine(x)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
+    times, ref_times = [], []
+    for i, x in enumerate(tensors):
+        if ref is None:
+            times.append(_timed(engine, x))
+        elif i % 2 == 0:
+            times.append(_timed(engine, x))
+            ref_times.append(_timed(ref, x))
         else:
-            t0 = time.perf_counter()
-            engine(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
+            ref_times.append(_timed(ref, x))
+            times.append(_timed(engine, x))
     out = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
            "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
            "min_ms": min(times), "max_ms": max(times), "images": len(times),
            "times_ms": times, "threads": torch.get_num_threads(), "device": str(device),
            "backend": engine.name}
+    if ref is not None:
+        out.update(relative=statistics.median(t / r for t, r in zip(times, ref_times)),
+                   reference_median_ms=statistics.median(ref_times),
+                   reference_times_ms=ref_times)
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -103,9 +125,11 @@ def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: 
 
 
 def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images: int = 0,
-                    warmup: int = 2, device: str | torch.device | None = None) -> dict:
+                    warmup: int = 2, device: str | torch.device | None = None,
+                    reference: nn.Module | Engine | None = None) -> dict:
     """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name) of a
-    module (run eagerly) or an engine (``rlfn.infer.make_engine``)."""
+    module (run eagerly) or an engine (``rlfn.infer.make_engine``); with a ``reference``,
+    also the runtime relative to it (``time_inference``)."""
     files = list_images([input_dir])
     if max_images:
         files = files[:max_images]
@@ -113,7 +137,7 @@ def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images
         raise ValueError(f"{input_dir}: no images to time")
     engine = as_engine(model, device)
     images = [read_image(f)[0] for f in files]
-    out = time_inference(engine, images, warmup)
+    out = time_inference(engine, images, warmup, reference=reference)
     out.update(params=count_params(engine.model), peak_rss_mb_process=peak_rss_mb(),
                input_hw=list(images[0].shape[:2]), input_dir=str(input_dir))
     out.setdefault("peak_rss_mb", out["peak_rss_mb_process"])
@@ -121,7 +145,8 @@ def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images
 
 
 def profile_report(model: nn.Module, engine: Engine, input_dir: str | Path, max_images: int = 0,
-                   warmup: int = 2) -> dict:
+                   warmup: int = 2, reference: Engine | None = None,
+                   reference_name: str | None = None) -> dict:
     """The one profile result (``rlfn profile --json``, the pipeline's profile stage):
     NTIRE counts of ``model`` (on the CPU, before a backend converts it) and the runtime and
     peak memory of ``engine`` over ``input_dir``::
@@ -131,11 +156,15 @@ def profile_report(model: nn.Module, engine: Engine, input_dir: str | Path, max_
                      "warmup", "threads", "timer", "input_dir", "input_hw"},
          "memory": {"unit": "MB", "peak_rss", "peak_rss_scope", "peak_rss_process"}
                    or {"unit": "MB", "peak_gpu_allocated"}}
+
+    With a ``reference`` engine (timed image by image alongside, see ``time_inference``) the
+    runtime also has ``relative`` (median of model / reference time ratios),
+    ``reference_median`` and ``reference`` (``reference_name``).
     """
     from .complexity import count_complexity
 
     counts = count_complexity(model)
-    rt = profile_runtime(engine, input_dir, max_images, warmup)
+    rt = profile_runtime(engine, input_dir, max_images, warmup, reference=reference)
     mem: dict = {"unit": "MB"}
     if "peak_gpu_mb" in rt:
         mem["peak_gpu_allocated"] = rt["peak_gpu_mb"]
@@ -151,5 +180,8 @@ def profile_report(model: nn.Module, engine: Engine, input_dir: str | Path, max_
                         "stdev": rt["stdev_ms"], "min": rt["min_ms"], "max": rt["max_ms"],
                         "images": rt["images"], "warmup": warmup, "threads": rt["threads"],
                         "timer": "cuda.Event" if dev.type == "cuda" else "perf_counter",
-                        "input_dir": str(input_dir), "input_hw": rt["input_hw"]},
+                        "input_dir": str(input_dir), "input_hw": rt["input_hw"],
+                        **({"relative": rt["relative"], "reference": reference_name,
+                            "reference_median": rt["reference_median_ms"]}
+                           if "relative" in rt else {})},
             "memory": mem}

@@ -1,4 +1,9 @@
-"""Real local servers for tests: a free loopback port, and `mlflow server` on 127.0.0.1."""
+"""Real local servers for tests: a free loopback port, and `mlflow server` on 127.0.0.1.
+
+A server runs in its own process group (``start_new_session=True``) and is stopped as a group
+(``stop_group``): its workers and helpers go with it, even when the leader died first. The
+environment of every child keeps ``RLFN_TEST_SESSION`` (conftest's leak check finds any
+process that outlives the session)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def clean_env(**extra) -> dict:
     """The environment for a subprocess that runs a project copy as a user would: this venv's
-    commands first, no inherited MLflow/Prefect settings, no PYTHONPATH (cwd's code wins)."""
+    commands first, no inherited MLflow/Prefect settings, no PYTHONPATH (cwd's code wins).
+    Everything else is inherited, the leak check's ``RLFN_TEST_SESSION`` marker included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = ""
@@ -33,6 +39,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a running (not zombie) process is left in group ``pgid``. By /proc: an orphaned
+    zombie that PID 1 does not reap (in some containers) still counts for ``killpg(pgid, 0)``."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop the process group led by ``proc`` (started with ``start_new_session=True``):
+    SIGTERM to every member, up to ``timeout`` s for all of them to exit, then SIGKILL. The
+    whole group, also when the leader already exited and left children behind."""
+    pgid = proc.pid  # a session leader's group id is its pid
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)  # reap the leader (its zombie would keep the group)
+            if not _group_alive(pgid):
+                return
+    raise RuntimeError(f"process group {pgid} ({proc.args!r}) survived SIGKILL")
+
+
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str]:
     """Start a real ``mlflow server`` (SQLite backend in ``workdir``, artifacts beside it) on
@@ -42,24 +89,13 @@ def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str
     env.pop("MLFLOW_TRACKING_URI", None)
     port = free_port()
     log_path = workdir / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{db}",
-         "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-
-    def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
-        log.close()
-
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+             str(port), "--backend-store-uri", f"sqlite:///{db}",
+             "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -75,4 +111,4 @@ def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str
             time.sleep(0.25)
         yield url
     finally:
-        stop()
+        stop_group(proc)

@@ -1,16 +1,19 @@
 """Inference backends (rlfn/infer.py) and ONNX export (rlfn/export.py), against eager fp32 on
-the real Set5 x4 (MATLAB LR) with the official weights."""
+the real Set5 x4 (MATLAB LR) with the official weights.
+
+A backend whose package (onnxruntime, openvino, onnx: the ``[infer]`` extra) is missing skips
+locally and fails under ``CI=true`` (``conftest.unavailable``); one that needs hardware this
+machine lacks (a CUDA GPU, native bf16) skips everywhere."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import require_module
 from rlfn import infer
 from rlfn.cli import main
 from rlfn.evaluate import evaluate_folder
@@ -18,6 +21,40 @@ from rlfn.infer import BACKENDS, EXACT_DB, BackendError, check_backend, make_eng
 from rlfn.io import list_images, read_image
 from rlfn.upscale import ModelUpscaler, to_tensor, to_uint8, upscale_array
 from rlfn.weights import load_model
+
+MODELS = ("rlfn_x4.pth", "rlfn_ntire_x4.pth")
+
+# The largest |Set5 x4 PSNR delta| (dB) against eager fp32 on the CPU that each lossy backend
+# may show: a little above its measured loss, below what a real regression costs (an all-bf16
+# RLFN, tail included, loses 0.004-0.013 dB). Measured with this test (-s prints DELTA lines);
+# on a given machine they are deterministic (the same to 1e-5 dB at 1 and 2 threads):
+#                      CPU (2-core x86-64, AVX512-BF16,      CUDA (H200, torch 2.11.0+cu130:
+#                      torch 2.13.0, openvino 2026.4)        bench/results/*cuda_h200.txt)
+#                      RLFN x4     challenge model           RLFN x4     challenge model
+#   bf16               -0.00077    -0.00359                  +0.0001     -0.0001
+#   compile_bf16       -0.00155    -0.00151                  -0.0006     -0.0055
+#   openvino_bf16      -0.00355    -0.01126                  (CPU only)
+#   fp16, cuda_graphs  (CUDA only)                           +0.0006     -0.0005
+# (the CUDA challenge-model figures come from bench/inference.py, re-based from CUDA eager to
+# CPU eager; not re-measured by this test for lack of a GPU when the bounds were set).
+# Exact (fp32) backends keep the promise EXACT_DB (0.01 dB) instead.
+LOSSY_DB: dict[tuple[str, str, str], float] = {
+    # (model, backend, device): bound
+    ("rlfn_x4.pth", "bf16", "cpu"): 0.0015,
+    ("rlfn_x4.pth", "compile_bf16", "cpu"): 0.003,
+    ("rlfn_x4.pth", "openvino_bf16", "cpu"): 0.005,
+    ("rlfn_ntire_x4.pth", "bf16", "cpu"): 0.005,
+    ("rlfn_ntire_x4.pth", "compile_bf16", "cpu"): 0.003,
+    ("rlfn_ntire_x4.pth", "openvino_bf16", "cpu"): 0.015,
+    ("rlfn_x4.pth", "bf16", "cuda"): 0.0015,
+    ("rlfn_x4.pth", "compile_bf16", "cuda"): 0.0015,
+    ("rlfn_x4.pth", "fp16", "cuda"): 0.002,
+    ("rlfn_x4.pth", "cuda_graphs", "cuda"): 0.002,
+    ("rlfn_ntire_x4.pth", "bf16", "cuda"): 0.0015,
+    ("rlfn_ntire_x4.pth", "compile_bf16", "cuda"): 0.008,
+    ("rlfn_ntire_x4.pth", "fp16", "cuda"): 0.002,
+    ("rlfn_ntire_x4.pth", "cuda_graphs", "cuda"): 0.002,
+}
 
 
 def _set5(benchmarks):
@@ -31,34 +68,57 @@ def _psnr(engine, benchmarks) -> float:
     return rep.mean["psnr_y"]
 
 
+def _require_packages(backend: str) -> None:
+    """The backend's Python packages: missing ones skip locally, fail under CI=true."""
+    for module in BACKENDS[backend].requires:
+        require_module(module)
+
+
 @pytest.fixture(scope="module")
-def eager_psnr(pretrained, benchmarks, reference_metrics) -> float:
-    model = load_model(pretrained / "rlfn_x4.pth").model
-    return _psnr(make_engine(model, "eager", "cpu"), benchmarks)
+def eager_psnr(pretrained, benchmarks):
+    cache: dict[str, float] = {}
+
+    def get(fname: str) -> float:
+        if fname not in cache:
+            model = load_model(pretrained / fname).model
+            cache[fname] = _psnr(make_engine(model, "eager", "cpu"), benchmarks)
+        return cache[fname]
+
+    return get
 
 
+def test_every_lossy_case_has_a_bound():
+    cases = {(m, b, d) for m in MODELS for b in BACKENDS if not BACKENDS[b].exact
+             for d in BACKENDS[b].devices}
+    assert cases == set(LOSSY_DB), cases ^ set(LOSSY_DB)
+
+
+@pytest.mark.parametrize("fname", MODELS)
 @pytest.mark.parametrize("name, device", [(b, d) for b in BACKENDS for d in BACKENDS[b].devices])
-def test_backend_psnr_delta_on_set5(name, device, pretrained, benchmarks, eager_psnr):
+def test_backend_psnr_delta_on_set5(fname, name, device, pretrained, benchmarks, eager_psnr):
     """Every backend's Set5 x4 PSNR, on every device it runs on, against eager fp32 on the CPU
-    (the reference numbers): exact ones within 0.01 dB, lossy ones reported with their loss
-    (and not absurd)."""
+    (the reference numbers): exact ones within EXACT_DB (0.01 dB), lossy ones within a bound
+    just above their measured loss (LOSSY_DB)."""
+    _require_packages(name)
     try:
         check_backend(name, device)
-    except BackendError as e:  # no GPU here, or no native bf16 on this CPU
+    except BackendError as e:  # no GPU here, or no native bf16 on this CPU: hardware
         pytest.skip(str(e))
-    engine = make_engine(load_model(pretrained / "rlfn_x4.pth").model, name, device)
-    delta = _psnr(engine, benchmarks) - eager_psnr
-    print(f"{device} {name}: {delta:+.4f} dB -> {psnr_label(delta)}")
+    engine = make_engine(load_model(pretrained / fname).model, name, device)
+    delta = _psnr(engine, benchmarks) - eager_psnr(fname)
+    print(f"\nDELTA {fname} {device} {name}: {delta:+.5f} dB -> {psnr_label(delta)}")
     if BACKENDS[name].exact:
         assert abs(delta) <= EXACT_DB, f"{name} promised exact, measured {delta:+.4f} dB"
     else:
-        assert -1.0 < delta < EXACT_DB + 0.05, f"{name}: {delta:+.4f} dB"
+        bound = LOSSY_DB[fname, name, device]
+        assert abs(delta) <= bound, f"{name} on {device}: {delta:+.4f} dB, bound {bound}"
 
 
-def test_eager_matches_the_official_reference(eager_psnr, reference_metrics):
+@pytest.mark.parametrize("fname", MODELS)
+def test_eager_matches_the_official_reference(fname, eager_psnr, reference_metrics):
     """The baseline itself is the official number (so deltas are against the right thing)."""
-    ref = reference_metrics["models"]["rlfn_x4.pth"]["Set5"]["psnr_y"]
-    assert abs(eager_psnr - ref) < 1e-4, (eager_psnr, ref)
+    ref = reference_metrics["models"][fname]["Set5"]["psnr_y"]
+    assert abs(eager_psnr(fname) - ref) < 1e-4, (eager_psnr(fname), ref)
 
 
 def test_psnr_label():
@@ -94,24 +154,27 @@ def test_gpu_asked_where_none(pretrained):
         check_backend("eager", "cuda")
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["profile", "--backend", "tensorrt"], "--backend tensorrt: unknown backend 'tensorrt'"),
-    (["profile", "--backend", "fp16"], "runs on cuda only"),
-    (["profile", "--scale", "2"], "is a x4 model, but --scale 2"),
-    (["export", "--scale", "2", "-o", "m.onnx"], "is a x4 model, but --scale 2"),
-    (["export", "--scale", "4", "-o", "m.txt"], "must end in .onnx"),
-    (["evaluate", "--backend", "nope", "--hr", "."], "unknown backend 'nope'"),
-    (["upscale", "--backend", "onnxruntime", "--tile", "64", "x.png", "-o", "out"],
+@pytest.mark.parametrize("argv, code, msg", [
+    # exit 2: an option that cannot be used; exit 1: a weights file that does not fit (data)
+    (["profile", "--backend", "tensorrt"], 2, "--backend tensorrt: unknown backend 'tensorrt'"),
+    (["profile", "--backend", "fp16"], 2, "runs on cuda only"),
+    (["profile", "--scale", "2"], 1, "is a x4 model, but --scale 2"),
+    (["export", "--scale", "2", "-o", "m.onnx"], 1, "is a x4 model, but --scale 2"),
+    (["export", "--scale", "4", "-o", "m.txt"], 2, "must end in .onnx"),
+    (["evaluate", "--backend", "nope", "--hr", "."], 2, "unknown backend 'nope'"),
+    (["upscale", "--backend", "onnxruntime", "--tile", "64", "x.png", "-o", "out"], 2,
      "cannot run tiled"),
 ])
-def test_cli_refusals_before_work(argv, msg, pretrained, capsys, tmp_path, monkeypatch):
+def test_cli_refusals_before_work(argv, code, msg, pretrained, capsys, tmp_path, monkeypatch):
+    if argv[0] == "export" or "onnxruntime" in argv:  # export checks ONNX Runtime first
+        _require_packages("onnxruntime")
     monkeypatch.chdir(tmp_path)
     argv = list(argv)
     if "--scale" not in argv:
         argv += ["--scale", "4"]
     rc = main([argv[0], "--model", str(pretrained / "rlfn_ntire_x4.pth"), *argv[1:]])
     err = capsys.readouterr().err
-    assert rc == 1 and msg in err, err
+    assert rc == code and msg in err, (rc, err)
     assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -127,6 +190,7 @@ def test_tiles_through_an_engine_match_untiled(pretrained, benchmarks):
 
 
 def test_engines_without_grid_refuse_tiles(pretrained):
+    _require_packages("onnxruntime")
     engine = make_engine(load_model(pretrained / "rlfn_ntire_x4.pth").model, "onnxruntime")
     lr = np.zeros((100, 100, 3), np.uint8)
     with pytest.raises(ValueError, match="cannot run tiled"):
@@ -145,6 +209,7 @@ def test_eager_wrapping_does_not_touch_a_training_model():
 # --------------------------------------------------------------------------- ONNX export
 @pytest.fixture(scope="module")
 def exported(pretrained, tmp_path_factory):
+    _require_packages("onnxruntime")  # export: onnx, onnxscript; checked in onnxruntime
     out = tmp_path_factory.mktemp("onnx") / "rlfn_x4.onnx"
     rc = main(["export", "--model", str(pretrained / "rlfn_x4.pth"), "--scale", "4",
                "-o", str(out)])
@@ -153,7 +218,7 @@ def exported(pretrained, tmp_path_factory):
 
 
 def test_onnx_file_has_dynamic_height_width_and_metadata(exported):
-    m = onnx.load(str(exported))
+    m = require_module("onnx").load(str(exported))
     (inp,), (out,) = m.graph.input, m.graph.output
     assert out.name == "sr" and inp.name == "lr"
     dims = inp.type.tensor_type.shape.dim
@@ -167,6 +232,7 @@ def test_onnx_file_has_dynamic_height_width_and_metadata(exported):
 def test_onnx_output_equals_pytorch_on_set5(exported, pretrained, benchmarks):
     """The exported model's SR images equal PyTorch's within 1 grey level on every Set5 image
     (each a different size: one file serves them all)."""
+    ort = require_module("onnxruntime")
     model = load_model(pretrained / "rlfn_x4.pth").model.eval()
     sess = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     shapes = set()
@@ -183,6 +249,7 @@ def test_onnx_output_equals_pytorch_on_set5(exported, pretrained, benchmarks):
 
 
 def test_profile_json_names_backend_and_units(pretrained, shared, tmp_path):
+    _require_packages("openvino")
     out = tmp_path / "p.json"
     rc = main(["profile", "--model", str(pretrained / "rlfn_ntire_x4.pth"), "--scale", "4",
                "--input-dir", str(shared / "data" / "div2k_test_lr_x4"), "--max-images", "2",

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -348,10 +346,3 @@ def test_cli_folders_archives_and_exit_codes(data, tmp_path, capsys):
         main(["manifest", "data/a", "-o", "x.parquet", "--min-size", "0"])
     assert e.value.code == 2
 
-
-def test_library_never_imports_the_orchestration_tools():
-    code = ("import sys, rlfn.data.manifest, rlfn.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('prefect', 'dvc', 'mlflow')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

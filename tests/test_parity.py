@@ -1,6 +1,6 @@
 """Official RLFN weights through our model, bicubic and metrics reproduce the reference table
-(../shared/data/reference_metrics.json, measured with the official code): every row within
-0.01 dB PSNR and 0.0005 SSIM. MATLAB bicubic upscaling rows within 0.01 dB."""
+(../shared/data/reference_metrics.json, measured with the official code) to the decimals it
+prints: PSNR to its 4 decimals, SSIM to its 5, MATLAB bicubic upscaling PSNR to its 4."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ from rlfn.evaluate import evaluate_folder
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model
 
-PSNR_TOL = 0.01
-SSIM_TOL = 0.0005
+# The reference is rounded: a value that agrees to the printed decimals is within half a unit
+# of the last one. Measured here (2-core x86-64, torch 2.13.0), every one of the 21 rows does:
+# the largest |difference| is 4.75e-5 dB PSNR (rlfn_ntire_x4 Set5), 4.98e-6 SSIM
+# (rlfn_s_x2 Set14) and 4.88e-5 dB for bicubic (Set14 x3) -- so some sit right at the edge.
+# Model rows also allow fp32 summation-order noise (another CPU or oneDNN kernel): running the
+# same weights through channels_last / ONNX Runtime / OpenVINO moved Set5/Set14 scores by up to
+# 1.4e-5 dB and 2.4e-7 SSIM. Bicubic rows: float64 rounded to uint8 after each pass (it
+# reproduces MATLAB's own files pixel for pixel), no noise to allow for.
+ROUND_PSNR = 0.5e-4  # half a unit of the 4th decimal
+ROUND_SSIM = 0.5e-5  # half a unit of the 5th decimal
+PSNR_TOL = ROUND_PSNR + 2e-5
+SSIM_TOL = ROUND_SSIM + 5e-7
+BICUBIC_PSNR_TOL = ROUND_PSNR + 1e-9  # (+ float repr of the two decimals)
 
 
 def _reference() -> dict:
@@ -57,6 +68,9 @@ def test_official_weights_reproduce_reference(benchmarks, _models, fname, bench,
     assert report.errors == []
     assert len(report.images) == ref["images"]
     m = report.mean
+    print(f"\nPARITY {fname} {bench}: psnr {m['psnr_y']:.7f} vs {ref['psnr_y']} "
+          f"({m['psnr_y'] - ref['psnr_y']:+.2e}), ssim {m['ssim_y']:.8f} vs {ref['ssim_y']} "
+          f"({m['ssim_y'] - ref['ssim_y']:+.2e})")
     assert abs(m["psnr_y"] - ref["psnr_y"]) <= PSNR_TOL, (m, ref)
     assert abs(m["ssim_y"] - ref["ssim_y"]) <= SSIM_TOL, (m, ref)
 
@@ -66,7 +80,10 @@ def test_matlab_bicubic_upscaling_reference(benchmarks, bench, scale, ref_psnr):
     root = benchmarks / bench / f"x{scale}"
     report = evaluate_folder(BicubicUpscaler(scale), root / "HR", root / "LR")
     assert report.errors == []
-    assert abs(report.mean["psnr_y"] - ref_psnr) <= PSNR_TOL, (report.mean, ref_psnr)
+    got = report.mean["psnr_y"]
+    print(f"\nPARITY bicubic {bench} x{scale}: psnr {got:.7f} vs {ref_psnr} "
+          f"({got - ref_psnr:+.2e})")
+    assert abs(got - ref_psnr) <= BICUBIC_PSNR_TOL, (report.mean, ref_psnr)
 
 
 def test_own_bicubic_lr_gives_the_same_scores_as_matlab_lr(benchmarks, _models):

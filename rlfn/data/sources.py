@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path, PureWindowsPath
 from typing import Any, Iterable, Mapping
 
-from tqdm import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import DataError
 
@@ -281,8 +281,9 @@ def _fetch(url: str, part: Path, sha256: str, timeout: float, progress: bool) ->
 
         received = 0
         with open(part, "ab" if offset else "wb") as f, \
-                tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+                progress_bar(total=total, initial=offset, unit="B", unit_scale=True,
+                             unit_divisor=1024, desc=part.name.removesuffix(".part"),
+                             enabled=progress) as bar:
             while True:
                 try:
                     chunk = resp.read(_CHUNK)

@@ -29,8 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
+from ..progress import progress as progress_bar
 from ..weights import save_model
 from .config import TrainConfig
 from .data import IterationBatches, open_training_data
@@ -71,14 +70,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
     meter = LossMeter(contrastive=step.contrastive is not None)
 
     run.net.train()
-    bar = tqdm(total=cfg.iterations, initial=start, desc=f"stage {cfg.stage} train",
-               unit="it", disable=not (progress and is_main), dynamic_ncols=True)
+    bar = progress_bar(total=cfg.iterations, initial=start, desc=f"stage {cfg.stage} train",
+                       unit="it", enabled=progress and is_main)
     it = start
     for it_idx, (lr_b, hr_b) in zip(range(start, end), batches):
         it = it_idx + 1
         losses = step(it_idx, lr_b, hr_b)
         meter.add(losses)
-        bar.update(1)
         val = None
         if it % cfg.val_every == 0 or it == cfg.iterations:
             val = validate(it)
@@ -86,10 +84,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
             row = log.row(it, meter.take(it), losses.lr, val)
             if is_main:
                 log.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{losses.lr:.1e}",
-                                **({"psnr": f"{val:.2f}"} if val is not None else {}))
+                last = validate.last_psnr
+                bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{losses.lr:.1e}",
+                                **({"psnr": f"{last:.2f}"} if last is not None else {}))
                 if on_log is not None:
                     on_log(it, {k: v for k, v in row.items() if v != "" and k != "iteration"})
+        bar.update(1)  # after the row: a line shows this iteration's figures
         if val is not None and on_validate is not None:
             on_validate(it, val)
         if it % cfg.checkpoint_every == 0 or it == end:
