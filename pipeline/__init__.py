@@ -13,5 +13,8 @@ _os.environ.setdefault("PREFECT_HOME", str(_Path(__file__).resolve().parents[1] 
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlfn")
 _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Each stage run by `dvc repro` starts Prefect's temporary server; on a busy 2-core machine it
+# can take longer than Prefect's default 20 s to answer.
+_os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # The stages log through the "rlfn" logger before and after their flow runs too: no warning.
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

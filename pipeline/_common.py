@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,7 @@ __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commi
            "params_hash", "write_json", "log_dict_metrics", "main", "log"]
 
 log = get_logger("pipeline")
+_LOADED = time.monotonic()
 
 
 def params(path: str | Path | None = None) -> dict[str, Any]:
@@ -169,13 +171,29 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
             "mlflow.parentRunId": parent_id}
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     status = "FAILED"
+    startup = process_age_s()
+    log.info(f"{stage}: ready after {startup:.1f} s (interpreter, imports, Prefect, MLflow)")
+    t0 = time.monotonic()
     try:
         with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_metric("startup_s", round(startup, 2))
             yield run
         status = "FINISHED"
+        log.info(f"{stage}: work done in {time.monotonic() - t0:.1f} s")
     finally:
         client.set_terminated(run.info.run_id, status)
         client.set_terminated(parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; elsewhere since this module loaded)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start / ticks)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _LOADED
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -1,10 +1,13 @@
 """Stage `profile`: the final model's NTIRE counts, runtime and peak memory, and a
 PSNR-vs-runtime Pareto chart of every model the project knows.
 
-``profile.out`` (metrics/profile.json, the last stage's model): ``params``, ``flops``,
-``activations`` (NTIRE 2022 counting on a 256x256 LR input), ``runtime_ms_cpu`` (median over
-``profile.input_dir`` with ``profile.backend``: the figure ``promote.runtime_budget_ms``
-gates), spread, threads, peak RSS: the figures of ``rlfn.profile.profile_report``.
+``profile.out`` (metrics/profile.json, the last stage's model; what ``dvc metrics show``
+shows): ``params``, ``flops``, ``activations`` (NTIRE 2022 counting on a 256x256 LR input),
+``runtime_ms_cpu`` (median over ``profile.input_dir`` with ``profile.backend``),
+``runtime_rel`` (that time relative to ``profile.reference`` timed alongside: the figure
+``promote.runtime_budget_rel`` gates) and ``peak_rss_mb``. ``profile.details``
+(reports/profile.json): the whole ``rlfn.profile.profile_report`` (spread, threads, images,
+backend, reference) and the Pareto points.
 
 Pareto (``profile.pareto``): the official weights listed there (files that are absent are
 skipped with a note), every warm-start stage's model and every registered version of ``rlfn-x<scale>``
@@ -57,17 +60,11 @@ def measure(weights: Path, scale: int, p: ProfileSettings) -> dict:
 
 
 def figures(report: dict) -> dict:
-    """The flat figures of ``profile.out`` (DVC metrics) from a profile report."""
+    """The figures of ``profile.out`` (DVC metrics) from a profile report."""
     rt, mem = report["runtime"], report["memory"]
     return {"params": report["params"], "flops": report["flops"],
-            "activations": report["activations"], "counts_input": report["counts_input"],
-            "backend": report["backend"], "runtime_ms_cpu": round(rt["median"], 3),
-            "runtime_rel": round(rt["relative"], 4), "reference": rt["reference"],
-            "reference_runtime_ms_cpu": round(rt["reference_median"], 3),
-            "runtime_ms_cpu_mean": round(rt["mean"], 3),
-            "runtime_ms_cpu_stdev": round(rt["stdev"], 3), "threads": rt["threads"],
-            "images": rt["images"], "input_hw": rt["input_hw"],
-            "peak_rss_mb": round(mem["peak_rss"], 1)}
+            "activations": report["activations"], "runtime_ms_cpu": round(rt["median"], 3),
+            "runtime_rel": round(rt["relative"], 4), "peak_rss_mb": round(mem["peak_rss"], 1)}
 
 
 def _candidates(s: Settings, tmp: Path) -> list[dict]:
@@ -189,22 +186,24 @@ def profile(settings: Settings | None = None) -> dict:
     if p.threads:
         torch.set_num_threads(p.threads)
     with stage_run("profile", s, s.section("profile")):
-        out = figures(measure(s.final_weights, s.scale, p))
+        report = measure(s.final_weights, s.scale, p)
+        out = figures(report)
         rows = pareto(s)
-        out["pareto_points"] = len(rows)
         write_json(p.out, out)
-        log_dict_metrics("", {k: v for k, v in out.items() if k != "counts_input"})
+        write_json(p.details, {**report, "pareto": rows})
+        log_dict_metrics("", out)
+        mlflow.log_artifact(p.details)
         for row in rows:
             mlflow.log_metrics({f"pareto.{row['label'].split()[0]}.{row['set']}.psnr_y":
                                 row["psnr_y"],
                                 f"pareto.{row['label'].split()[0]}.runtime_ms":
                                 row["runtime_ms"]})
+        rt = report["runtime"]
         log.info(f"profile: {out['params']:,} params, {out['flops'] / 1e9:.2f} G FLOPs, "
                  f"{out['activations'] / 1e6:.2f} M activations; {out['runtime_ms_cpu']:.1f} "
-                 f"ms/image (CPU {out['backend']}, {out['threads']} threads, median of "
-                 f"{out['images']}), {out['runtime_rel']:.2f}x {out['reference']} "
-                 f"({out['reference_runtime_ms_cpu']:.1f} ms), peak RSS "
-                 f"{out['peak_rss_mb']:.0f} MB")
+                 f"ms/image (CPU {report['backend']}, {rt['threads']} threads, median of "
+                 f"{rt['images']}), {out['runtime_rel']:.2f}x {rt['reference']} "
+                 f"({rt['reference_median']:.1f} ms), peak RSS {out['peak_rss_mb']:.0f} MB")
         for row in rows:
             log.info(f"  pareto {row['label']:<28} {row['set']:<6} {row['psnr_y']:.3f} dB  "
                      f"{row['runtime_ms']:.1f} ms{'  *front*' if row['on_front'] else ''}")

@@ -6,8 +6,11 @@ The candidate is the last stage's registered version. Its figures (the gate metr
 current champion by more than ``promote.margin`` and stays within its budgets: the CPU time
 relative to a reference model timed in the same run (``promote.runtime_budget_rel``: the
 same decision on a fast or a slow machine), the NTIRE FLOPs (``promote.flops_budget_g``)
-and, when set, the absolute ``promote.runtime_budget_ms``. The decision and both models' figures go to ``promote.out``
-and onto the version's tags.
+and, when set, the absolute ``promote.runtime_budget_ms``. ``promote.out``
+(metrics/promote.json: ``promoted`` 0/1 and the candidate ``version``) is what ``dvc metrics
+show`` shows; the decision with its reason and both models' figures goes to
+``promote.details`` (reports/promotion.json: ``{"promoted", "version", "decision"}``) and
+onto the version's tags.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def promote(settings: Settings | None = None) -> dict:
         version = candidate(s.stage_dir(s.last_stage), s.last_stage, s.scale, name, figures)
         decision = decide(name, version.version, gate_metric=p.gate_metric, margin=p.margin,
                           budgets=p.budgets())
-        out = {"promoted": int(bool(decision["promoted"])), "decision": decision}
+        out = {"promoted": int(bool(decision["promoted"])),
+               "version": int(decision["candidate_version"])}
         write_json(p.out, out)
+        write_json(p.details, {**out, "decision": decision})
+        mlflow.log_artifact(p.details)
         mlflow.log_metric("promoted", out["promoted"])
         mlflow.set_tags({"promotion.promoted": str(bool(decision["promoted"])),
                          "promotion.reason": decision["reason"]})

@@ -113,7 +113,21 @@ class StageSettings(BaseModel):
 
 class EvaluateSettings(_Section):
     sets: dict[str, str] = Field(min_length=1)
+    optional_sets: dict[str, str] = {}
+    stage_sets: list[str] = Field(default=["Set5"], min_length=1)
+    backend: str = "eager"
     out: str = "metrics/evaluate.json"
+
+    @model_validator(mode="after")
+    def _stage_sets_known(self) -> "EvaluateSettings":
+        unknown = [n for n in self.stage_sets if n not in self.sets]
+        if unknown:
+            raise ValueError(f"stage_sets: {', '.join(unknown)} not in evaluate.sets "
+                             f"({', '.join(self.sets)})")
+        clash = sorted(set(self.sets) & set(self.optional_sets))
+        if clash:
+            raise ValueError(f"optional_sets: {', '.join(clash)} also in evaluate.sets")
+        return self
     stages_out: str = "metrics/evaluate_stages.json"
     plot: str = "plots/psnr_by_stage.csv"
 
@@ -137,6 +151,7 @@ class ProfileSettings(_Section):
     backend: str = "openvino"
     reference: str = "rlfn_ntire"  # timed alongside: runtime_rel = model time / its time
     out: str = "metrics/profile.json"
+    details: str = "reports/profile.json"
     pareto: ParetoSettings = ParetoSettings()
 
 
@@ -148,6 +163,7 @@ class PromoteSettings(_Section):
     runtime_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     registered_model: str | None = None
     out: str = "metrics/promote.json"
+    details: str = "reports/promotion.json"
 
     def budgets(self) -> dict[str, float]:
         """``{figure: maximum}`` of the budgets that are set (figures of the profile stage)."""

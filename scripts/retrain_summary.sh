@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Markdown summary of a retrain (.github/workflows/retrain.yml): the promotion decision that
-# the promote stage wrote to metrics/promote.json (pipeline/promote.py, keys from
+# the promote stage wrote to reports/promotion.json (pipeline/promote.py, keys from
 # pipeline.mlflow_registry.promote) and the `dvc metrics diff BASE --md` table. Writes to stdout; the
 # workflow appends it to $GITHUB_STEP_SUMMARY and posts it as a PR comment.
 #
 #   usage: scripts/retrain_summary.sh PROMOTE_JSON DIFF_MD BASE [NOTE]
-#     PROMOTE_JSON  metrics/promote.json
+#     PROMOTE_JSON  reports/promotion.json
 #     DIFF_MD       a file with the output of `dvc metrics diff BASE --md` (empty/missing: no diff)
 #     BASE          the git revision the diff compares against (shown in the heading)
 #     NOTE          optional warning shown first (e.g. the decision is not this run's)

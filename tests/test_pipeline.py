@@ -20,7 +20,8 @@ from servers import clean_env, mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-        ".dvcignore", ".gitignore", "data/sample/Set5", "data/sample/README.md"]
+        ".dvcignore", ".gitignore", "data/sample/Set5", "data/sample/Set14",
+        "data/sample/README.md"]
 
 
 _env = clean_env
@@ -66,6 +67,7 @@ def _tiny_params(p: Path, iterations: int = 4) -> None:
     prm["profile"]["max_images"] = 2
     prm["profile"]["warmup"] = 1
     prm["profile"]["pareto"].update(max_images=1, warmup=1)
+    prm["evaluate"]["sets"] = {"Set5": "data/sample/Set5", "Set14": "data/sample/Set14"}
     assert list(prm["train_stages"]) == ["1", "2", "3"]
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
 
@@ -131,12 +133,24 @@ def test_repro_outputs_and_metrics(project, repro):
         for f in ("model.safetensors", "curves.csv", "curves.png", "result.json", "mlflow.json"):
             assert (stage / f).exists(), (k, f)
     ev = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(ev["x4"]) == {"Set5", "Set14"}  # the final model on every set
     assert set(ev["x4"]["Set5"]) == {"psnr_y", "ssim_y"} and ev["mean_psnr_y"] > 10
+    assert ev["mean_psnr_y"] == pytest.approx(
+        (ev["x4"]["Set5"]["psnr_y"] + ev["x4"]["Set14"]["psnr_y"]) / 2, abs=1e-5)
+    assert "Urban100 (../shared/data/benchmarks/Urban100/x4/HR) not found" in repro["out"]
     stages = json.loads((project / "metrics" / "evaluate_stages.json").read_text())
     assert set(stages) == {"bicubic", "stage1", "stage2", "stage3"}
-    assert abs(stages["bicubic"]["x4"]["Set5"]["psnr_y"] - 28.4302) < 0.01  # MATLAB bicubic
+    assert all(set(v) == {"Set5"} for v in stages.values())  # earlier stages: Set5 only
+    assert stages["stage3"]["Set5"] == ev["x4"]["Set5"]
+    assert abs(stages["bicubic"]["Set5"]["psnr_y"] - 28.4302) < 0.01  # MATLAB bicubic
     prof = json.loads((project / "metrics" / "profile.json").read_text())
+    assert set(prof) == {"params", "flops", "activations", "runtime_ms_cpu", "runtime_rel",
+                         "peak_rss_mb"}  # a few columns in `dvc metrics show`; details apart
     assert prof["params"] == 317_218 and prof["runtime_ms_cpu"] > 0
+    details = json.loads((project / "reports" / "profile.json").read_text())
+    assert details["runtime"]["reference"] == "rlfn_ntire" and details["pareto"]
+    # the trained model is the challenge architecture: about as fast as the reference
+    assert 0.3 < prof["runtime_rel"] < 3
     # NTIRE counts of the challenge architecture (here freshly trained): the published values
     assert (round(prof["flops"] / 1e9, 2), round(prof["activations"] / 1e6, 2)) == (19.70, 80.05)
     # Pareto: our 3 stages, each also a registered version (one point, both names); the
@@ -149,10 +163,14 @@ def test_repro_outputs_and_metrics(project, repro):
     assert (project / "plots" / "pareto.png").stat().st_size > 10_000
     assert "rlfn_x4.pth not found; left out of the Pareto chart" in repro["out"]
     promo = json.loads((project / "metrics" / "promote.json").read_text())
-    assert promo["promoted"] == 1  # no champion before: the first model is promoted
-    # DVC sees the metrics with set/scale/metric key paths
+    assert promo == {"promoted": 1, "version": 3}  # no champion before: the first is promoted
+    decision = json.loads((project / "reports" / "promotion.json").read_text())["decision"]
+    assert decision["budgets"]["runtime_rel"] == 3.0 and "no champion yet" in decision["reason"]
+    # DVC sees the metrics with set/scale/metric key paths, and says nothing failed to load
     shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "psnr_y" in shown and "Set5" in shown
+    table = _run(["dvc", "metrics", "show"], project)
+    assert "failed" not in (table.stdout + table.stderr).lower(), table.stdout + table.stderr
     assert "Stage 'train_stage@3' didn't change" in repro["noop_out"] or \
         "Data and pipelines are up to date" in repro["noop_out"]
 

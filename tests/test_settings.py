@@ -53,6 +53,8 @@ def test_the_project_params_load():
      ["stage key 'x'"]),
     (lambda p: p["train_launch"].update(nproc_per_node=0), "train_launch.nproc_per_node",
      ["greater than 0"]),
+    (lambda p: p["evaluate"].update(stage_sets=["Set99"]), "evaluate.stage_sets",
+     ["Set99 not in evaluate.sets"]),
     (lambda p: p["data"].update(manifest_summary="elsewhere.json"), "data.manifest_summary",
      ["data/manifest.summary.json"]),
 ])

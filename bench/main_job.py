@@ -1,0 +1,125 @@
+"""Time the README's command 1 (setup + `dvc repro`) on a fresh clone, phase by phase.
+
+    python bench/main_job.py [--repo .] [--dir /tmp/rlfn-main-job] [--reuse-venv]
+
+Clones ``--repo`` (its committed HEAD) into ``--dir``, runs ``bash scripts/setup.sh`` (the
+setup phase; ``--reuse-venv`` links this checkout's ``.venv`` instead, to time the pipeline
+alone), then ``dvc repro`` with the venv active, reading its output as it comes: each stage's
+wall time from DVC's "Running stage" lines, and how much of it went on start-up (interpreter,
+imports, Prefect's temporary server, the MLflow run) from the stage's own "ready after N s"
+line (``pipeline._common.stage_run``). Prints the phase table against the 15-minute target
+and writes it to ``bench/results/main_job.json`` (with the machine) unless ``--no-save``.
+Nothing here is asserted: the figures are for people (and the next regression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_S = 15 * 60
+RUNNING = re.compile(r"Running stage '([^']+)'")
+READY = re.compile(r"(\S+): ready after ([\d.]+) s")
+PSNR = re.compile(r"stage(\d+): Set5 ([\d.]+) dB")
+
+
+def _machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def _fmt(s: float) -> str:
+    return f"{int(s // 60)}:{s % 60:04.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", default=str(ROOT))
+    ap.add_argument("--dir", default="/tmp/rlfn-main-job")
+    ap.add_argument("--reuse-venv", action="store_true",
+                    help="link this checkout's .venv instead of running setup")
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args(argv)
+    work = Path(a.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    phases: list[dict] = []
+    t_all = time.monotonic()
+    subprocess.run(["git", "clone", "-q", a.repo, str(work)], check=True)
+    t0 = time.monotonic()
+    if a.reuse_venv:
+        (work / ".venv").symlink_to(ROOT / ".venv")
+    else:
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=work, check=True)
+    phases.append({"phase": "setup" + (" (venv reused)" if a.reuse_venv else ""),
+                   "seconds": time.monotonic() - t0})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    venv_bin = work / ".venv" / "bin"
+    env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(work / ".venv"),
+               PYTHONPATH="")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(venv_bin / "dvc"), "repro"], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    stage, started, ready, log = None, 0.0, {}, []
+    for line in proc.stdout:
+        log.append(line)
+        now = time.monotonic()
+        m = RUNNING.search(line)
+        if m:
+            if stage:
+                phases.append({"phase": stage, "seconds": now - started,
+                               "startup_s": ready.get(stage)})
+            stage, started = m.group(1), now
+            print(f"[{_fmt(now - t_all)}] {stage}", flush=True)
+        m = READY.search(line)
+        if m and stage:
+            ready[stage] = float(m.group(2))
+    rc = proc.wait()
+    now = time.monotonic()
+    if stage:
+        phases.append({"phase": stage, "seconds": now - started, "startup_s": ready.get(stage)})
+    repro_s, total_s = now - t0, now - t_all
+    (work / "bench-main-job.log").write_text("".join(log))
+    print(f"\n{'phase':<24} {'wall':>8} {'start-up':>9} {'work':>8}")
+    for p in phases:
+        su = p.get("startup_s")
+        work_s = p["seconds"] - su if su is not None else None
+        print(f"{p['phase']:<24} {_fmt(p['seconds']):>8} "
+              f"{'' if su is None else _fmt(su):>9} {'' if work_s is None else _fmt(work_s):>8}")
+    startup = sum(p.get("startup_s") or 0 for p in phases)
+    print(f"{'dvc repro':<24} {_fmt(repro_s):>8} {_fmt(startup):>9}")
+    print(f"{'total (clone to end)':<24} {_fmt(total_s):>8}   target {_fmt(TARGET_S)}: "
+          f"{total_s / TARGET_S:.2f}x of it  (exit code {rc})")
+    metrics = {}
+    ev = work / "metrics" / "evaluate.json"
+    if ev.exists():
+        metrics = json.loads(ev.read_text())
+        print(f"final model: {json.dumps(metrics)}")
+    if not a.no_save:
+        out = ROOT / "bench" / "results" / "main_job.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": _machine(), "command": " ".join(
+            [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
+            "repro_s": round(repro_s, 1), "target_s": TARGET_S, "phases": [
+                {k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items()}
+                for p in phases], "metrics": metrics}, indent=2) + "\n")
+        print(f"wrote {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
