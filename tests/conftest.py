@@ -106,24 +106,9 @@ def pytest_configure(config):
 
 
 def _marked_processes(marker: str) -> dict[int, str]:
-    """pid -> command line of every live process (but this one) whose environment carries
-    ``RLFN_TEST_SESSION=marker``. Processes of other users are unreadable and skipped."""
-    needle = f"{SESSION_VAR}={marker}".encode()
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle not in (d / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (d / "stat").read_text()
-            if stat[stat.rindex(")") + 2] == "Z":  # exited, waiting to be reaped: not running
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):  # gone meanwhile, or not ours to read
-            continue
-        found[int(d.name)] = cmd.strip() or f"[pid {d.name}]"
-    return found
+    from servers import processes_with_env
+
+    return processes_with_env(SESSION_VAR, marker)
 
 
 def _stop_workers_owned_by_this_process() -> None:

@@ -112,3 +112,25 @@ def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str
         yield url
     finally:
         stop_group(proc)
+
+
+def processes_with_env(var: str, value: str) -> dict[int, str]:
+    """pid -> command line of every live process (but this one) whose environment carries
+    ``var=value`` (children inherit it, so it finds orphans too). Zombies and processes of
+    other users (unreadable) are left out."""
+    needle = f"{var}={value}".encode()
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (d / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":  # exited, waiting to be reaped
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+        found[int(d.name)] = cmd.strip() or f"[pid {d.name}]"
+    return found

@@ -25,6 +25,7 @@ import yaml
 from PIL import Image
 
 from imagefiles import rgb
+from servers import processes_with_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -66,22 +67,7 @@ MARK = "RLFN_TUNE_TEST_MARK"  # in the environment of every process a test start
 
 def _marked(mark: str) -> dict[int, str]:
     """pid -> command line of the live processes whose environment has ``MARK=mark``."""
-    needle = f"{MARK}={mark}".encode()
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle not in (d / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (d / "stat").read_text()
-            if stat[stat.rindex(")") + 2] == "Z":  # exited, not yet reaped
-                continue
-            found[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-        except (OSError, ValueError):
-            continue
-    return found
+    return processes_with_env(MARK, mark)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
