@@ -171,6 +171,12 @@ def test_repro_outputs_and_metrics(project, repro):
     assert "psnr_y" in shown and "Set5" in shown
     table = _run(["dvc", "metrics", "show"], project)
     assert "failed" not in (table.stdout + table.stderr).lower(), table.stdout + table.stderr
+    # a log, not a terminal: progress as a few plain lines, no carriage-return updates
+    assert "\r" not in repro["out"]
+    lines = [ln for ln in repro["out"].splitlines() if ln.startswith("stage 3 train: ")]
+    assert 1 <= len(lines) <= 15 and all("it/s" in ln or "s/it" in ln for ln in lines), lines
+    assert "(100%)" in lines[-1] and "loss" in lines[-1] and "lr" in lines[-1], lines
+    assert "train_stage@3: ready after" in repro["out"]  # each stage's start-up, logged
     assert "Stage 'train_stage@3' didn't change" in repro["noop_out"] or \
         "Data and pipelines are up to date" in repro["noop_out"]
 
