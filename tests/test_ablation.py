@@ -43,6 +43,7 @@ def project(tmp_path_factory) -> Path:
                                    val_max_images=2, log_every=1, num_workers=0)
     prm["ablation"]["stages"] = 2
     prm["ablation"]["runtime"] = {"max_images": 1, "warmup": 1}
+    prm["evaluate"]["sets"] = {"Set5": "data/sample/Set5"}  # the 2 images copied above
     (d / "params.yaml").write_text(yaml.safe_dump(prm, sort_keys=False))
     return d
 

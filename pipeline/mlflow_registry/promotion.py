@@ -61,7 +61,10 @@ def _decide(cand: ModelVersion, champ: ModelVersion | None, gate_metric: str, ma
             return False, (f"candidate v{v} has no {figure} figure, and a budget of "
                            f"{limit:g} is set for it")
         if value > limit:
-            return False, (f"candidate v{v} is over budget: {figure} {value:g} > {limit:g}")
+            what = ("runtime" if figure.startswith("runtime") else
+                    "FLOPs" if figure == "flops" else figure)
+            return False, (f"candidate v{v} is over the {what} budget: {figure} {value:g} > "
+                           f"{limit:g}")
     if champ is None:
         return True, f"no champion yet; candidate v{v} ({gate_metric} {gate:g}) becomes champion"
     if str(champ.version) == str(v):
