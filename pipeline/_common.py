@@ -27,10 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
-from pipeline.settings import Settings, load_settings, params_path
-from rlfn.errors import ConfigError, RLFNError
+from pipeline.settings import Settings, load_settings
+from pipeline.settings import read_params as params
+from rlfn.errors import RLFNError
 from rlfn.log import get_logger
 from rlfn.log import setup as setup_logging
 
@@ -41,14 +40,6 @@ __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commi
 
 log = get_logger("pipeline")
 _LOADED = time.monotonic()
-
-
-def params(path: str | Path | None = None) -> dict[str, Any]:
-    p = params_path(path)
-    if not p.exists():
-        raise ConfigError(p, "no such params file (run from the project root, or set "
-                             "RLFN_PARAMS)")
-    return yaml.safe_load(p.read_text()) or {}
 
 
 def _mlflow_section(prm: Any) -> dict:
@@ -76,10 +67,6 @@ def main(flow: Callable[..., Any], *args: Any,
         settings = load_settings()
         if check is not None:
             check(settings)
-    except RLFNError as e:
-        log.error(str(e))
-        return e.exit_code
-    try:
         flow(*args, settings=settings)
     except RLFNError as e:
         log.error(str(e))

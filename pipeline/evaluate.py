@@ -21,9 +21,9 @@ from prefect import flow, task
 
 from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import Settings, load_settings
-from rlfn.errors import ConfigError, DataError
+from rlfn.errors import DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
+from rlfn.infer import check_backend, make_engine
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model
 
@@ -54,14 +54,8 @@ def _write_plot(path: Path, rows: list[tuple[str, str, dict]]) -> None:
 
 def check(s: Settings) -> None:
     """The backend must be known, installed and exact; said before any work."""
-    e = s.evaluate
-    try:
-        check_backend(e.backend, "cpu")
-    except BackendError as err:
-        raise ConfigError(f"{s.params_file}: evaluate.backend", err.reason) from None
-    if not BACKENDS[e.backend].exact:
-        raise ConfigError(f"{s.params_file}: evaluate.backend", f"{e.backend} is not exact; "
-                          "the metrics must not depend on the backend")
+    check_backend(s.evaluate.backend, "cpu", where=f"{s.params_file}: evaluate.backend",
+                  exact_for="the metrics must not depend on the backend")
 
 
 @flow(name="rlfn-evaluate", flow_run_name="evaluate")

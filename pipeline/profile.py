@@ -34,7 +34,7 @@ from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
 from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
+from rlfn.infer import check_backend, make_engine
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto
@@ -164,15 +164,9 @@ def pareto(s: Settings) -> list[dict]:
 def check(s: Settings) -> None:
     """Backends named in params must exist and be installed: said before any work."""
     p = s.profile
-    for key, backend in (("profile.backend", p.backend),
-                         ("profile.pareto.backend", p.pareto.backend)):
-        try:
-            check_backend(backend, "cpu")
-        except BackendError as e:
-            raise ConfigError(f"{s.params_file}: {key}", e.reason) from None
-    if not BACKENDS[p.backend].exact:
-        raise ConfigError(f"{s.params_file}: profile.backend", f"{p.backend} is not exact; the "
-                          "promotion gate's runtime must come from an exact backend")
+    check_backend(p.backend, "cpu", where=f"{s.params_file}: profile.backend",
+                  exact_for="the promotion gate's runtime must come from an exact backend")
+    check_backend(p.pareto.backend, "cpu", where=f"{s.params_file}: profile.pareto.backend")
     if p.reference not in model_names():
         raise ConfigError(f"{s.params_file}: profile.reference", f"unknown model "
                           f"{p.reference!r}; known: {', '.join(model_names())}")

@@ -31,7 +31,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
 
 from rlfn.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "params_path", "DataSettings", "DegradeSettings",
+__all__ = ["Settings", "load_settings", "read_params", "params_path", "DataSettings", "DegradeSettings",
            "PatchesSettings", "TrainLaunch", "StageSettings", "EvaluateSettings",
            "ParetoSettings", "ProfileSettings", "PromoteSettings", "MlflowSettings"]
 
@@ -45,6 +45,7 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
+    # each source is checked by the prepare stage (rlfn.data.sources), the one that reads them
     sources: list[dict[str, Any]] = Field(min_length=1)
     cache: str = ".cache/rlfn"
     manifest: str = "data/manifest.parquet"
@@ -60,7 +61,6 @@ class DataSettings(_Section):
             raise ValueError(f"manifest_summary: the manifest's summary is written beside it, "
                              f"as {want}; got {self.manifest_summary}")
         return self
-    # each source is checked by the prepare stage (rlfn.data.sources), the one that reads them
 
 
 class DegradeSettings(_Section):
@@ -117,6 +117,8 @@ class EvaluateSettings(_Section):
     stage_sets: list[str] = Field(default=["Set5"], min_length=1)
     backend: str = "eager"
     out: str = "metrics/evaluate.json"
+    stages_out: str = "metrics/evaluate_stages.json"
+    plot: str = "plots/psnr_by_stage.csv"
 
     @model_validator(mode="after")
     def _stage_sets_known(self) -> "EvaluateSettings":
@@ -128,8 +130,6 @@ class EvaluateSettings(_Section):
         if clash:
             raise ValueError(f"optional_sets: {', '.join(clash)} also in evaluate.sets")
         return self
-    stages_out: str = "metrics/evaluate_stages.json"
-    plot: str = "plots/psnr_by_stage.csv"
 
 
 class ParetoSettings(_Section):
@@ -278,9 +278,9 @@ def _describe(err: dict) -> tuple[str, str]:
     return loc, msg + tail
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """``params.yaml`` (or ``path``) checked into :class:`Settings`; the first problem is one
-    ``ConfigError`` naming the file and key."""
+def read_params(path: str | Path | None = None) -> dict[str, Any]:
+    """``params.yaml`` (or ``path``; ``RLFN_PARAMS`` when unset) as plain data, unchecked
+    beyond being a readable YAML mapping (a ``ConfigError`` naming the file otherwise)."""
     p = params_path(path)
     if not p.exists():
         raise ConfigError(p, "no such params file (run from the project root, or set "
@@ -291,6 +291,14 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(p, f"not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(p, f"expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """``params.yaml`` (or ``path``) checked into :class:`Settings`; the first problem is one
+    ``ConfigError`` naming the file and key."""
+    p = params_path(path)
+    raw = read_params(p)
     try:
         s = Settings(**{k: v for k, v in raw.items() if k not in ("params_file", "raw")},
                      params_file=str(p), raw=raw)

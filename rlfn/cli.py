@@ -52,12 +52,9 @@ def _scale(text: str) -> int:
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
-    from .infer import BackendError, check_backend
+    from .infer import check_backend
 
-    try:
-        check_backend(backend, device)
-    except BackendError as e:
-        raise UsageError(f"--backend {backend}", e.reason) from None
+    check_backend(backend, device, where=f"--backend {backend}")
 
 
 def _load(model: str, scale: int):

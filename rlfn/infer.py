@@ -89,8 +89,21 @@ def backend_names() -> list[str]:
     return list(BACKENDS)
 
 
-def check_backend(name: str, device: str | torch.device = "cpu") -> BackendInfo:
-    """The backend's description, or a one-line ``BackendError`` saying why it cannot run."""
+def check_backend(name: str, device: str | torch.device = "cpu", *, where: str | None = None,
+                  exact_for: str | None = None) -> BackendInfo:
+    """The backend's description, or a one-line ``BackendError`` saying why it cannot run,
+    naming ``where`` (the option or setting it came from). With ``exact_for`` (what needs an
+    exact backend), a lossy backend is refused too."""
+    try:
+        info = _check_backend(name, device)
+    except BackendError as e:
+        raise BackendError(where, e.reason) from None
+    if exact_for is not None and not info.exact:
+        raise BackendError(where, f"{name} is not exact; {exact_for}")
+    return info
+
+
+def _check_backend(name: str, device: str | torch.device) -> BackendInfo:
     info = BACKENDS.get(name)
     if info is None:
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
