@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.services import check_services, describe_failure
 from pipeline.settings import Settings, load_settings
 from pipeline.settings import read_params as params
 from rlfn.errors import RLFNError
@@ -67,10 +69,17 @@ def main(flow: Callable[..., Any], *args: Any,
         settings = load_settings()
         if check is not None:
             check(settings)
+        check_services()  # team mode's servers: reachable and ours, before any work
         flow(*args, settings=settings)
     except RLFNError as e:
         log.error(str(e))
         return e.exit_code
+    except Exception as e:  # a server lost mid-stage: one line naming it, after the retries
+        line = describe_failure(e)
+        if line is None:
+            raise
+        log.error(line)
+        return 1
     return 0
 
 
@@ -167,9 +176,40 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
             yield run
         status = "FINISHED"
         log.info(f"{stage}: work done in {time.monotonic() - t0:.1f} s")
+        if _deployed_outside_dvc():
+            commit_stage(stage)
     finally:
         client.set_terminated(run.info.run_id, status)
         client.set_terminated(parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+EXPERIMENT_STAGES = {"tune", "ablate"}  # stages of experiments/dvc.yaml
+
+
+def _deployed_outside_dvc() -> bool:
+    """A flow run of a deployment (a worker ran it) that no ``dvc repro`` launched."""
+    if os.environ.get("RLFN_REPRO_ID") or _dvc_ancestor():
+        return False
+    try:
+        from prefect.runtime import deployment
+
+        return bool(deployment.id)
+    except Exception:  # no Prefect context
+        return False
+
+
+def commit_stage(stage: str) -> None:
+    """``dvc commit -f STAGE``: record in ``dvc.lock`` what a stage run outside ``dvc repro``
+    (by a Prefect worker) wrote, so that ``dvc status`` agrees with the workspace."""
+    target = f"experiments/dvc.yaml:{stage}" if stage in EXPERIMENT_STAGES else stage
+    r = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", target], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RLFNError(f"dvc commit {target} (in {ROOT})",
+                        f"the stage ran outside dvc repro and its outputs could not be "
+                        f"recorded: {(r.stderr or r.stdout).strip()[-500:]}")
+    log.info(f"{stage}: outputs recorded in dvc.lock (dvc commit {target}; run outside "
+             "dvc repro)")
 
 
 def process_age_s() -> float:

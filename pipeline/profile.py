@@ -103,12 +103,18 @@ def _candidates(s: Settings, tmp: Path) -> list[dict]:
 
 
 @task
-def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict
-                 ) -> list[dict]:
+def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict,
+                 timed: dict | None = None) -> tuple[list[dict], dict]:
+    """One model's rows (a row per set) and its runtime. A CNN's runtime depends on its
+    architecture, not on its weights: ``timed`` (architecture -> runtime) has the ones
+    already timed in this chart (every stage and registered version of one architecture is
+    timed once)."""
     loaded = load_model(c["path"], scale=scale)
     backend = pp.backend
     engine = make_engine(loaded.model, backend, "cpu")
-    rt = profile_runtime(engine, input_dir, pp.max_images, pp.warmup)
+    rt = (timed or {}).get(loaded.name)
+    if rt is None:
+        rt = profile_runtime(engine, input_dir, pp.max_images, pp.warmup)
     rows = []
     for set_name, hr_dir in sets.items():
         rep = evaluate_folder(ModelUpscaler(engine), hr_dir, progress=True,
@@ -121,7 +127,7 @@ def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: 
                      "ssim_y": round(rep.mean["ssim_y"], 5),
                      "runtime_ms": round(rt["median_ms"], 2), "params": rt["params"],
                      "backend": backend, "sha256": c["sha256"][:16]})
-    return rows
+    return rows, {loaded.name: rt}
 
 
 def pareto(s: Settings) -> list[dict]:
@@ -136,9 +142,11 @@ def pareto(s: Settings) -> list[dict]:
         log.warning("profile: no Pareto sets available; chart skipped")
         return []
     with tempfile.TemporaryDirectory(prefix="rlfn-registry-") as tmp:
-        rows = []
+        rows, timed = [], {}
         for c in _candidates(s, Path(tmp)):
-            rows += pareto_point(c, s.scale, pp, s.profile.input_dir, sets)
+            more, rt = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed)
+            rows += more
+            timed.update(rt)
     for set_name in sets:
         sel = [r for r in rows if r["set"] == set_name]
         for r, f in zip(sel, pareto_front([r["runtime_ms"] for r in sel],

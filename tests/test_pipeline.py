@@ -67,6 +67,8 @@ def _tiny_params(p: Path, iterations: int = 4) -> None:
     prm["profile"]["max_images"] = 2
     prm["profile"]["warmup"] = 1
     prm["profile"]["pareto"].update(max_images=1, warmup=1)
+    prm["profile"]["pareto"]["sets"] = {"Set5": "data/sample/Set5",
+                                        "B100": "../shared/data/benchmarks/BSD100/x4/HR"}
     prm["evaluate"]["sets"] = {"Set5": "data/sample/Set5", "Set14": "data/sample/Set14"}
     assert list(prm["train_stages"]) == ["1", "2", "3"]
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
@@ -159,6 +161,8 @@ def test_repro_outputs_and_metrics(project, repro):
         rows = list(csv.DictReader(fh))
     assert sorted(r["label"] for r in rows) == ["stage1 (v1)", "stage2 (v2)", "stage3 (v3)"]
     assert {r["set"] for r in rows} == {"Set5"} and all(float(r["runtime_ms"]) > 0 for r in rows)
+    # one architecture, timed once: every stage's point has the same runtime
+    assert len({r["runtime_ms"] for r in rows}) == 1, rows
     assert any(r["on_front"] == "1" for r in rows)
     assert (project / "plots" / "pareto.png").stat().st_size > 10_000
     assert "rlfn_x4.pth not found; left out of the Pareto chart" in repro["out"]
@@ -265,8 +269,9 @@ def test_param_change_reruns_exactly_its_stages(project, repro):
 def test_second_repro_while_one_runs_is_refused(project, repro):
     p = project / "params.yaml"
     prm = yaml.safe_load(p.read_text())
-    prm["profile"]["warmup"] = 3
+    prm["promote"]["margin"] = 0.001  # reruns promote alone (a short stage, held ~15 s)
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    before = (project / "metrics" / "profile.json").read_bytes()
     first = subprocess.Popen(["dvc", "repro"], cwd=project, env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -292,6 +297,8 @@ def test_second_repro_while_one_runs_is_refused(project, repro):
     assert lock.parent.exists()
     prof = json.loads((project / "metrics" / "profile.json").read_text())
     assert prof["params"] == 317_218  # the first run's outputs are intact
+    assert (project / "metrics" / "profile.json").read_bytes() == before
+    assert "Running stage 'promote'" in out and "Running stage 'profile'" not in out
     assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
 
 

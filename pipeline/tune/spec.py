@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -201,8 +202,12 @@ def _extremes(space: dict[str, dict]) -> list[tuple[str, Any]]:
     return out
 
 
+STORAGE_ENV = "RLFN_OPTUNA_STORAGE"
+
+
 def load_spec(params_file: str = "params.yaml") -> TuneSpec:
-    """The checked ``tune:`` section (everything but the storage, see ``open_storage``)."""
+    """The checked ``tune:`` section (everything but the storage, see ``open_storage``).
+    ``RLFN_OPTUNA_STORAGE``, when set, replaces ``tune.storage`` (the team's PostgreSQL)."""
     prm = params(params_file)
     raw = prm.get("tune")
     if not isinstance(raw, dict):
@@ -248,7 +253,9 @@ def load_spec(params_file: str = "params.yaml") -> TuneSpec:
         bad = sorted(set(e) - set(space))
         if bad:
             raise TuneError(f"tune.enqueue[{i}]", f"{', '.join(bad)} not in tune.space")
-    spec = TuneSpec(params_file, t["study"], t["storage"], n_trials, timeout,
+    # team mode: the shared study's database (scripts/stack.sh env) wins over params.yaml
+    storage = os.environ.get(STORAGE_ENV) or t["storage"]
+    spec = TuneSpec(params_file, t["study"], storage, n_trials, timeout,
                     _num(t["stage"], "tune.stage", integer=True),
                     _factory("sampler", t["sampler"]), _factory("pruner", t["pruner"]),
                     t["metric"], dict(base), space, enqueue, heartbeat, grace,

@@ -1,0 +1,473 @@
+"""Team mode's service stack (scripts/stack.sh): real PostgreSQL, MLflow server, Prefect server
+and worker, sshd, on 127.0.0.1, no mocks.
+
+One stack for the module, in a temporary state directory (``RLFN_STACK_DIR``) on free ports,
+serving a temporary ``git clone`` of this repository (``RLFN_PROJECT_DIR``: the worker's flow
+runs write there, and its .dvc/config.local gets the remote), so a developer's own stack and
+working tree are left alone. ``down`` at teardown, then a check that none of its processes
+survived."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, require_module, require_tool, unavailable
+from servers import _group_alive, clean_env, free_port, processes_with_env
+
+STACK_SH = ROOT / "scripts" / "stack.sh"
+SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
+EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+           "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
+           "RLFN_PROJECT_DIR")
+
+
+@dataclass
+class Stack:
+    env: dict          # the environment `scripts/stack.sh` runs with (state dir, ports)
+    state: Path        # RLFN_STACK_DIR
+    clone: Path        # RLFN_PROJECT_DIR
+    ports: dict
+    up_output: str     # what the first `up` printed
+    up_seconds: float
+
+    def sh(self, cmd: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(STACK_SH), cmd], capture_output=True, text=True,
+                              env={**self.env, **env}, timeout=timeout, cwd=ROOT)
+
+    def exports(self) -> dict[str, str]:
+        r = self.sh("env")
+        assert r.returncode == 0, r.stderr
+        assert all(x.startswith("export ") for x in r.stdout.splitlines()), r.stdout
+        return _eval_env(r.stdout)
+
+    def client_env(self, **extra) -> dict:
+        """A client process's environment: the exports of `env`, its own PREFECT_HOME."""
+        home = self.state.parent / "client-prefect-home"
+        return clean_env(**self.exports(), PREFECT_HOME=str(home), **extra)
+
+    def secrets(self) -> dict:
+        return json.loads((self.state / "secrets" / "stack.json").read_text())
+
+
+def _eval_env(script: str) -> dict[str, str]:
+    """The variables a bash shell has after ``eval "$script"``."""
+    r = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", script], capture_output=True,
+                       env={"PATH": os.environ["PATH"]}, timeout=30)
+    assert r.returncode == 0, r.stderr
+    pairs = (item.split(b"=", 1) for item in r.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs if k.decode() in EXPORTS}
+
+
+def _prerequisites() -> None:
+    for name in ("psycopg", "asyncpg", "dvc_ssh", "flask_wtf", "optuna", "mlflow", "prefect"):
+        require_module(name, extra="pipeline")
+    for tool in ("initdb", "pg_ctl", "ssh", "ssh-keygen", "git"):
+        if shutil.which(tool) is None:
+            unavailable(f"command {tool!r} is not installed (PostgreSQL's server programs, "
+                        "openssh-client and git are needed for scripts/stack.sh)")
+    if os.geteuid() != 0 and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        unavailable("sshd is not installed and only root can install it (apt-get install "
+                    "openssh-server)")
+
+
+def _http(method: str, url: str, body=None, auth: str | None = None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    _prerequisites()
+    # Not pytest's tmp_path: its base is 0700, and as root the postgres OS user must pass.
+    base = Path(tempfile.mkdtemp(prefix="rlfn-stack-test-"))
+    os.chmod(base, 0o711)
+    state, clone = base / "state", base / "clone"
+    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
+    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
+                    RLFN_STACK_PG_PORT=str(ports["pg"]),
+                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
+                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
+                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
+                    RLFN_STACK_WORKER_POLL_S="1")
+    env.pop("RLFN_OPTUNA_STORAGE", None)
+    try:
+        subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
+                       timeout=120)
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", str(STACK_SH), "up"], capture_output=True, text=True,
+                           env=env, timeout=600, cwd=ROOT)
+        took = time.monotonic() - t0
+        print(f"\nstack up (cold): {took:.1f} s\n{r.stdout}{r.stderr}")
+        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
+        yield Stack(env, state, clone, ports, r.stdout + r.stderr, took)
+    finally:
+        d = subprocess.run(["bash", str(STACK_SH), "down"], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=ROOT)
+        left = processes_with_env("RLFN_STACK_DIR", str(state))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
+        assert d.returncode == 0, d.stdout + d.stderr
+        assert not left, f"processes survived `stack.sh down`: {left}"
+
+
+def _status_lines(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines() if line.split()
+            and line.split()[0] in SERVICES}
+
+
+def test_stack_sh_shellcheck():
+    p = subprocess.run([require_tool("shellcheck"), str(STACK_SH)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# --------------------------------------------------------------------------- 1
+@pytest.mark.timeout(600)
+def test_up_status_idempotent_env(stack):
+    r = stack.sh("status")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = _status_lines(r.stdout)
+    assert set(lines) == set(SERVICES), r.stdout
+    for name, line in lines.items():
+        assert line.split()[1] == "up", line
+    assert f"http://127.0.0.1:{stack.ports['mlflow']}" in lines["mlflow"]
+    assert f"http://127.0.0.1:{stack.ports['prefect']}/api" in lines["prefect"]
+    assert f"127.0.0.1:{stack.ports['pg']}" in lines["postgresql"]
+    assert f"127.0.0.1:{stack.ports['ssh']}" in lines["sshd"]
+
+    t = time.monotonic()
+    again = stack.sh("up")
+    warm = time.monotonic() - t
+    print(f"stack up (warm): {warm:.1f} s")
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in ("postgresql", "mlflow", "prefect", "worker", "sshd"):
+        assert re.search(rf"^{name}\s+already up", again.stdout, re.M), again.stdout
+    n = len(yaml.safe_load((stack.clone / "prefect.yaml").read_text())["deployments"])
+    assert re.search(rf"^deployments\s+{n} deployments already on rlfn-pool", again.stdout,
+                     re.M), again.stdout
+    assert warm < 20, warm
+
+    exports = stack.exports()
+    assert set(exports) == set(EXPORTS), exports
+    assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{stack.ports['mlflow']}"
+    assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{stack.ports['prefect']}/api"
+    assert exports["RLFN_OPTUNA_STORAGE"].startswith("postgresql+psycopg://rlfn:")
+    assert exports["RLFN_OPTUNA_STORAGE"].endswith(f"@127.0.0.1:{stack.ports['pg']}/optuna")
+    assert exports["RLFN_PROJECT_DIR"] == str(stack.clone)
+
+    # secrets: private files, never printed by up/status nor written to a log
+    sec_dir = stack.state / "secrets"
+    assert stat.S_IMODE(sec_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((sec_dir / "stack.json").stat().st_mode) == 0o600
+    secrets = [v for v in stack.secrets().values() if len(v) >= 16]
+    assert len(secrets) >= 4
+    printed = stack.up_output + again.stdout + again.stderr + r.stdout + r.stderr
+    logs = {p: p.read_text(errors="replace") for p in (stack.state / "logs").glob("*.log")}
+    for s in secrets:
+        assert s not in printed
+        for p, text in logs.items():
+            assert s not in text, f"a secret in {p}"
+
+    # every service listens on loopback only
+    listening = _listening_addresses()
+    for port in stack.ports.values():
+        assert listening.get(port) == {"127.0.0.1"}, (port, listening.get(port))
+
+
+def _listening_addresses() -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            addr, port = f[1].split(":")
+            ip = ("127.0.0.1" if addr == "0100007F" else
+                  ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                  if len(addr) == 8 else addr)
+            out.setdefault(int(port, 16), set()).add(ip)
+    return out
+
+
+# --------------------------------------------------------------------------- 2: credentials
+@pytest.mark.timeout(300)
+def test_postgresql_needs_the_password(stack):
+    import psycopg
+
+    port = stack.ports["pg"]
+    for kw, says in (({}, "no password supplied"),
+                     ({"password": "wrong"}, 'password authentication failed for user "rlfn"')):
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(host="127.0.0.1", port=port, user="rlfn", dbname="mlflow",
+                            connect_timeout=10, **kw)
+        msg = str(e.value)
+        assert f'connection to server at "127.0.0.1", port {port} failed' in msg, msg
+        assert says in msg, msg
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=port, user="postgres", password="wrong",
+                        dbname="postgres", connect_timeout=10)
+    if shutil.which("psql"):
+        r = subprocess.run(["psql", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", "rlfn",
+                            "-d", "optuna", "-c", "select 1"], capture_output=True, text=True,
+                           env={**clean_env(), "PGPASSWORD": "wrong"}, timeout=30)
+        assert r.returncode != 0 and "password authentication failed" in r.stderr, r.stderr
+    sec = stack.secrets()
+    with psycopg.connect(host="127.0.0.1", port=port, user="rlfn", password=sec["db_password"],
+                         dbname="mlflow", connect_timeout=10) as c:
+        assert c.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
+        assert c.execute("SHOW password_encryption").fetchone()[0] == "scram-sha-256"
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres",
+                         password=sec["pg_superuser_password"], dbname="postgres",
+                         connect_timeout=10) as c:
+        rules = {m for (m,) in c.execute("SELECT auth_method FROM pg_hba_file_rules")}
+        dbs = {d for (d,) in c.execute("SELECT datname FROM pg_database")}
+    assert rules == {"scram-sha-256"}, rules
+    assert {"mlflow", "prefect", "optuna"} <= dbs
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_needs_a_login_and_serves_artifacts(stack, monkeypatch, tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    exports = stack.exports()
+    uri = exports["MLFLOW_TRACKING_URI"]
+    code, body = _http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1})
+    assert code == 401, (code, body)
+    code, _ = _http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1},
+                    auth=f"admin:{'x' * 20}")
+    assert code == 401
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", exports["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as e:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    assert "401" in str(e.value) and "mlflow" in str(e.value).lower(), str(e.value)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", exports["MLFLOW_TRACKING_PASSWORD"])
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(exp)
+    client.log_param(run.info.run_id, "p", 1)
+    client.log_metric(run.info.run_id, "m", 0.5)
+    art = tmp_path / "hello.txt"
+    art.write_text("served by the stack\n")
+    client.log_artifact(run.info.run_id, str(art))
+    client.set_terminated(run.info.run_id)
+    got = client.get_run(run.info.run_id)
+    assert got.info.artifact_uri.startswith("mlflow-artifacts:/"), got.info.artifact_uri
+    assert got.data.metrics == {"m": 0.5}
+    stored = stack.state / "mlartifacts" / exp / run.info.run_id / "artifacts" / "hello.txt"
+    assert stored.read_text() == "served by the stack\n"
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["hello.txt"]
+
+
+@pytest.mark.timeout(300)
+def test_prefect_needs_the_auth_string_and_has_the_deployments(stack):
+    exports = stack.exports()
+    api = exports["PREFECT_API_URL"]
+    assert _http("GET", f"{api}/health")[0] == 200  # health stays open for probes
+    for method, path, body in (("POST", "/flows/filter", {}),
+                               ("GET", "/work_pools/rlfn-pool", None),
+                               ("POST", "/deployments/filter", {})):
+        assert _http(method, api + path, body)[0] == 401, path
+        assert _http(method, api + path, body, auth="rlfn:wrong")[0] == 401, path
+    assert _http("POST", f"{api}/flows/filter", {},
+                 auth=exports["PREFECT_API_AUTH_STRING"])[0] == 200
+
+    code = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+with get_client(sync_client=True) as c:
+    pool = c.read_work_pool("rlfn-pool")
+    deps = c.read_deployments(work_pool_filter=WorkPoolFilter(
+        name=WorkPoolFilterName(any_=["rlfn-pool"])))
+    workers = c.read_workers_for_work_pool("rlfn-pool")
+print(json.dumps({"type": pool.type, "deployments": {d.name: d.entrypoint for d in deps},
+                  "workers": {w.name: str(w.status) for w in workers}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=stack.client_env(), timeout=120, cwd=stack.clone)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["type"] == "process"
+    doc = yaml.safe_load((stack.clone / "prefect.yaml").read_text())  # what `up` deployed
+    assert got["deployments"] == {d["name"]: d["entrypoint"] for d in doc["deployments"]}
+    assert "ONLINE" in got["workers"].get("rlfn-stack-worker", ""), got["workers"]
+
+    # without the auth string the same client is refused
+    env = stack.client_env()
+    env.pop("PREFECT_API_AUTH_STRING")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=stack.clone)
+    assert r.returncode != 0 and "401" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_sshd_takes_the_key_only_and_dvc_pushes(stack, tmp_path):
+    ssh = stack.state / "ssh"
+    port = str(stack.ports["ssh"])
+    user = "root" if os.geteuid() == 0 else os.environ.get("USER", "")
+    base = ["ssh", "-F", "/dev/null", "-p", port, "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={ssh / 'known_hosts'}",
+            "-o", "ConnectTimeout=10"]
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True, timeout=30)
+    for extra in (["-i", str(other)],                                       # a wrong key
+                  ["-o", "PubkeyAuthentication=no",                         # no key: a password?
+                   "-o", "PreferredAuthentications=password,keyboard-interactive"]):
+        r = subprocess.run([*base, *extra, f"{user}@127.0.0.1", "true"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 255, r.stderr
+        assert "Permission denied (publickey)" in r.stderr, r.stderr  # key is the only method
+    r = subprocess.run([*base, "-i", str(ssh / "id_ed25519"), f"{user}@127.0.0.1", "echo ok"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+    # the clone's default DVC remote is `stack`: a file pushes over SSH, non-interactively
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    env = clean_env(HOME=str(tmp_path))  # no ~/.ssh of the developer's: nothing to answer
+    (stack.clone / "stack-probe.txt").write_text(f"{uuid.uuid4()}\n")
+    for cmd in (["add", "-q", "stack-probe.txt"], ["push", "stack-probe.txt.dvc"]):
+        r = subprocess.run(dvc + cmd, capture_output=True, text=True, env=env, timeout=120,
+                           cwd=stack.clone, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+    md5 = yaml.safe_load((stack.clone / "stack-probe.txt.dvc").read_text())["outs"][0]["md5"]
+    assert (stack.state / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+@pytest.mark.timeout(300)
+def test_optuna_study_shared_by_two_processes(stack):
+    code = """
+import json, os, sys, time
+import optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.create_study(study_name=sys.argv[1], load_if_exists=True,
+                            storage=os.environ["RLFN_OPTUNA_STORAGE"])
+study.optimize(lambda t: (t.suggest_float("x", -1, 1)) ** 2, n_trials=2)
+deadline = time.monotonic() + 60
+done = lambda: study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+while len(done()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.2)
+print(json.dumps(sorted(t.number for t in done())))
+"""
+    name = f"stack-test-{uuid.uuid4().hex[:8]}"
+    env = stack.client_env()
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- 3: the worker
+@pytest.mark.timeout(600)
+def test_worker_runs_a_deployment(stack):
+    env = stack.client_env()
+    t = time.monotonic()
+    r = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+                        "rlfn-prepare/prepare"], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=stack.clone)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
+    api, auth = env["PREFECT_API_URL"], env["PREFECT_API_AUTH_STRING"]
+    deadline = time.monotonic() + 300
+    while True:
+        code, body = _http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
+        assert code == 200, body
+        fr = json.loads(body)
+        if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, f"flow run still {fr['state']['type']} after 300 s"
+        time.sleep(1)
+    took = time.monotonic() - t
+    print(f"prepare through the worker: {took:.1f} s")
+    if fr["state"]["type"] != "COMPLETED":
+        _, logs = _http("POST", f"{api}/logs/filter",
+                        {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
+        lines = "\n".join(x["message"] for x in json.loads(logs))
+        pytest.fail(f"flow run {fr['state']['type']}: {fr['state'].get('message')}\n{lines}")
+    assert fr["work_pool_name"] == "rlfn-pool"
+    assert (stack.clone / "data" / "manifest.parquet").is_file()  # it ran in the clone
+    # run outside `dvc repro`, the stage recorded its outputs: DVC's view is consistent
+    st = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "prepare"],
+                        capture_output=True, text=True, cwd=stack.clone, timeout=120,
+                        env=clean_env())
+    assert st.returncode == 0 and json.loads(st.stdout) == {}, st.stdout + st.stderr
+    # and logged to the stack's MLflow, its artifact stored by the server
+    assert list((stack.state / "mlartifacts").glob("*/*/artifacts/manifest.summary.json"))
+
+
+# --------------------------------------------------------------------------- 4: failures
+@pytest.mark.timeout(600)
+def test_status_names_a_stopped_service_and_up_restarts_it(stack):
+    pid = int((stack.state / "run" / "mlflow.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)  # the server and its uvicorn workers: its process group
+    deadline = time.monotonic() + 30
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    r = stack.sh("status")
+    assert r.returncode != 0
+    lines = _status_lines(r.stdout)
+    ml = lines["mlflow"]
+    assert ml.split()[1] == "DOWN", ml
+    assert f"http://127.0.0.1:{stack.ports['mlflow']}" in ml
+    assert str(stack.state / "logs" / "mlflow.log") in ml, ml
+    for name in set(SERVICES) - {"mlflow"}:
+        assert lines[name].split()[1] == "up", lines[name]
+
+    # readiness has a limit: too short a one fails `up` with one line naming the service
+    r = stack.sh("up", RLFN_STACK_TIMEOUT="1")
+    assert r.returncode != 0
+    failed = [x for x in r.stderr.splitlines() if x.startswith("FAILED")]
+    assert len(failed) == 1, r.stderr
+    assert failed[0].startswith(f"FAILED mlflow: http://127.0.0.1:{stack.ports['mlflow']}/health "
+                                "did not answer within 1 s; read "), failed[0]
+    assert failed[0].endswith(str(stack.state / "logs" / "mlflow.log")), failed[0]
+
+    r = stack.sh("up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^mlflow\s+started", r.stdout, re.M), r.stdout
+    assert re.search(r"^prefect\s+already up", r.stdout, re.M), r.stdout
+    r = stack.sh("status")
+    assert r.returncode == 0, r.stdout + r.stderr
