@@ -1,20 +1,28 @@
 """Time the README's command 1 (setup + `dvc repro`) on a fresh clone, phase by phase.
 
     python bench/main_job.py [--repo .] [--dir /tmp/rlfn-main-job] [--reuse-venv]
+                             [--no-shared] [--compare bench/results/main_job.json]
 
-Clones ``--repo`` (its committed HEAD) into ``--dir``, runs ``bash scripts/setup.sh`` (the
-setup phase; ``--reuse-venv`` links this checkout's ``.venv`` instead, to time the pipeline
-alone), then ``dvc repro`` with the venv active, reading its output as it comes: each stage's
-wall time from DVC's "Running stage" lines, and how much of it went on start-up (interpreter,
-imports, Prefect's temporary server, the MLflow run) from the stage's own "ready after N s"
-line (``pipeline._common.stage_run``). Prints the phase table against the 15-minute target
-and writes it to ``bench/results/main_job.json`` (with the machine) unless ``--no-save``.
+Clones ``--repo`` (its committed HEAD) into ``--dir``/main, beside a link ``--dir``/shared to
+this checkout's ``../shared`` when there is one (as a fresh clone here has it: Urban100 and the
+official weights then join evaluate and the Pareto chart; ``--no-shared`` leaves it out), runs
+``bash scripts/setup.sh`` (the setup phase; ``--reuse-venv`` links this checkout's ``.venv``
+instead, to time the pipeline alone), then ``dvc repro`` with the venv active, reading its
+output as it comes: each stage's wall time from DVC's "Running stage" lines, and how much of
+it went on start-up (interpreter, imports, Prefect, the MLflow run) from the stage's own
+"ready after N s" line (``pipeline._common.stage_run``). Prints the phase table against the
+15-minute target and writes it to ``bench/results/main_job.json`` (with the machine) unless
+``--no-save``. Then, from another process, ``mlflow.pyfunc.load_model(
+"models:/rlfn-x4@champion")`` upscales an image, and the sha256 of every stage's weights is
+recorded; ``--compare FILE`` checks them against an earlier run's (a second fresh clone must
+give bit-identical weights).
 Nothing here is asserted: the figures are for people (and the next regression).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -54,9 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-venv", action="store_true",
                     help="link this checkout's .venv instead of running setup")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-shared", action="store_true",
+                    help="do not link ../shared beside the clone")
+    ap.add_argument("--compare", metavar="FILE",
+                    help="an earlier results file: the weights must be bit-identical")
     a = ap.parse_args(argv)
-    work = Path(a.dir)
-    shutil.rmtree(work, ignore_errors=True)
+    base = Path(a.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    work = base / "main"
+    shared = (ROOT.parent / "shared").resolve()
+    if not a.no_shared and shared.is_dir():
+        (base / "shared").symlink_to(shared)
     phases: list[dict] = []
     t_all = time.monotonic()
     subprocess.run(["git", "clone", "-q", a.repo, str(work)], check=True)
@@ -109,6 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     if ev.exists():
         metrics = json.loads(ev.read_text())
         print(f"final model: {json.dumps(metrics)}")
+    champion = _champion(work, env) if rc == 0 else "not checked (repro failed)"
+    print(f"champion: {champion}")
+    weights = {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in sorted((work / "models").glob("stage*/model.safetensors"))}
+    for k, v in weights.items():
+        print(f"{k} weights sha256 {v}")
+    same = None
+    if a.compare:
+        before = json.loads(Path(a.compare).read_text()).get("weights_sha256", {})
+        same = bool(before) and before == weights
+        print(f"weights vs {a.compare}: {'bit-identical' if same else 'DIFFERENT'}")
+        if not same:
+            rc = rc or 1
     if not a.no_save:
         out = ROOT / "bench" / "results" / "main_job.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,9 +146,29 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
             "repro_s": round(repro_s, 1), "target_s": TARGET_S, "phases": [
                 {k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items()}
-                for p in phases], "metrics": metrics}, indent=2) + "\n")
+                for p in phases], "metrics": metrics, "champion": champion,
+            "weights_sha256": weights, "shared": (base / "shared").exists(),
+            "compared_with": a.compare, "bit_identical": same}, indent=2) + "\n")
         print(f"wrote {out}")
     return rc
+
+
+CHAMPION = """
+import numpy as np, mlflow
+m = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+lr = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+sr = np.asarray(m.predict(lr))
+print(f"models:/rlfn-x4@champion (run {m.metadata.run_id[:8]}) upscaled {lr.shape} -> {sr.shape}")
+"""
+
+
+def _champion(work: Path, env: dict) -> str:
+    """Load the champion in another process, as a user would, and upscale an image."""
+    r = subprocess.run([str(work / ".venv" / "bin" / "python"), "-c", CHAMPION], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        return f"FAILED: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    return r.stdout.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":

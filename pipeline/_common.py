@@ -70,7 +70,8 @@ def main(flow: Callable[..., Any], *args: Any,
         if check is not None:
             check(settings)
         check_services()  # team mode's servers: reachable and ours, before any work
-        flow(*args, settings=settings)
+        with _repro_prefect_server():
+            flow(*args, settings=settings)
     except RLFNError as e:
         log.error(str(e))
         return e.exit_code
@@ -81,6 +82,25 @@ def main(flow: Callable[..., Any], *args: Any,
         log.error(line)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _repro_prefect_server() -> Iterator[None]:
+    """Under ``dvc repro`` without ``PREFECT_API_URL``: the stages of one repro share one
+    Prefect server (``pipeline.repro_server``) instead of starting a temporary one each."""
+    rid = None if os.environ.get("PREFECT_API_URL") else _dvc_ancestor()
+    url = None
+    if rid:
+        from pipeline import repro_server
+
+        url = repro_server.server_url(rid, int(rid.split("-")[1]))
+    if not url:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
 
 
 def git_commit() -> str:

@@ -7,6 +7,7 @@ import sys
 
 import mlflow
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run
 from pipeline.settings import Settings, load_settings
@@ -15,7 +16,7 @@ from rlfn.data.degrade import items_from_manifest
 from rlfn.data.manifest import read_manifest
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def run(manifest: str, scales: list[int], out: str, workers: int):
     items = items_from_manifest(read_manifest(manifest))
     return make_lr(items, scales, out, workers=workers)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import Settings, load_settings
@@ -28,7 +29,7 @@ from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def score(upscaler, sets: dict[str, str]) -> dict:
     out = {}
     for name, hr_dir in sets.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run
 from pipeline.settings import Settings, load_settings
@@ -16,7 +17,7 @@ from rlfn.data.manifest import read_manifest
 from rlfn.data.patches import build_patch_store
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def pack(manifest: str, lr_dir: str, scale: int, out: Path, sub_image):
     items = items_from_manifest(read_manifest(manifest), split="train")
     pairs = [(it.key, it.hr_path, lr_path(lr_dir, scale, it.key)) for it in items]

@@ -7,6 +7,7 @@ import sys
 
 import mlflow
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run
 from pipeline.settings import Settings, load_settings
@@ -26,12 +27,13 @@ def check_sources(s: Settings) -> list[Source]:
     return out
 
 
-@task(retries=2, retry_delay_seconds=5)  # downloads and archive reads: I/O worth a retry
+# downloads and archive reads: I/O worth a retry
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def resolve_sources(sources: list, cache: str):
     return resolve(sources, cache)
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def make_manifest(resolved, out: str, min_size: int, workers: int):
     return build_manifest(resolved, out, min_size=min_size, workers=workers)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 import torch
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
@@ -46,7 +47,7 @@ CSV_FIELDS = ["label", "kind", "set", "psnr_y", "ssim_y", "runtime_ms", "params"
               "backend", "sha256"]
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def measure(weights: Path, scale: int, p: ProfileSettings) -> dict:
     """The profile report (``rlfn.profile.profile_report``) of one weights file on the CPU,
     timed image by image alongside ``profile.reference`` (seeded weights; its runtime does
@@ -102,7 +103,7 @@ def _candidates(s: Settings, tmp: Path) -> list[dict]:
     return list(seen.values())
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict,
                  timed: dict | None = None) -> tuple[list[dict], dict]:
     """One model's rows (a row per set) and its runtime. A CNN's runtime depends on its

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run, tracking_uri, write_json
 from pipeline.settings import Settings, load_settings
 from rlfn.errors import DataError
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict):
     """The last stage's version (re-registered if this tracking store has never seen it)."""
     from pipeline.mlflow_registry import log_and_register

@@ -24,6 +24,7 @@ from pathlib import Path
 import mlflow
 import yaml
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run, write_json
 from pipeline.settings import Settings, load_settings
@@ -55,7 +56,7 @@ def _log_curves(curves: Path) -> None:
                                step=int(row["iteration"]))
 
 
-@task
+@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def run_training(cfg: TrainConfig, out: Path, init: Path | None, ddp: bool, nproc: int) -> dict:
     if not ddp:
         return train(cfg, out, init=init,
@@ -73,7 +74,8 @@ def run_training(cfg: TrainConfig, out: Path, init: Path | None, ddp: bool, npro
     return json.loads((out / "result.json").read_text())
 
 
-@task(retries=2, retry_delay_seconds=5)  # the tracking server may be briefly unreachable
+# the tracking server may be briefly unreachable
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register(weights: Path, scale: int, stage: str, result: dict):
     from pipeline.mlflow_registry import log_and_register
 

@@ -71,6 +71,10 @@ def _tiny_params(p: Path, iterations: int = 4) -> None:
                                         "B100": "../shared/data/benchmarks/BSD100/x4/HR"}
     prm["evaluate"]["sets"] = {"Set5": "data/sample/Set5", "Set14": "data/sample/Set14"}
     assert list(prm["train_stages"]) == ["1", "2", "3"]
+    for st in prm["train_stages"].values():  # the stages' own lengths give way to the tiny one
+        for k in ("iterations", "lr_step"):
+            st.pop(k, None)
+    assert prm["train_launch"]["ddp"] is True  # the default: each stage under torchrun
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
 
 

@@ -1,0 +1,522 @@
+"""The pipeline against team mode's stack (scripts/stack.sh), end to end, no mocks.
+
+One stack for the module (its own state directory and free ports), serving a ``git clone`` of
+this repository whose params.yaml is test_pipeline's tiny set and whose training folder holds
+4 images, both committed in the clone before ``up`` (the worker's deployments point at the
+clone; ``git_commit`` tags stay clean). Then:
+
+1. ``dvc repro`` in the clone with the exports of ``stack.sh env``: every stage's MLflow run
+   on the tracking server (artifacts stored by the server), every stage's Prefect flow run
+   COMPLETED on the Prefect server, the champion loadable as a pyfunc from another process,
+   ``dvc push`` to the remote ``stack`` (SSH) and ``dvc pull`` restoring every cached output
+   byte for byte (local cache emptied first: the bytes come from the remote).
+2. The worker runs deployment ``rlfn-repro/repro`` (``dvc repro`` on the worker): COMPLETED,
+   ``dvc status`` clean afterwards.
+3. Faults: the Prefect server unreachable, or a wrong MLflow password: the stage refuses
+   before any work with one ``error:`` line naming the server, nothing written; the MLflow
+   server killed while a training stage registers its model: the stage fails naming the
+   tracking server, and after ``stack.sh up`` the registry holds no half-registered version
+   and the champion is unchanged. While that stage is held up by the lost server, a second
+   ``dvc repro`` in the clone is refused by DVC's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from servers import _group_alive, clean_env, free_port, processes_with_env
+from test_pipeline import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, _tiny_params
+from test_stack import STACK_SH, Stack, _http, _prerequisites
+
+BIN = Path(sys.executable).parent
+MODEL = "rlfn-x4"
+TRAIN_IMAGES = 4  # as test_pipeline's copy: enough for the tiny params, fast to prepare
+TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module
+
+# A client of the tracking server in a process of its own: the experiment's runs, the
+# registered model's aliases and versions (with --download: each version's weights and
+# MLmodel fetched back through the server), and MLflow 3's logged models by status.
+REGISTRY = r'''
+import hashlib, json, sys, tempfile
+import mlflow
+from mlflow import MlflowClient
+
+c = MlflowClient()
+exp = c.get_experiment_by_name("rlfn")
+runs = c.search_runs([exp.experiment_id], max_results=5000) if exp else []
+out_runs = []
+for r in runs:
+    row = {"run_id": r.info.run_id, "status": r.info.status,
+           "artifact_uri": r.info.artifact_uri,
+           "tags": {k: v for k, v in r.data.tags.items()
+                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.repro_id")}}
+    if "--artifacts" in sys.argv and r.data.tags.get("rlfn.kind") == "stage":
+        row["artifacts"] = [f.path for f in c.list_artifacts(r.info.run_id)]
+    out_runs.append(row)
+name = sys.argv[1]
+try:
+    aliases = dict(c.get_registered_model(name).aliases or {})
+except Exception:
+    aliases = None
+versions = []
+for mv in c.search_model_versions(f"name = '{name}'"):
+    row = {"version": int(mv.version), "status": str(mv.status), "run_id": mv.run_id,
+           "sha256": (mv.tags or {}).get("rlfn.weights_sha256"), "source": mv.source}
+    if "--download" in sys.argv:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                p = mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path="weights/model.safetensors", dst_path=d)
+                row["downloaded_sha256"] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            except Exception as e:
+                row["weights_error"] = f"{type(e).__name__}: {e}"[:300]
+            try:
+                uri = c.get_model_version_download_uri(name, mv.version)
+                mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/") + "/MLmodel",
+                                                    dst_path=d)
+                row["mlmodel"] = True
+            except Exception as e:
+                row["mlmodel_error"] = f"{type(e).__name__}: {e}"[:300]
+    versions.append(row)
+logged = {}
+try:
+    if exp is not None:
+        for m in c.search_logged_models(experiment_ids=[exp.experiment_id]):
+            logged[str(m.status)] = logged.get(str(m.status), 0) + 1
+except Exception as e:
+    logged = {"error": f"{type(e).__name__}: {e}"[:200]}
+print(json.dumps({"experiment_id": exp.experiment_id if exp else None, "runs": out_runs,
+                  "aliases": aliases, "logged_models": logged,
+                  "versions": sorted(versions, key=lambda v: v["version"])}))
+'''
+
+PYFUNC = r'''
+import json
+import numpy as np
+import mlflow
+
+model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+out = np.asarray(model.predict(img))
+print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
+'''
+
+# The outputs of dvc.yaml's stages (DVC's own view), whether DVC caches them (push/pull).
+OUTS = r'''
+import json
+from dvc.repo import Repo
+
+with Repo(".") as repo:
+    outs = [{"stage": s.addressing, "path": o.def_path, "cache": bool(o.use_cache)}
+            for s in repo.index.stages if s.path_in_repo == "dvc.yaml" for o in s.outs]
+print(json.dumps(outs))
+'''
+
+
+# --------------------------------------------------------------------------- the stack
+def _tiny_clone(clone: Path) -> None:
+    """test_pipeline's tiny params and 4 training images, committed in the clone."""
+    _tiny_params(clone / "params.yaml")
+    extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if extra:
+        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-qam", "tiny params for the stack tests"], check=True,
+                   timeout=60)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """test_stack's fixture, with the tiny clone made before ``up``."""
+    _prerequisites()
+    base = Path(tempfile.mkdtemp(prefix="rlfn-stack-repro-"))
+    os.chmod(base, 0o711)  # as root, the postgres OS user passes through
+    state, clone = base / "state", base / "clone"
+    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
+    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
+                    RLFN_STACK_PG_PORT=str(ports["pg"]),
+                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
+                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
+                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
+                    RLFN_STACK_WORKER_POLL_S="1")
+    env.pop("RLFN_OPTUNA_STORAGE", None)
+    try:
+        subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
+                       timeout=120)
+        _tiny_clone(clone)
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", str(STACK_SH), "up"], capture_output=True, text=True,
+                           env=env, timeout=600, cwd=ROOT)
+        took = time.monotonic() - t0
+        TIMES["stack up (cold)"] = took
+        print(f"\nstack up (cold): {took:.1f} s\n{r.stdout}{r.stderr}")
+        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
+        yield Stack(env, state, clone, ports, r.stdout + r.stderr, took)
+    finally:
+        d = subprocess.run(["bash", str(STACK_SH), "down"], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=ROOT)
+        left = processes_with_env("RLFN_STACK_DIR", str(state))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
+        print("\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+        assert d.returncode == 0, d.stdout + d.stderr
+        assert not left, f"processes survived `stack.sh down`: {left}"
+
+
+_EXPORTS: dict[str, dict] = {}
+
+
+def _env(stack: Stack, **extra) -> dict:
+    """A client's environment: the exports of `stack.sh env` (read once), its own
+    PREFECT_HOME (fresh: none of the developer's profiles), no inherited settings."""
+    key = str(stack.state)
+    if key not in _EXPORTS:
+        _EXPORTS[key] = stack.exports()
+    home = stack.state.parent / "client-prefect-home"
+    return clean_env(**_EXPORTS[key], PREFECT_HOME=str(home),
+                     PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+
+
+def _run(stack: Stack, cmd: list[str], timeout: float = 600, check: bool = True,
+         env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=env or _env(stack), cwd=cwd or stack.clone, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
+                             f"{r.stderr[-6000:]}")
+    return r
+
+
+def _py(stack: Stack, code: str, *args: str, timeout: float = 300, cwd: Path | None = None):
+    """Run ``code`` in a fresh interpreter (a client of the stack); its last line, as JSON."""
+    r = _run(stack, [sys.executable, "-c", code, *args], timeout=timeout, cwd=cwd)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
+    return _run(stack, [str(BIN / "dvc"), *args], **kw)
+
+
+def _registry(stack: Stack, *flags: str) -> dict:
+    return _py(stack, REGISTRY, MODEL, *flags)
+
+
+def _sha256_tree(root: Path, paths: list[str]) -> dict[str, str]:
+    out = {}
+    for rel in paths:
+        p = root / rel
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def _stage_runs(reg: dict) -> dict[str, list[dict]]:
+    by: dict[str, list[dict]] = {}
+    for r in reg["runs"]:
+        if r["tags"].get("rlfn.kind") == "stage":
+            by.setdefault(r["tags"]["dvc_stage"], []).append(r)
+    return by
+
+
+def _wait_flow_run(env: dict, run_id: str, limit: float) -> dict:
+    api, auth = env["PREFECT_API_URL"], env["PREFECT_API_AUTH_STRING"]
+    deadline = time.monotonic() + limit
+    while True:
+        code, body = _http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
+        assert code == 200, body
+        fr = json.loads(body)
+        if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return fr
+        assert time.monotonic() < deadline, f"flow run still {fr['state']['type']} after {limit} s"
+        time.sleep(1)
+
+
+def _flow_run_logs(env: dict, run_id: str) -> list[str]:
+    code, body = _http("POST", f"{env['PREFECT_API_URL']}/logs/filter",
+                       {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200,
+                        "sort": "TIMESTAMP_ASC"}, auth=env["PREFECT_API_AUTH_STRING"])
+    assert code == 200, body
+    return [x["message"] for x in json.loads(body)]
+
+
+# --------------------------------------------------------------------------- 1
+@pytest.mark.timeout(1500)  # the fixture's cold `up` and the whole repro count here
+def test_dvc_repro_against_the_stack(stack):
+    head = _run(stack, ["git", "rev-parse", "HEAD"]).stdout.strip()
+    t0 = time.monotonic()
+    r = _dvc(stack, "repro", timeout=1200)
+    TIMES["dvc repro against the stack"] = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    print(f"\ndvc repro against the stack: {TIMES['dvc repro against the stack']:.1f} s")
+    for stage in DVC_STAGES:
+        assert f"{stage}: ready after" in out, stage
+
+    # MLflow: every stage's run on the tracking server, FINISHED, tagged; artifacts stored by
+    # the server in the stack's artifact directory
+    reg = _registry(stack, "--artifacts", "--download")
+    runs = _stage_runs(reg)
+    assert sorted(runs) == sorted(DVC_STAGES), sorted(runs)
+    arts = stack.state / "mlartifacts" / reg["experiment_id"]
+    commits = {}
+    for stage, rs in runs.items():
+        assert [x["status"] for x in rs] == ["FINISHED"], (stage, rs)
+        run = rs[0]
+        commits[stage] = run["tags"]["git_commit"]
+        assert run["artifact_uri"].startswith("mlflow-artifacts:/"), run["artifact_uri"]
+        for a in run["artifacts"]:
+            assert (arts / run["run_id"] / "artifacts" / a).exists(), (stage, a)
+    print(f"git_commit tags: {commits}")
+    assert all(c.startswith(head) for c in commits.values()), (head, commits)
+    assert commits["prepare"] == head  # the committed clone: clean before the repro writes
+    assert "manifest.summary.json" in runs["prepare"][0]["artifacts"]
+    for k in (1, 2, 3):
+        run = runs[f"train_stage@{k}"][0]
+        stored = arts / run["run_id"] / "artifacts" / "weights" / "model.safetensors"
+        assert stored.read_bytes() == (stack.clone / "models" / f"stage{k}" /
+                                       "model.safetensors").read_bytes(), k
+    parents = {x["tags"]["rlfn.repro_id"] for rs in runs.values() for x in rs}
+    assert len(parents) == 1, parents  # one parent run for the repro
+
+    # the registry: a version per training stage, READY, weights and model served back
+    versions = reg["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3], versions
+    for v in versions:
+        assert v["status"] == "READY", v
+        assert v.get("downloaded_sha256") == v["sha256"], v
+        assert v.get("mlmodel") is True, v
+    assert reg["aliases"] == {"champion": "3"}, reg["aliases"]
+    assert json.loads((stack.clone / "metrics" / "promote.json").read_text()) == \
+        {"promoted": 1, "version": 3}
+
+    # Prefect: every stage's flow run, recorded by the server, COMPLETED
+    flow_runs = _py(stack, PREFECT_RUNS)
+    by_name: dict[str, list[str]] = {}
+    for fr in flow_runs:
+        by_name.setdefault(fr["name"], []).append(fr["state"])
+    assert sorted(by_name) == sorted(FLOW_RUNS), flow_runs
+    for name in FLOW_RUNS:
+        assert by_name[name] == ["COMPLETED"], (name, by_name[name])
+
+    # the champion, loaded by name in another process (another directory), upscales x4
+    t = time.monotonic()
+    got = _py(stack, PYFUNC, cwd=stack.state.parent)
+    TIMES["pyfunc load + predict (another process)"] = time.monotonic() - t
+    assert got == {"shape": [80, 96, 3], "dtype": "uint8"}, got
+
+    # DVC: push to the stack's remote over SSH, delete every cached output and the local
+    # cache, pull: the same bytes, from the remote
+    outs = _py(stack, OUTS)
+    assert {o["stage"] for o in outs} == set(DVC_STAGES), outs
+    cached = sorted({o["path"] for o in outs if o["cache"]})
+    uncached = sorted({o["path"] for o in outs if not o["cache"]})
+    print(f"cached outs (pushed/pulled): {cached}\nuncached outs (in git): {uncached}")
+    for want in ("data/manifest.parquet", "data/lr", "data/patches", "models/stage1",
+                 "models/stage2", "models/stage3"):
+        assert want in cached, (want, cached)
+    before = _sha256_tree(stack.clone, cached)
+    assert len(before) >= 10, before
+    t = time.monotonic()
+    push = _dvc(stack, "push")
+    TIMES["dvc push (ssh)"] = time.monotonic() - t
+    assert re.search(r"\d+ files? pushed", push.stdout + push.stderr), push.stdout + push.stderr
+    remote = stack.state / "dvc-remote" / "files" / "md5"
+    assert sum(1 for f in remote.rglob("*") if f.is_file()) >= len(before)
+    for rel in cached:
+        p = stack.clone / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(stack.clone / ".dvc" / "cache")
+    st = json.loads(_dvc(stack, "status", "--json").stdout)
+    assert set(st) >= {"prepare", "degrade", "patches", *[f"train_stage@{k}" for k in (1, 2, 3)]}
+    t = time.monotonic()
+    pull = _dvc(stack, "pull")
+    TIMES["dvc pull (ssh)"] = time.monotonic() - t
+    assert "fetched" in (pull.stdout + pull.stderr).lower() or \
+        "added" in (pull.stdout + pull.stderr).lower(), pull.stdout + pull.stderr
+    after = _sha256_tree(stack.clone, cached)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+    assert json.loads(_dvc(stack, "status", "--json").stdout) == {}
+
+
+# --------------------------------------------------------------------------- 2
+@pytest.mark.timeout(600)
+def test_the_worker_runs_the_whole_pipeline(stack):
+    env = _env(stack)
+    runs_before = {r["run_id"] for r in _registry(stack)["runs"]}
+    t = time.monotonic()
+    r = _run(stack, [str(BIN / "prefect"), "deployment", "run", "rlfn-repro/repro"],
+             timeout=120)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
+    fr = _wait_flow_run(env, run_id, 480)
+    TIMES["deployment rlfn-repro/repro on the worker"] = time.monotonic() - t
+    logs = _flow_run_logs(env, run_id)
+    print(f"\nrepro on the worker: {fr['state']['type']}; its logs in Prefect:\n"
+          + "\n".join(logs[-20:]))
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], "\n".join(logs[-60:]))
+    assert fr["work_pool_name"] == "rlfn-pool"
+    assert fr["name"] == "repro"
+    # after test 1 nothing changed: DVC reran no stage (no new stage run on the server) ...
+    new = [x for x in _registry(stack)["runs"] if x["run_id"] not in runs_before]
+    assert not [x for x in new if x["tags"].get("rlfn.kind") == "stage"], new
+    # ... and the workspace is as dvc.lock says
+    st = _dvc(stack, "status", "--json")
+    assert json.loads(st.stdout) == {}, st.stdout
+
+
+# --------------------------------------------------------------------------- 3: faults
+def _snapshot(stack: Stack) -> dict:
+    reg = _registry(stack)
+    files = {p: (stack.clone / p).read_bytes() for p in
+             ("metrics/promote.json", "reports/promotion.json")}
+    return {"runs": sorted(r["run_id"] for r in reg["runs"]),
+            "versions": [(v["version"], v["status"]) for v in reg["versions"]],
+            "aliases": reg["aliases"], "files": files}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", ["prefect-down", "mlflow-wrong-password"])
+def test_a_stage_refuses_a_server_it_cannot_use(stack, fault):
+    before = _snapshot(stack)
+    if fault == "prefect-down":
+        port = free_port()  # nothing listens there
+        url = f"http://127.0.0.1:{port}/api"
+        env = _env(stack, PREFECT_API_URL=url)
+        service = "Prefect server"
+    else:
+        env = _env(stack, MLFLOW_TRACKING_PASSWORD="wrong-password")
+        url = env["MLFLOW_TRACKING_URI"]
+        service = "MLflow tracking server"
+    t = time.monotonic()
+    r = _run(stack, [sys.executable, "-m", "pipeline.promote"], env=env, check=False,
+             timeout=180)
+    took = time.monotonic() - t
+    TIMES[f"promote refused ({fault})"] = took
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    print(f"\n{fault}: exit {r.returncode} after {took:.1f} s: {errors}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert errors[0].startswith(f"error: {service} at {url}"), errors[0]
+    if fault == "prefect-down":
+        assert "unreachable" in errors[0], errors[0]
+    else:
+        assert "refused our credentials (HTTP 401)" in errors[0], errors[0]
+        assert "wrong-password" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "ready after" not in r.stdout + r.stderr  # refused before any work
+    assert _snapshot(stack) == before  # no run, no version, no alias move, no file written
+
+
+def _read_lines(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
+    def pump():
+        for line in proc.stdout:
+            into.append(line.rstrip("\n"))
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.mark.timeout(900)
+def test_tracking_server_lost_while_a_stage_registers(stack):
+    """Killed while ``train_stage@1`` registers its model: the stage fails naming the server;
+    meanwhile a second ``dvc repro`` is refused by DVC's lock; after ``up`` the registry holds
+    only complete versions and the champion has not moved."""
+    before = _registry(stack)
+    assert before["aliases"] and "champion" in before["aliases"], before["aliases"]
+    uri = _env(stack)["MLFLOW_TRACKING_URI"]
+    weights_glob = "*/*/artifacts/weights/model.safetensors"
+    old_weights = set((stack.state / "mlartifacts").glob(weights_glob))
+    lines: list[str] = []
+    t0 = time.monotonic()
+    stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item",
+                              "train_stage@1"], cwd=stack.clone, env=_env(stack),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    reader = _read_lines(stage, lines)
+    try:
+        # the stage is under way ...
+        deadline = time.monotonic() + 300
+        while not any("train_stage@1: ready after" in x for x in lines):
+            assert stage.poll() is None, "\n".join(lines[-60:])
+            assert time.monotonic() < deadline, "\n".join(lines[-60:])
+            time.sleep(0.1)
+        # ... and registering: its weights reached the server (log_and_register's first
+        # upload; the pyfunc and the version follow): kill the server now
+        deadline = time.monotonic() + 300
+        while not set((stack.state / "mlartifacts").glob(weights_glob)) - old_weights:
+            assert stage.poll() is None, "stage ended before registering:\n" + \
+                "\n".join(lines[-60:])
+            assert time.monotonic() < deadline, "\n".join(lines[-60:])
+            time.sleep(0.05)
+        pid = int((stack.state / "run" / "mlflow.pid").read_text().split()[0])
+        os.killpg(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        TIMES["fault: stage start -> server killed"] = t_kill - t0
+        while _group_alive(pid) and time.monotonic() < t_kill + 30:
+            time.sleep(0.1)
+
+        # (d) while the stage waits for the lost server, a second repro is refused by DVC
+        assert stage.poll() is None, "\n".join(lines[-60:])
+        second = _dvc(stack, "repro", check=False, timeout=120)
+        so = second.stdout + second.stderr
+        print(f"\nsecond dvc repro: exit {second.returncode}: {so.strip()[-400:]}")
+        assert second.returncode != 0, so
+        assert "lock" in so.lower(), so
+        assert "Running stage" not in so, so
+
+        stage.wait(timeout=600)
+        reader.join(timeout=10)
+        lost_s = time.monotonic() - t_kill
+        TIMES["fault: server killed -> stage exited"] = lost_s
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait(timeout=30)
+    out = "\n".join(lines)
+    errors = [x for x in lines if x.startswith("error:")]
+    print(f"stage exit {stage.returncode}, {lost_s:.1f} s after the kill; error lines:\n"
+          + "\n".join(errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
+    assert stage.returncode != 0, out[-4000:]
+    assert len(errors) == 1, out[-6000:]
+    assert errors[0].startswith(f"error: MLflow tracking server at {uri}: lost during the "
+                                "stage"), errors[0]
+    print(f"tracebacks in the stage's output (Prefect's task/flow logs): "
+          f"{out.count('Traceback')}")
+
+    # the server back: no half-registered version, the champion where it was
+    r = stack.sh("up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^mlflow\s+started", r.stdout, re.M), r.stdout
+    after = _registry(stack, "--download")
+    print(f"versions before: {[(v['version'], v['status']) for v in before['versions']]}; "
+          f"after: {[(v['version'], v['status']) for v in after['versions']]}; logged models "
+          f"by status: {after['logged_models']}")
+    assert after["aliases"] == before["aliases"], (before["aliases"], after["aliases"])
+    old = {v["version"] for v in before["versions"]}
+    assert old <= {v["version"] for v in after["versions"]}
+    for v in after["versions"]:
+        assert v["status"] == "READY", v
+        assert v.get("downloaded_sha256") == v["sha256"], v
+        assert v.get("mlmodel") is True, v
+    failed = [r for r in after["runs"] if r["tags"].get("dvc_stage") == "train_stage@1"
+              and r["run_id"] not in {x["run_id"] for x in before["runs"]}]
+    print(f"the killed stage's run(s): {[(r['run_id'], r['status']) for r in failed]}")
+    st = stack.sh("status")
+    assert st.returncode == 0, st.stdout + st.stderr
