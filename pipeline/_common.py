@@ -210,12 +210,10 @@ def _deployed_outside_dvc() -> bool:
     """A flow run of a deployment (a worker ran it) that no ``dvc repro`` launched."""
     if os.environ.get("RLFN_REPRO_ID") or _dvc_ancestor():
         return False
-    try:
-        from prefect.runtime import deployment
+    from prefect.context import FlowRunContext
 
-        return bool(deployment.id)
-    except Exception:  # no Prefect context
-        return False
+    ctx = FlowRunContext.get()
+    return bool(ctx and ctx.flow_run and ctx.flow_run.deployment_id)
 
 
 def commit_stage(stage: str) -> None:

@@ -13,7 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_stage_has_a_deployment_that_loads():
+    import sys
+
     from prefect.flows import Flow, load_flow_from_entrypoint
+
+    # this checkout's pipeline package, not a copy an earlier test imported (loading a logged
+    # pyfunc puts the model's own code folder, a part of pipeline/, first on sys.path)
+    for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(ROOT))
 
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     entries = {d["name"]: d["entrypoint"] for d in doc["deployments"]}

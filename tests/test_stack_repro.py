@@ -20,6 +20,12 @@ clone; ``git_commit`` tags stay clean). Then:
    ``dvc repro`` in the clone is refused by DVC's lock.
 """
 
+# Deselected from .ci/run for now (`-m "not slow"`): about 11 minutes on the 2-core CI machine
+# (a tiny `dvc repro` against the stack ~6.5 min, the lost-server fault ~3.5 min), which would
+# take the whole suite past its 20-minute budget. Run it with `pytest tests/test_stack_repro.py`
+# (or `-m slow`); tests/test_stack.py (services, credentials, the worker) runs in CI.
+
+
 from __future__ import annotations
 
 import hashlib
@@ -126,6 +132,8 @@ with Repo(".") as repo:
 print(json.dumps(outs))
 '''
 
+pytestmark = pytest.mark.slow  # see the note above the imports
+
 
 # --------------------------------------------------------------------------- the stack
 def _tiny_clone(clone: Path) -> None:
@@ -191,8 +199,8 @@ def _env(stack: Stack, **extra) -> dict:
     if key not in _EXPORTS:
         _EXPORTS[key] = stack.exports()
     home = stack.state.parent / "client-prefect-home"
-    return clean_env(**_EXPORTS[key], PREFECT_HOME=str(home),
-                     PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return clean_env(**{**_EXPORTS[key], "PREFECT_HOME": str(home),
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
 
 
 def _run(stack: Stack, cmd: list[str], timeout: float = 600, check: bool = True,
@@ -344,7 +352,7 @@ def test_dvc_repro_against_the_stack(stack):
         p = stack.clone / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(stack.clone / ".dvc" / "cache")
-    st = json.loads(_dvc(stack, "status", "--json").stdout)
+    st = json.loads(_dvc(stack, "status", "--json", "dvc.yaml").stdout)
     assert set(st) >= {"prepare", "degrade", "patches", *[f"train_stage@{k}" for k in (1, 2, 3)]}
     t = time.monotonic()
     pull = _dvc(stack, "pull")
@@ -353,7 +361,7 @@ def test_dvc_repro_against_the_stack(stack):
         "added" in (pull.stdout + pull.stderr).lower(), pull.stdout + pull.stderr
     after = _sha256_tree(stack.clone, cached)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
-    assert json.loads(_dvc(stack, "status", "--json").stdout) == {}
+    assert json.loads(_dvc(stack, "status", "--json", "dvc.yaml").stdout) == {}
 
 
 # --------------------------------------------------------------------------- 2
@@ -377,7 +385,7 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     new = [x for x in _registry(stack)["runs"] if x["run_id"] not in runs_before]
     assert not [x for x in new if x["tags"].get("rlfn.kind") == "stage"], new
     # ... and the workspace is as dvc.lock says
-    st = _dvc(stack, "status", "--json")
+    st = _dvc(stack, "status", "--json", "dvc.yaml")
     assert json.loads(st.stdout) == {}, st.stdout
 
 
