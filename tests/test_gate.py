@@ -58,8 +58,10 @@ def _measure(images: Path, threads: int) -> dict:
 def test_same_decision_at_2_threads_1_thread_and_with_a_busy_core(tmp_path):
     rng = np.random.default_rng(0)
     images = tmp_path / "lr"
-    for i in range(5):  # small LR images: the test times 2 models x 3 conditions
-        write_png(images / f"{i}.png", rng.integers(0, 256, (72, 96, 3), dtype=np.uint8))
+    # LR images large enough that compute, not per-op overhead, sets the time (at 72x96 a
+    # busy core once slowed the small reference 10x and EDSR 3x, crossing the budget)
+    for i in range(4):
+        write_png(images / f"{i}.png", rng.integers(0, 256, (144, 192, 3), dtype=np.uint8))
     budgets = PromoteSettings(runtime_budget_rel=2.5).budgets()
     assert budgets == {"runtime_rel": 2.5}
     runs = {"2 threads": _measure(images, 2), "1 thread": _measure(images, 1)}

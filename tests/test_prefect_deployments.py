@@ -5,6 +5,9 @@ library's ``profile`` (which torch imports through cProfile)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -12,17 +15,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+LOAD = """
+import json, sys
+from prefect.flows import Flow, load_flow_from_entrypoint
+out = {}
+for entrypoint in sys.argv[1:]:
+    flow = load_flow_from_entrypoint(entrypoint)
+    out[entrypoint] = flow.name if isinstance(flow, Flow) else repr(flow)
+print(json.dumps(out))
+"""
+
+
 def test_every_stage_has_a_deployment_that_loads():
-    import sys
-
-    from prefect.flows import Flow, load_flow_from_entrypoint
-
-    # this checkout's pipeline package, not a copy an earlier test imported (loading a logged
-    # pyfunc puts the model's own code folder, a part of pipeline/, first on sys.path)
-    for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(ROOT))
-
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     entries = {d["name"]: d["entrypoint"] for d in doc["deployments"]}
     stages = {p.stem for p in (ROOT / "pipeline").glob("*.py")} - {
@@ -31,12 +35,17 @@ def test_every_stage_has_a_deployment_that_loads():
         "ablation_report"}  # a report generator over `dvc exp show`, not a flow
     modules = {e.split(":")[0].removeprefix("pipeline.") for e in entries.values()}
     assert stages <= modules, stages - modules
-    for name, entrypoint in entries.items():
+    for entrypoint in entries.values():
         module, _ = entrypoint.split(":")
         assert module.startswith("pipeline.") and not module.endswith(".py"), entrypoint
-        flow = load_flow_from_entrypoint(entrypoint)
-        assert isinstance(flow, Flow), name
-        assert flow.name.startswith("rlfn-"), flow.name
+    # in a fresh interpreter in the project folder, as a worker loads them (this process may
+    # hold another copy of `pipeline`: loading a logged pyfunc imports the model's own code)
+    r = subprocess.run([sys.executable, "-c", LOAD, *entries.values()], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, entrypoint in entries.items():
+        assert names[entrypoint].startswith("rlfn-"), (name, names[entrypoint])
     import importlib.util
 
     assert "pipeline" not in importlib.util.find_spec("profile").origin

@@ -432,7 +432,12 @@ def test_worker_runs_a_deployment(stack):
     st = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "prepare"],
                         capture_output=True, text=True, cwd=stack.clone, timeout=120,
                         env=clean_env())
-    assert st.returncode == 0 and json.loads(st.stdout) == {}, st.stdout + st.stderr
+    if st.returncode != 0 or json.loads(st.stdout) != {}:
+        _, logs = _http("POST", f"{api}/logs/filter",
+                        {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
+        lines = "\n".join(x["message"] for x in json.loads(logs))
+        pytest.fail(f"dvc status after the worker's run: {st.stdout}{st.stderr}\n"
+                    f"flow run log:\n{lines}")
     # and logged to the stack's MLflow, its artifact stored by the server
     assert list((stack.state / "mlartifacts").glob("*/*/artifacts/manifest.summary.json"))
 
