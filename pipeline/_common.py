@@ -208,7 +208,8 @@ EXPERIMENT_STAGES = {"tune", "ablate"}  # stages of experiments/dvc.yaml
 
 def _deployed_outside_dvc() -> bool:
     """A flow run of a deployment (a worker ran it) that no ``dvc repro`` launched."""
-    if os.environ.get("RLFN_REPRO_ID") or _dvc_ancestor():
+    rid = os.environ.get("RLFN_REPRO_ID", "")  # repro_id() sets a manual-... one itself
+    if _dvc_ancestor() or (rid and not rid.startswith("manual-")):
         return False
     from prefect.context import FlowRunContext
 
