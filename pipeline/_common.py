@@ -38,7 +38,7 @@ from rlfn.log import setup as setup_logging
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commit",
-           "params_hash", "write_json", "log_dict_metrics", "main", "log"]
+           "params_hash", "write_json", "log_dict_metrics", "main", "log", "run_dvc"]
 
 log = get_logger("pipeline")
 _LOADED = time.monotonic()
@@ -192,15 +192,43 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
     t0 = time.monotonic()
     try:
         with mlflow.start_run(run_id=run.info.run_id):
-            mlflow.log_metric("startup_s", round(startup, 2))
-            yield run
+            try:
+                mlflow.log_metric("startup_s", round(startup, 2))
+                yield run
+            except BaseException as e:
+                if describe_failure(e) is not None:  # a server lost, after the retries:
+                    _fail_fast()                     # the clean-up below gives up at once
+                raise
         status = "FINISHED"
         log.info(f"{stage}: work done in {time.monotonic() - t0:.1f} s")
         if _deployed_outside_dvc():
             commit_stage(stage)
     finally:
-        client.set_terminated(run.info.run_id, status)
-        client.set_terminated(parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+        _terminate(client, run.info.run_id, status)
+        _terminate(client, parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+_LOST = False  # set once a server was lost mid-stage (after the clients' retries)
+
+
+def _fail_fast() -> None:
+    """The tracking server is gone (its client already retried): later requests of this
+    process (ending the runs) fail at once instead of retrying for another half minute each."""
+    global _LOST
+    _LOST = True
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+
+
+def _terminate(client: Any, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        if not _LOST:
+            raise
+        log.warning(f"MLflow run {run_id} left {status!r} unrecorded: the tracking server "
+                    f"is unreachable ({type(e).__name__})")
 
 
 EXPERIMENT_STAGES = {"tune", "ablate"}  # stages of experiments/dvc.yaml
@@ -221,14 +249,43 @@ def commit_stage(stage: str) -> None:
     """``dvc commit -f STAGE``: record in ``dvc.lock`` what a stage run outside ``dvc repro``
     (by a Prefect worker) wrote, so that ``dvc status`` agrees with the workspace."""
     target = f"experiments/dvc.yaml:{stage}" if stage in EXPERIMENT_STAGES else stage
-    r = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", target], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
+    try:
+        run_dvc(["commit", "-f", target], echo=False)
+    except RLFNError as e:
         raise RLFNError(f"dvc commit {target} (in {ROOT})",
                         f"the stage ran outside dvc repro and its outputs could not be "
-                        f"recorded: {(r.stderr or r.stdout).strip()[-500:]}")
+                        f"recorded: {e.reason[-500:]}") from None
     log.info(f"{stage}: outputs recorded in dvc.lock (dvc commit {target}; run outside "
              "dvc repro)")
+
+
+def run_dvc(args: list[str], cwd: str | Path = ROOT, tail_lines: int = 40,
+            echo: bool = True) -> str:
+    """Run ``dvc ARGS`` (this interpreter's DVC) in ``cwd``, its output line by line into the
+    log when ``echo``; one ``RLFNError`` (exit 1) with the last lines when it fails. The
+    stages it runs find this interpreter first on ``PATH``."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    env = {**os.environ, "PATH": os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if echo:
+        log.info(f"dvc {' '.join(args)} (in {cwd})")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, env=env, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        if echo:
+            log.info(line)
+    code = proc.wait()
+    if code != 0:
+        tail = "\n".join(lines[-tail_lines:])
+        raise RLFNError(f"dvc {' '.join(args)} (in {cwd})", f"exit code {code}:\n{tail}")
+    if echo:
+        log.info(f"dvc {args[0]} done in {time.monotonic() - t0:.0f} s")
+    return "\n".join(lines)
 
 
 def process_age_s() -> float:

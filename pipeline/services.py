@@ -30,9 +30,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 class ServiceError(RLFNError):
     """A service the stage needs is down or refused us: ``ServiceError(service_url, reason)``
-    (exit 1)."""
-
-    exit_code = 1
+    (exit 1, RLFNError's)."""
 
 
 def masked(url: str) -> str:

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from servers import _group_alive, clean_env, free_port, processes_with_env
@@ -69,7 +70,8 @@ for r in runs:
     row = {"run_id": r.info.run_id, "status": r.info.status,
            "artifact_uri": r.info.artifact_uri,
            "tags": {k: v for k, v in r.data.tags.items()
-                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.repro_id")}}
+                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.repro_id",
+                             "rlfn.retrain.branch", "promotion.promoted", "promotion.reason")}}
     if "--artifacts" in sys.argv and r.data.tags.get("rlfn.kind") == "stage":
         row["artifacts"] = [f.path for f in c.list_artifacts(r.info.run_id)]
     out_runs.append(row)
@@ -389,6 +391,152 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     assert json.loads(st.stdout) == {}, st.stdout
 
 
+# --------------------------------------------------------------------------- 2b: retrain
+RETRAIN_KEYS = ("rlfn.kind", "rlfn.retrain.branch", "promotion.promoted", "promotion.reason",
+                "rlfn.retrain.stages")
+
+
+@pytest.fixture(scope="module")
+def origin(stack) -> Path:
+    """A bare repository on disk as the clone's (the worker's project's) ``origin``, its main
+    holding what test 1 trained (dvc.lock, metrics; the data is on the remote ``stack``)."""
+    bare = stack.state.parent / "origin.git"
+    git = ["git", "-C", str(stack.clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(stack, [*git, "add", "dvc.lock", "metrics", "plots", "reports"])
+    _run(stack, [*git, "commit", "-qm", "what test 1 trained"])
+    _run(stack, ["git", "clone", "-q", "--bare", str(stack.clone), str(bare)])
+    _run(stack, [*git, "remote", "set-url", "origin", str(bare)])
+    return bare
+
+
+def _push_params(stack: Stack, change, message: str) -> str:
+    """A params change committed on the clone and pushed to origin's main (as a developer)."""
+    p = stack.clone / "params.yaml"
+    prm = yaml.safe_load(p.read_text())
+    change(prm)
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    git = ["git", "-C", str(stack.clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(stack, [*git, "commit", "-qam", message])
+    _run(stack, [*git, "push", "-q", "origin", "HEAD:main"])
+    return _run(stack, [*git, "rev-parse", "HEAD"]).stdout.strip()
+
+
+def _retrain(stack: Stack, *args: str) -> dict:
+    """``bash scripts/retrain.sh`` exactly as the workflow runs it, with the team's
+    PREFECT_API_URL: the deployment dispatched and watched; what it left behind."""
+    t = time.monotonic()
+    r = _run(stack, ["bash", "scripts/retrain.sh", *args], timeout=900, check=False)
+    took = time.monotonic() - t
+    m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert m, r.stdout + r.stderr
+    env = _env(stack)
+    code, body = _http("POST", f"{env['PREFECT_API_URL']}/artifacts/filter",
+                       {"artifacts": {"flow_run_id": {"any_": [m.group(1)]},
+                                      "key": {"any_": ["retrain-summary"]}}},
+                       auth=env["PREFECT_API_AUTH_STRING"])
+    assert code == 200, body
+    arts = json.loads(body)
+    fr = _wait_flow_run(env, m.group(1), 10)
+    return {"rc": r.returncode, "out": r.stdout + r.stderr, "id": m.group(1), "flow_run": fr,
+            "seconds": took, "summary": arts[0]["data"] if arts else None,
+            "logs": _flow_run_logs(env, m.group(1))}
+
+
+def _branches(bare: Path) -> dict[str, str]:
+    out = subprocess.run(["git", "-C", str(bare), "for-each-ref", "--format=%(refname:short) "
+                          "%(objectname)", "refs/heads/retrain/"], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def _show(bare: Path, rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(bare), "show", f"{rev}:{path}"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _retrain_runs(reg: dict) -> list[dict]:
+    return [r for r in reg["runs"] if r["tags"].get("rlfn.kind") == "retrain"]
+
+
+@pytest.mark.timeout(1500)
+def test_retrain_dispatched_to_the_worker(stack, origin):
+    """The workflow's command dispatches ``rlfn-retrain/retrain``; the worker checks out main of
+    the bare origin, pulls, reproduces, pushes, and the branch ``retrain/<flow-run-id>`` holds
+    the new dvc.lock: a better model is promoted, a worse one is not (the reason in the
+    summary), a third trigger with nothing changed trains nothing; an unknown ref is one
+    clear error and pushes nothing."""
+    reg0 = _registry(stack)
+    champion0 = reg0["aliases"]["champion"]
+
+    # 1. a longer last stage: a better model, promoted
+    sha1 = _push_params(stack, lambda p: p["train_stages"]["3"].update(iterations=40),
+                        "longer stage 3")
+    r1 = _retrain(stack)
+    TIMES["retrain 1 (stage 3 longer: promoted)"] = r1["seconds"]
+    print(f"\nretrain 1: exit {r1['rc']} in {r1['seconds']:.1f} s\n{r1['summary']}")
+    assert r1["rc"] == 0 and r1["flow_run"]["state"]["type"] == "COMPLETED", \
+        r1["out"][-3000:] + "\n".join(r1["logs"][-60:])
+    assert r1["flow_run"]["work_pool_name"] == "rlfn-pool"
+    branches = _branches(origin)
+    b1 = f"retrain/{r1['id']}"
+    assert list(branches) == [b1], branches
+    parent = subprocess.run(["git", "-C", str(origin), "rev-parse", f"{b1}^"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert parent == sha1
+    assert _show(origin, b1, "dvc.lock") != _show(origin, "main", "dvc.lock")
+    promo1 = json.loads(_show(origin, b1, "reports/promotion.json"))
+    assert promo1["promoted"] == 1, promo1
+    assert "PROMOTED" in r1["summary"] and b1 in r1["summary"], r1["summary"]
+    assert "train_stage@3" in r1["summary"] and "train_stage@1" not in r1["summary"]
+    reg1 = _registry(stack)
+    assert reg1["aliases"]["champion"] == str(promo1["version"]) != champion0
+    runs1 = _retrain_runs(reg1)
+    assert [x["tags"]["promotion.promoted"] for x in runs1] == ["True"], runs1
+    assert runs1[0]["tags"]["rlfn.retrain.branch"] == b1
+
+    # 2. a last stage with a learning rate that wrecks it: retrained, not promoted
+    sha2 = _push_params(stack, lambda p: p["train_stages"]["3"].update(lr=1.0),
+                        "stage 3 at lr 1.0")
+    r2 = _retrain(stack)
+    TIMES["retrain 2 (worse model: kept the champion)"] = r2["seconds"]
+    print(f"\nretrain 2: exit {r2['rc']} in {r2['seconds']:.1f} s\n{r2['summary']}")
+    assert r2["rc"] == 0 and r2["flow_run"]["state"]["type"] == "COMPLETED", \
+        r2["out"][-3000:] + "\n".join(r2["logs"][-60:])
+    b2 = f"retrain/{r2['id']}"
+    assert set(_branches(origin)) == {b1, b2}
+    promo2 = json.loads(_show(origin, b2, "reports/promotion.json"))
+    assert promo2["promoted"] == 0, promo2
+    reason = promo2["decision"]["reason"]
+    assert "not promoted" in r2["summary"] and reason in r2["summary"], r2["summary"]
+    reg2 = _registry(stack)
+    assert reg2["aliases"] == reg1["aliases"]  # the champion unchanged
+    assert [x["tags"]["promotion.reason"] for x in _retrain_runs(reg2)
+            if x["tags"]["rlfn.retrain.branch"] == b2] == [reason]
+
+    # 3. the same commit again: the previous retrain of it already holds every output
+    stage_runs = len([x for x in reg2["runs"] if x["tags"].get("rlfn.kind") == "stage"])
+    r3 = _retrain(stack)
+    TIMES["retrain 3 (nothing changed)"] = r3["seconds"]
+    print(f"\nretrain 3: exit {r3['rc']} in {r3['seconds']:.1f} s\n{r3['summary']}")
+    assert r3["rc"] == 0, r3["out"][-3000:] + "\n".join(r3["logs"][-60:])
+    assert "Nothing changed" in r3["summary"] and b2 in r3["summary"], r3["summary"]
+    assert set(_branches(origin)) == {b1, b2}  # nothing pushed
+    reg3 = _registry(stack)
+    assert len([x for x in reg3["runs"] if x["tags"].get("rlfn.kind") == "stage"]) == \
+        stage_runs  # no stage ran
+    assert reg3["aliases"] == reg1["aliases"]
+    assert _show(origin, "main", "params.yaml") == (stack.clone / "params.yaml").read_text()
+    assert sha2 == subprocess.run(["git", "-C", str(origin), "rev-parse", "main"],
+                                  capture_output=True, text=True).stdout.strip()
+
+    # 4. an unknown ref: the flow run fails with one line naming it; nothing pushed
+    r4 = _retrain(stack, "no-such-branch")
+    print(f"\nretrain of an unknown ref: exit {r4['rc']}: {r4['flow_run']['state']['message']}")
+    assert r4["rc"] == 1 and r4["flow_run"]["state"]["type"] == "FAILED"
+    assert "ref 'no-such-branch': not found in" in r4["flow_run"]["state"]["message"]
+    assert set(_branches(origin)) == {b1, b2}
+
+
 # --------------------------------------------------------------------------- 3: faults
 def _snapshot(stack: Stack) -> dict:
     reg = _registry(stack)
@@ -452,9 +600,12 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
     weights_glob = "*/*/artifacts/weights/model.safetensors"
     old_weights = set((stack.state / "mlartifacts").glob(weights_glob))
     lines: list[str] = []
+    # MLflow's client retries 4 times with backoff 1, 2, 4, 8 s here (production: 2 ... 16 s),
+    # then the register task's 2 retries do the same: the stage fails about a minute later
+    env = _env(stack, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     t0 = time.monotonic()
     stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item",
-                              "train_stage@1"], cwd=stack.clone, env=_env(stack),
+                              "train_stage@1"], cwd=stack.clone, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              stdin=subprocess.DEVNULL, start_new_session=True)
     reader = _read_lines(stage, lines)
