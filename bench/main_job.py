@@ -1,7 +1,7 @@
 """Time the README's command 1 (setup + `dvc repro`) on a fresh clone, phase by phase.
 
     python bench/main_job.py [--repo .] [--dir /tmp/rlfn-main-job] [--reuse-venv]
-                             [--no-shared] [--compare bench/results/main_job.json]
+                             [--no-shared] [--compare bench/results/main_job.json] [--stack]
 
 Clones ``--repo`` (its committed HEAD) into ``--dir``/main, beside a link ``--dir``/shared to
 this checkout's ``../shared`` when there is one (as a fresh clone here has it: Urban100 and the
@@ -16,6 +16,9 @@ it went on start-up (interpreter, imports, Prefect, the MLflow run) from the sta
 "models:/rlfn-x4@champion")`` upscales an image, and the sha256 of every stage's weights is
 recorded; ``--compare FILE`` checks them against an earlier run's (a second fresh clone must
 give bit-identical weights).
+``--stack``: team mode's command chain instead (issue 13's): ``bash scripts/stack.sh up``,
+``eval "$(bash scripts/stack.sh env)"``, ``dvc repro && dvc push``, the champion loaded from the
+tracking server, then ``stack.sh down``; written to ``bench/results/team_job.json``.
 Nothing here is asserted: the figures are for people (and the next regression).
 """
 
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not link ../shared beside the clone")
     ap.add_argument("--compare", metavar="FILE",
                     help="an earlier results file: the weights must be bit-identical")
+    ap.add_argument("--stack", action="store_true",
+                    help="team mode: against scripts/stack.sh's services (own state, free ports)")
     a = ap.parse_args(argv)
     base = Path(a.dir)
     shutil.rmtree(base, ignore_errors=True)
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     venv_bin = work / ".venv" / "bin"
     env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(work / ".venv"),
                PYTHONPATH="")
+    if a.stack:
+        env.update(_stack_up(work, base, env, phases))
     t0 = time.monotonic()
     proc = subprocess.Popen([str(venv_bin / "dvc"), "repro"], cwd=work, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
@@ -121,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'dvc repro':<24} {_fmt(repro_s):>8} {_fmt(startup):>9}")
     print(f"{'total (clone to end)':<24} {_fmt(total_s):>8}   target {_fmt(TARGET_S)}: "
           f"{total_s / TARGET_S:.2f}x of it  (exit code {rc})")
+    if a.stack and rc == 0:
+        t0 = time.monotonic()
+        rc = subprocess.run([str(venv_bin / "dvc"), "push"], cwd=work, env=env).returncode
+        phases.append({"phase": "dvc push (stack)", "seconds": time.monotonic() - t0})
+        print(f"dvc push: {_fmt(phases[-1]['seconds'])} (exit code {rc})")
     metrics = {}
     ev = work / "metrics" / "evaluate.json"
     if ev.exists():
@@ -139,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weights vs {a.compare}: {'bit-identical' if same else 'DIFFERENT'}")
         if not same:
             rc = rc or 1
+    if a.stack:
+        subprocess.run(["bash", "scripts/stack.sh", "down"], cwd=work, env=env)
     if not a.no_save:
-        out = ROOT / "bench" / "results" / "main_job.json"
+        out = ROOT / "bench" / "results" / ("team_job.json" if a.stack else "main_job.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": _machine(), "command": " ".join(
             [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
@@ -151,6 +165,36 @@ def main(argv: list[str] | None = None) -> int:
             "compared_with": a.compare, "bit_identical": same}, indent=2) + "\n")
         print(f"wrote {out}")
     return rc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stack_up(work: Path, base: Path, env: dict, phases: list) -> dict:
+    """``bash scripts/stack.sh up`` (state under ``base``/stack, free ports), then its
+    ``env`` exports as a dict."""
+    env.update(RLFN_STACK_DIR=str(base / "stack"), RLFN_PROJECT_DIR=str(work),
+               **{f"RLFN_STACK_{k}_PORT": str(_free_port())
+                  for k in ("PG", "MLFLOW", "PREFECT", "SSH")})
+    t0 = time.monotonic()
+    subprocess.run(["bash", "scripts/stack.sh", "up"], cwd=work, env=env, check=True)
+    phases.append({"phase": "stack up (cold)", "seconds": time.monotonic() - t0})
+    out = subprocess.run(["bash", "scripts/stack.sh", "env"], cwd=work, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    exports = {}
+    for line in out.splitlines():
+        m = re.match(r"export (\w+)=(.*)$", line.strip())
+        if m:
+            exports[m.group(1)] = subprocess.run(
+                ["bash", "-c", f"printf %s {m.group(2)}"], capture_output=True,
+                text=True).stdout
+    print(f"stack up: {_fmt(phases[-1]['seconds'])}; exports: {sorted(exports)}")
+    return exports
 
 
 CHAMPION = """

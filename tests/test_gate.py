@@ -60,6 +60,7 @@ def _measure(images: Path, threads: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.exclusive  # it times models: alone on the machine (.ci/run's last phase)
 @pytest.mark.timeout(1200)
 def test_same_decision_at_2_threads_and_at_1_thread(tmp_path):
     rng = np.random.default_rng(0)

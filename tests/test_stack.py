@@ -34,6 +34,8 @@ from servers import _group_alive, clean_env, free_port, processes_with_env
 
 STACK_SH = ROOT / "scripts" / "stack.sh"
 SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
+
+pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waiting on servers)
 EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
            "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
            "RLFN_PROJECT_DIR")
@@ -397,6 +399,102 @@ print(json.dumps(sorted(t.number for t in done())))
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert json.loads(out.strip().splitlines()[-1]) == [0, 1, 2, 3]
+
+
+TUNE_STATE = r"""
+import json, sys
+import optuna
+study = optuna.load_study(study_name=sys.argv[1], storage=sys.argv[2])
+print(json.dumps([{"number": t.number, "state": t.state.name, "params": t.params,
+                   "steps": len(t.intermediate_values), "run": t.user_attrs.get("mlflow_run_id")}
+                  for t in study.get_trials()]))
+"""
+
+TUNE_RUNS = r"""
+import json, sys
+from mlflow import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name("rlfn")
+runs = c.search_runs([exp.experiment_id], "tags.dvc_stage = 'tune'", max_results=1000)
+print(json.dumps([{"id": r.info.run_id, "status": r.info.status,
+                   "kind": r.data.tags.get("rlfn.kind"), "study": r.data.tags.get("optuna.study"),
+                   "parent": r.data.tags.get("mlflow.parentRunId"),
+                   "state": r.data.tags.get("optuna.state")} for r in runs]))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_two_tune_processes_share_one_study_and_survive_a_kill(stack, tmp_path):
+    """Two ``python -m pipeline.tune`` started together on the stack's PostgreSQL study and
+    tracking server: while both train, one is SIGKILLed; its trial is failed by the heartbeat
+    and the other finishes the study's n_trials, every trial a nested run on the server."""
+    from test_tune import _project
+
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    n = 5
+    d = _project(tmp_path / "proj", {
+        "study": name, "n_trials": n, "sampler": {"name": "random", "seed": 3},
+        "pruner": {"name": "none"},
+        "space": {"lr": {"type": "float", "low": 1e-3, "high": 4e-3, "log": True}}},
+        train={"iterations": 40})
+    env = stack.client_env(PYTHONPATH=str(ROOT))
+    storage = env["RLFN_OPTUNA_STORAGE"]
+
+    def state() -> list[dict]:
+        r = subprocess.run([sys.executable, "-c", TUNE_STATE, name, storage], env=env,
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            return []  # not created yet
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    logs = [open(tmp_path / f"tune{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=d, env=env,
+                              stdout=logs[i], stderr=subprocess.STDOUT, start_new_session=True)
+             for i in range(2)]
+    try:
+        # both processes mid-training (two RUNNING trials with reports), then kill the first
+        deadline = time.monotonic() + 300
+        while True:
+            trials = state()
+            running = [t for t in trials if t["state"] == "RUNNING" and t["steps"]]
+            if len(running) == 2:
+                break
+            assert all(p.poll() is None for p in procs), trials
+            assert time.monotonic() < deadline, trials
+            time.sleep(0.2)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        assert procs[1].wait(timeout=400) == 0, (logs[1].seek(0), logs[1].read()[-4000:])[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+        for f in logs:
+            f.close()
+    trials = state()
+    print(f"\nshared study {name}: {[(t['number'], t['state']) for t in trials]}")
+    by_state: dict[str, list] = {}
+    for t in trials:
+        by_state.setdefault(t["state"], []).append(t)
+    assert len(by_state.get("COMPLETE", [])) == n, by_state  # n finished: none lost, none extra
+    assert len(by_state.get("FAIL", [])) == 1, by_state      # the killed process's trial
+    assert "RUNNING" not in by_state, by_state
+    assert sorted(t["number"] for t in trials) == list(range(len(trials)))
+    lrs = [t["params"]["lr"] for t in trials if "lr" in t["params"]]
+    assert len(set(lrs)) == len(lrs), lrs  # two processes, one seed: no draw repeated
+    r = subprocess.run([sys.executable, "-c", TUNE_RUNS, name], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(r.stdout.strip().splitlines()[-1])
+    stage_ids = {x["id"] for x in runs if x["kind"] == "stage"}
+    trial_runs = {x["id"]: x for x in runs if x["kind"] == "trial" and x["study"] == name}
+    assert len(trial_runs) == len(trials), (len(trial_runs), len(trials))
+    assert all(x["parent"] in stage_ids for x in trial_runs.values()), runs
+    assert len({x["parent"] for x in trial_runs.values()}) == 2  # one stage run per process
+    dead = by_state["FAIL"][0]
+    assert trial_runs[dead["run"]]["status"] == "KILLED", trial_runs[dead["run"]]
+    assert trial_runs[dead["run"]]["state"] == "FAIL"
 
 
 # --------------------------------------------------------------------------- 3: the worker

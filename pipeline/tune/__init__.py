@@ -15,8 +15,10 @@ several machines: run this command on each). Rerunning resumes the same study
 (COMPLETE + PRUNED): a resumed study runs only the missing ones, and a complete study runs
 none (it just rewrites the outputs). Failed trials (a crash, a diverged loss, a killed
 process) do not count, so a rerun replaces them. ``tune.timeout_s`` bounds one invocation
-(0 = none). The sampler's seed is offset by the number of trials already in the study, so a
-resumed run does not replay the first run's draws.
+(0 = none). Each trial's draws come from the sampler's seed plus the trial's number (trial
+numbers are never reused): a resumed run does not replay the first run's draws, and several
+processes sharing one study (team mode: ``RLFN_OPTUNA_STORAGE`` on PostgreSQL) never draw the
+same values.
 
 Killed processes. Trials are watched by Optuna's heartbeat (``RDBStorage(heartbeat_interval=
 tune.heartbeat_s, grace_period=tune.grace_s)``): a RUNNING trial whose heartbeat is older

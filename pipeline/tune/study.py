@@ -70,12 +70,20 @@ def _suggest(trial, name: str, s: dict) -> Any:
                                                             else {}))
 
 
-def _make(kind: str, name: str, kwargs: dict, offset: int = 0):
-    if kind == "sampler":
-        kwargs = dict(kwargs)
-        if kwargs.get("seed") is not None:
-            kwargs["seed"] = int(kwargs["seed"]) + offset  # a resumed run draws afresh
+def _make(kind: str, name: str, kwargs: dict):
     return optuna_class(kind, name)(**kwargs)
+
+
+def _reseed(sampler: Any, seed: int) -> None:
+    """Seed ``sampler``'s random state (and its inner random sampler's) with ``seed``. Called
+    with the sampler's seed + the trial number before a trial draws: the draws are a function
+    of the trial number, so a resumed run does not replay the first run's, and two processes
+    sharing a study (team mode) never draw the same values from the same seed."""
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    for obj in (sampler, getattr(sampler, "_random_sampler", None)):
+        if obj is not None and isinstance(getattr(obj, "_rng", None), LazyRandomState):
+            obj._rng = LazyRandomState(seed)
 
 
 def _store_for(spec: TuneSpec, patch_size: int, scale: int) -> str:
@@ -170,9 +178,7 @@ def tune(params_file: str = "params.yaml") -> dict:
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise TuneError("tune.study", f"study {spec.study!r} in {mask_url(spec.storage)} "
                             "minimises; use another tune.study")
-        existing = len(study.get_trials(deepcopy=False))
-        if existing:  # a resumed run must not replay the first run's draws
-            study.sampler = _make("sampler", *spec.sampler, offset=existing)
+        seed = spec.sampler[1].get("seed")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -188,6 +194,8 @@ def tune(params_file: str = "params.yaml") -> dict:
                  f"{max(missing, 0)} trial(s) to run")
 
         def objective(trial) -> float:
+            if seed is not None:  # the draws: a function of the trial number (see _reseed)
+                _reseed(study.sampler, int(seed) + trial.number)
             sampled = {k: _suggest(trial, k, s) for k, s in spec.space.items()}
             cfg0 = spec.train_config(sampled, patch_store="-")
             cfg = spec.train_config(sampled, _store_for(spec, cfg0.patch_size, cfg0.scale))
