@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -119,6 +120,7 @@ def params_hash(section: Any) -> str:
     return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)  # a process's ancestors do not change
 def _dvc_ancestor() -> str | None:
     """pid-starttime of the nearest ancestor process running ``dvc`` (Linux /proc)."""
     pid = os.getppid()

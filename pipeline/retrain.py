@@ -21,6 +21,7 @@ same flow in this process (the CI runner's mode, .github/workflows/retrain.yml).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -61,14 +62,21 @@ def _git(args: list[str], cwd: Path | None = None, what: str | None = None,
     return r.stdout.strip()
 
 
+def project_dir() -> Path:
+    """The project this flow runs from (a worker's ``RLFN_PROJECT_DIR``, else this checkout):
+    its ``origin`` is the default ``repo``, its ``.dvc/config.local`` the DVC remote used."""
+    return Path(os.environ.get("RLFN_PROJECT_DIR") or ROOT)
+
+
 def default_repo() -> str:
-    """This project's ``origin`` (the worker's checkout)."""
+    """The project's ``origin`` (the worker's checkout)."""
+    proj = project_dir()
     try:
-        url = _git(["remote", "get-url", "origin"], cwd=ROOT)
+        url = _git(["remote", "get-url", "origin"], cwd=proj)
     except RetrainError:
         url = ""
     if not url:
-        raise RetrainError(f"repo (parameter) / git remote 'origin' of {ROOT}",
+        raise RetrainError(f"repo (parameter) / git remote 'origin' of {proj}",
                            "not given and this project has no origin to default to")
     return url
 
@@ -88,7 +96,8 @@ def checkout(repo: str, ref: str, work: Path) -> dict:
             continue
     if not sha:
         branches = _git(["branch", "-r", "--format=%(refname:short)"], cwd=work).split()
-        shown = ", ".join(b.removeprefix("origin/") for b in branches[:10]) or "none"
+        names = [b.removeprefix("origin/") for b in branches if b not in ("origin/HEAD", "origin")]
+        shown = ", ".join(names[:10]) or "none"
         raise RetrainError(f"ref {ref!r}", f"not found in {repo} (branches: {shown})")
     # the newest retrain of this very commit: start from its dvc.lock (nothing to redo)
     start, previous = sha, None
@@ -214,12 +223,10 @@ def _to_mlflow(work: Path, s: dict, md: str) -> str | None:
     from pipeline._common import _experiment, tracking_uri
     from pipeline.settings import read_params
 
-    prm = read_params(work / "params.yaml")
-    uri = tracking_uri(prm)
-    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = f"sqlite:///{work / (prm.get('mlflow') or {}).get('db', 'mlflow.db')}"
-    mlflow.set_tracking_uri(uri)
-    exp = _experiment(mlflow, prm)
+    with contextlib.chdir(work):  # without a server: the checkout's own mlflow.db, as its stages
+        prm = read_params("params.yaml")
+        mlflow.set_tracking_uri(tracking_uri(prm))
+        exp = _experiment(mlflow, prm)
     dec = s.get("decision") or {}
     tags = {"rlfn.kind": "retrain", "rlfn.retrain.ref": s["ref"], "git_commit": s["sha"],
             "rlfn.retrain.stages": ",".join(s["ran"]) or "none",
@@ -251,13 +258,13 @@ def retrain(repo: str | None = None, ref: str = "main", force: bool = False,
     if work.exists():
         raise RetrainError(f"workdir {base}", "already holds a checkout (main/); give a new one")
     base.mkdir(parents=True, exist_ok=True)
-    shared = ROOT.parent / "shared"  # the reference data beside the project, as ../shared
+    shared = project_dir().parent / "shared"  # the reference data beside it, as ../shared
     if shared.is_dir() and not (base / "shared").exists():
         (base / "shared").symlink_to(shared.resolve())
     try:
         log.info(f"retrain: {repo} at {ref} in {work} (flow run {run_id})")
         co = checkout(repo, ref, work)
-        local_cfg = ROOT / ".dvc" / "config.local"  # the worker's remote (and its credentials)
+        local_cfg = project_dir() / ".dvc" / "config.local"  # the worker's remote + credentials
         if local_cfg.is_file():
             shutil.copy2(local_cfg, work / ".dvc" / "config.local")
         if co["previous"]:
