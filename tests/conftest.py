@@ -34,6 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
 SESSION_VAR = "RLFN_TEST_SESSION"
+_OWN_PREFECT_HOME = "RLFN_TEST_PREFECT_HOME"  # the PREFECT_HOME a session made for itself
 LEAK_GRACE_S = 5.0  # how long stragglers get to exit on their own at session end
 
 
@@ -103,6 +104,23 @@ def pytest_configure(config):
     # A fresh marker per session (a pytest run inside a test gets its own), set before any
     # fixture or test can start a process.
     os.environ[SESSION_VAR] = uuid.uuid4().hex
+    # Prefect's state for this session alone (not ~/.prefect): sessions and xdist workers
+    # running side by side (.ci/run) never share a temporary server's database. Set before
+    # any test module imports prefect; a test's subprocesses may still give their own.
+    inherited = os.environ.get("PREFECT_HOME")
+    if inherited is None or inherited == os.environ.get(_OWN_PREFECT_HOME):  # ours: renew
+        import tempfile
+
+        home = tempfile.mkdtemp(prefix="rlfn-test-prefect-")
+        os.environ["PREFECT_HOME"] = os.environ[_OWN_PREFECT_HOME] = home
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        config._rlfn_prefect_home = home
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_rlfn_prefect_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _marked_processes(marker: str) -> dict[int, str]:
