@@ -8,6 +8,9 @@ eager fp32 on the same machine, and each backend's Set5 x4 PSNR delta against ea
 The goal (issue 6): the fastest exact CPU backend >= 3x eager fp32 for RLFN and for the
 challenge model; on a GPU the same against eager fp32 on that card. "exact" = within 0.01 dB
 of eager on Set5 x4; "max diff" is the largest uint8 pixel difference on Set5.
+The int8 goal (issue 15): within 0.05 dB of eager fp32 on Set5 and B100 x4 and >= 1.5x the
+fastest exact fp32 backend, both timed in this run (the B100 column: ``--sets Set5 B100``,
+the default). ``--pareto PREFIX`` draws PSNR vs ms per backend: PREFIX_<model>.png.
 Backends that cannot run here (no GPU, package missing, no native bf16) are listed with why.
 """
 
@@ -50,7 +53,8 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
     hr_dir = SHARED / "data" / "benchmarks" / "Set5" / "x4" / "HR"
     lr_dir = SHARED / "data" / "benchmarks" / "Set5" / "x4" / "LR"
     rows: list[dict] = []
-    base_ms = base_psnr = base_out = None
+    base_ms = base_psnr = base_out = base_b100 = None
+    b100_dir = SHARED / "data" / "benchmarks" / "BSD100" / "x4"
     for name in backends:
         row = {"model": weights.name, "backend": name, "device": device}
         try:
@@ -64,11 +68,17 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
         engine = make_engine(load_model(weights).model, name, device)
         psnr, outs = set5_outputs(engine, hr_dir, lr_dir)  # also warms every Set5 shape up
         setup_s = time.perf_counter() - t0
+        b100 = None
+        if "B100" in args.sets:
+            rep = evaluate_folder(ModelUpscaler(engine), b100_dir / "HR", b100_dir / "LR")
+            if rep.errors:
+                raise RuntimeError("; ".join(rep.errors))
+            b100 = rep.mean["psnr_y"]
         for _ in range(args.passes - 1):  # untimed passes: every image size seen once
             profile_runtime(engine, args.input_dir, args.max_images, args.warmup)
         rt = profile_runtime(engine, args.input_dir, args.max_images, args.warmup)
         if name == "eager":
-            base_ms, base_psnr, base_out = rt["median_ms"], psnr, outs
+            base_ms, base_psnr, base_out, base_b100 = rt["median_ms"], psnr, outs, b100
         delta = psnr - base_psnr
         maxdiff = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(outs, base_out))
         row.update(ms=rt["median_ms"], mean_ms=rt["mean_ms"], stdev_ms=rt["stdev_ms"],
@@ -76,26 +86,72 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
                    psnr=psnr, psnr_delta=delta, label=psnr_label(delta), max_diff=maxdiff,
                    promised_exact=BACKENDS[name].exact, setup_s=setup_s,
                    peak_mb=rt.get("peak_gpu_mb", rt.get("peak_rss_mb")))
+        if b100 is not None:
+            row.update(psnr_b100=b100, b100_delta=b100 - base_b100)
         rows.append(row)
+        more = f"  B100 {row['b100_delta']:+.4f} dB" if b100 is not None else ""
         print(f"  {name:<14} {row['ms']:9.1f} ms  x{row['speedup']:5.2f}  "
-              f"{delta:+.4f} dB  maxdiff {maxdiff:2d}  {row['label']}", flush=True)
+              f"{delta:+.4f} dB  maxdiff {maxdiff:2d}  {row['label']}{more}", flush=True)
         del engine
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    b100 = any("psnr_b100" in r for r in rows)
     head = ("| model | backend | ms/image (median) | mean ± sd | speed-up vs eager | "
-            "Set5 x4 PSNR | delta vs eager | max pixel diff | label |")
-    lines = [head, "|" + "---|" * 9]
+            "Set5 x4 PSNR | delta vs eager | max pixel diff | label |"
+            + (" B100 x4 PSNR | B100 delta |" if b100 else ""))
+    lines = [head, "|" + "---|" * (11 if b100 else 9)]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['model']} | {r['backend']} | – | – | – | – | – | – | "
-                         f"not run: {r['skipped']} |")
+                         f"not run: {r['skipped']} |" + (" – | – |" if b100 else ""))
             continue
         lines.append(f"| {r['model']} | {r['backend']} | {r['ms']:.1f} | {r['mean_ms']:.1f} ± "
                      f"{r['stdev_ms']:.1f} | **{r['speedup']:.2f}x** | {r['psnr']:.4f} | "
-                     f"{r['psnr_delta']:+.4f} dB | {r['max_diff']} | {r['label']} |")
+                     f"{r['psnr_delta']:+.4f} dB | {r['max_diff']} | {r['label']} |"
+                     + (f" {r['psnr_b100']:.4f} | {r['b100_delta']:+.4f} dB |"
+                        if "psnr_b100" in r else " – | – |" if b100 else ""))
     return "\n".join(lines)
+
+
+INT8_GOAL_DB, INT8_GOAL_SPEEDUP = 0.05, 1.5
+
+
+def int8_goal(rows: list[dict]) -> str:
+    """The int8 row against issue 15's goal, measured in this run."""
+    q = next((r for r in rows if r["backend"] == "int8"), None)
+    if q is None or "skipped" in q:
+        return f"  int8: not run ({q['skipped'] if q else 'not asked for'})"
+    exact = [r for r in rows if "skipped" not in r and r["promised_exact"]
+             and r["label"] == "exact"]
+    best = max(exact, key=lambda r: r["speedup"])
+    ratio = best["ms"] / q["ms"]
+    deltas = [q["psnr_delta"]] + ([q["b100_delta"]] if "b100_delta" in q else [])
+    ok = ratio >= INT8_GOAL_SPEEDUP and all(abs(d) <= INT8_GOAL_DB for d in deltas)
+    b100 = f", B100 {q['b100_delta']:+.4f} dB" if "b100_delta" in q else ", B100 not measured"
+    return (f"  int8: {ratio:.2f}x the fastest exact fp32 backend ({best['backend']}, "
+            f"{best['ms']:.1f} ms -> {q['ms']:.1f} ms); Set5 {q['psnr_delta']:+.4f} dB{b100} "
+            f"vs eager fp32: {'meets' if ok else 'misses'} the goal (>= {INT8_GOAL_SPEEDUP}x, "
+            f"within {INT8_GOAL_DB} dB)")
+
+
+def pareto_chart(rows: list[dict], model: str, prefix: str, where: str) -> Path | None:
+    from rlfn.pareto import plot_pareto
+
+    pts = []
+    for r in rows:
+        if r["model"] != model or "skipped" in r:
+            continue
+        kind = "exact fp32" if r["promised_exact"] else r["backend"].split("_")[-1]
+        pts.append({"label": r["backend"], "set": "Set5", "psnr_y": r["psnr"],
+                    "runtime_ms": r["ms"], "kind": kind})
+        if "psnr_b100" in r:
+            pts.append({"label": r["backend"], "set": "B100", "psnr_y": r["psnr_b100"],
+                        "runtime_ms": r["ms"], "kind": kind})
+    return plot_pareto(pts, f"{prefix}_{Path(model).stem}.png",
+                       title=f"{model} x4 backends: Y-PSNR vs ms/image ({where})",
+                       runtime_label="ms / DIV2K test LR image (median)")
 
 
 def main() -> int:
@@ -110,6 +166,10 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=1,
                     help="time the last of N passes over the images (2: every size warm)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sets", nargs="+", default=["Set5", "B100"], choices=["Set5", "B100"],
+                    help="PSNR sets (Set5 always; B100 adds a column)")
+    ap.add_argument("--pareto", metavar="PREFIX",
+                    help="draw PSNR vs ms per backend to PREFIX_<model>.png")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     if not SHARED.is_dir():
@@ -150,6 +210,9 @@ def main() -> int:
             best = max(ok_psnr, key=lambda r: r["speedup"])
             print(f"{Path(m).name}: fastest within 0.01 dB: {best['backend']} "
                   f"{best['speedup']:.2f}x")
+        print(int8_goal([r for r in rows if r["model"] == Path(m).name]))
+        if args.pareto:
+            print(f"  Pareto chart: {pareto_chart(rows, Path(m).name, args.pareto, where)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": device, "where": where,

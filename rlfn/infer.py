@@ -14,6 +14,7 @@ backend            device  what it does                                         
 ``bf16``           both    bf16 body, fp32 head/skip/upsampler (native bf16 only)    no
 ``compile_bf16``   both    ``torch.compile`` of the ``bf16`` model                   no
 ``openvino_bf16``  cpu     OpenVINO with bf16 inference precision                    no
+``int8``           cpu     OpenVINO, NNCF int8 body 3x3 convs, rest fp32 (cached)    no
 ``fp16``           cuda    half-precision weights and activations                    no
 ``cuda_graphs``    cuda    fp16 + a CUDA graph captured per input shape              no
 =================  ======  ========================================================  =====
@@ -26,6 +27,12 @@ eager fp32: within 0.01 dB it is called exact, anything lossier is reported with
 bf16 keeps RLFN's first conv, the long skip and the upsampler in fp32: the output has values
 up to 255, where bf16's 8-bit mantissa steps by 1.0, so a bf16 tail alone costs ~0.01 dB;
 with it in fp32 the loss is ~0.001 dB (the body, ~93% of the MACs, still runs in bf16).
+
+int8 (``rlfn.quant``) quantizes only the body's 3x3 convs (80-85% of the MACs; SmoothQuant
+scales on their inputs), after static calibration on the project's training data; the head,
+the residual adds, ESA and the tail stay fp32. The quantized model is cached
+by the weights' sha256 (``rlfn.quant.int8_model``). It needs a CPU with int8 dot products
+(AVX512-VNNI, AVX-VNNI or AMX) and the ``nncf`` package.
 
 Errors come before any work, as one-line ``BackendError``s: an unknown backend, a backend
 whose package is not installed, a GPU asked for where none exists, a backend that does not
@@ -80,6 +87,8 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in [
     BackendInfo("compile_bf16", ("cpu", "cuda"), (), False, "torch.compile of the bf16 model"),
     BackendInfo("openvino_bf16", ("cpu",), ("openvino", "onnx", "onnxscript"), False,
                 "OpenVINO, bf16 inference precision"),
+    BackendInfo("int8", ("cpu",), ("openvino", "onnx", "onnxscript", "nncf"), False,
+                "OpenVINO, NNCF int8 body 3x3 convs (static PTQ + SmoothQuant), rest fp32"),
     BackendInfo("fp16", ("cuda",), (), False, "fp16 weights and activations + channels_last"),
     BackendInfo("cuda_graphs", ("cuda",), (), False, "fp16 + CUDA graph per input shape"),
 ]}
@@ -122,6 +131,12 @@ def _check_backend(name: str, device: str | torch.device) -> BackendInfo:
             "this GPU does not support bf16" if dev.type == "cuda" else
             "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 would be slower "
             "than fp32"))
+    if name == "int8":
+        from .quant import cpu_has_int8_dot
+
+        if not cpu_has_int8_dot():
+            raise BackendError("backend 'int8': this CPU has no int8 dot product (AVX512-VNNI, "
+                               "AVX-VNNI or AMX); int8 would be slow and could saturate")
     return info
 
 
@@ -374,9 +389,24 @@ class OpenVinoBf16Engine(OpenVinoEngine):
     precision = "bf16"
 
 
+class Int8Engine(OpenVinoEngine):
+    """The cached int8 OpenVINO IR of the model (``rlfn.quant.int8_model``: built by NNCF on
+    first use, then loaded by the weights' sha256); the fp32 layers run in fp32."""
+
+    name = "int8"
+
+    def __init__(self, model, device):
+        from .quant import int8_model
+
+        Engine.__init__(self, model, device)
+        self.threads = torch.get_num_threads()
+        self.model_path = int8_model(model)
+        self._load(self.model_path)
+
+
 _ENGINES: dict[str, type[Engine]] = {e.name: e for e in [
     Engine, ChannelsLastEngine, CompileEngine, OnnxRuntimeEngine, OpenVinoEngine, Bf16Engine,
-    CompileBf16Engine, OpenVinoBf16Engine, Fp16Engine, CudaGraphsEngine]}
+    CompileBf16Engine, OpenVinoBf16Engine, Int8Engine, Fp16Engine, CudaGraphsEngine]}
 assert set(_ENGINES) == set(BACKENDS)
 
 

@@ -35,6 +35,9 @@ MODELS = ("rlfn_x4.pth", "rlfn_ntire_x4.pth")
 #   compile_bf16       -0.00155    -0.00151                  -0.0006     -0.0055
 #   openvino_bf16      -0.00355    -0.01126                  (CPU only)
 #   fp16, cuda_graphs  (CUDA only)                           +0.0006     -0.0005
+#   int8 (nncf 3.4.0)  -0.0171     +0.0157                   (CPU only; VNNI/AMX)
+# int8's bounds stay within issue 15's goal (0.05 dB; B100: -0.0025 / -0.0098 dB, measured by
+# bench/inference.py).
 # (the CUDA challenge-model figures come from bench/inference.py, re-based from CUDA eager to
 # CPU eager; not re-measured by this test for lack of a GPU when the bounds were set).
 # Exact (fp32) backends keep the promise EXACT_DB (0.01 dB) instead.
@@ -46,6 +49,8 @@ LOSSY_DB: dict[tuple[str, str, str], float] = {
     ("rlfn_ntire_x4.pth", "bf16", "cpu"): 0.005,
     ("rlfn_ntire_x4.pth", "compile_bf16", "cpu"): 0.003,
     ("rlfn_ntire_x4.pth", "openvino_bf16", "cpu"): 0.015,
+    ("rlfn_x4.pth", "int8", "cpu"): 0.03,
+    ("rlfn_ntire_x4.pth", "int8", "cpu"): 0.03,
     ("rlfn_x4.pth", "bf16", "cuda"): 0.0015,
     ("rlfn_x4.pth", "compile_bf16", "cuda"): 0.0015,
     ("rlfn_x4.pth", "fp16", "cuda"): 0.002,
@@ -91,6 +96,7 @@ def test_every_lossy_case_has_a_bound():
     cases = {(m, b, d) for m in MODELS for b in BACKENDS if not BACKENDS[b].exact
              for d in BACKENDS[b].devices}
     assert cases == set(LOSSY_DB), cases ^ set(LOSSY_DB)
+    assert all(LOSSY_DB[m, "int8", "cpu"] <= 0.05 for m in MODELS)  # issue 15's goal
 
 
 @pytest.mark.parametrize("fname", MODELS)
