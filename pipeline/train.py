@@ -76,11 +76,21 @@ def run_training(cfg: TrainConfig, out: Path, init: Path | None, ddp: bool, npro
 
 # the tracking server may be briefly unreachable
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register(weights: Path, scale: int, stage: str, result: dict):
+def register(weights: Path, scale: int, stage: str, result: dict, data: dict):
     from pipeline.mlflow_registry import log_and_register
 
     figures = {"val_psnr_y": result["final_psnr"]} if result.get("final_psnr") else {}
-    return log_and_register(weights, scale, tags={"rlfn.stage": str(stage)}, figures=figures)
+    return log_and_register(weights, scale, tags={"rlfn.stage": str(stage)}, figures=figures,
+                            data=data)
+
+
+def stage_data(s: Settings, key: str, cfg: TrainConfig) -> dict[str, Path | None]:
+    """What training stage ``key`` consumed, for the registered version's lineage (DVC md5s):
+    the manifest the patch store was built from (also logged as the run's MLflow dataset),
+    the patch store, the validation images and the weights it started from."""
+    return {"manifest": Path(s.data.manifest), "patches": Path(s.patches.out),
+            "val": Path(cfg.val_hr_dir) if cfg.val_hr_dir else None,
+            "init": s.train_stages[key].warm_start}
 
 
 @flow(name="rlfn-train", flow_run_name="train-stage{stage}")
@@ -107,7 +117,8 @@ def train_stage(stage: str, settings: Settings | None = None) -> dict:
         curves = Path(s.train_launch.curves) / f"stage{key}.csv"
         curves.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "curves.csv", curves)
-        version = register(out / "model.safetensors", cfg.scale, key, result)
+        version = register(out / "model.safetensors", cfg.scale, key, result,
+                           stage_data(s, key, cfg))
         write_json(out / "mlflow.json", {"run_id": run.info.run_id, "registered_model":
                                          version.name, "version": int(version.version)})
         return result

@@ -313,6 +313,10 @@ def cmd_export(args) -> int:
     from .export import OPSET, export_onnx
 
     out = Path(args.out)
+    if args.int8:
+        return _export_int8(args, out)
+    if args.calibration is not None:
+        raise UsageError("--calibration", "is an --int8 option")
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"-o {out}", "the output file must end in .onnx")
     if out.is_dir():
@@ -330,6 +334,80 @@ def cmd_export(args) -> int:
     print(f"{loaded.name} x{args.scale} -> {out} ({size:.2f} MB, opset {args.opset or OPSET}, "
           f"input 'lr' (N, 3, H, W) float32 0-255, dynamic N/H/W"
           f"{'' if args.no_check else ', checked against PyTorch'})")
+    return 0
+
+
+def _export_int8(args, out: Path) -> int:
+    """The int8 OpenVINO IR (rlfn.quant): MODEL.xml + MODEL.bin, copied from the cache."""
+    import importlib.util
+    import os
+    import shutil
+
+    if out.suffix.lower() != ".xml":
+        raise UsageError(f"-o {out}", "--int8 writes an OpenVINO IR: the output file must end "
+                                      "in .xml (the weights go beside it, .bin)")
+    if out.is_dir():
+        raise UsageError(f"-o {out}", "is a directory")
+    if args.opset is not None:
+        raise UsageError("--opset", "is an ONNX option; --int8 writes an OpenVINO IR")
+    missing = [m for m in ("openvino", "nncf", "onnx", "onnxscript")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError("export --int8", f"needs the Python package(s) {', '.join(missing)} "
+                                          f"(pip install 'rlfn-pipeline[infer]')")
+    from .quant import calibration_source, int8_model
+
+    loaded = _load(args.model, args.scale)
+    calib = calibration_source(loaded.model.scale, args.calibration)
+    xml = int8_model(loaded.model.eval(), calibration=calib)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((xml.with_suffix(".bin"), out.with_suffix(".bin")), (xml, out)):
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    note = "" if args.no_check else _check_int8(loaded.model, out, calib)
+    size = (out.stat().st_size + out.with_suffix(".bin").stat().st_size) / 1e6
+    print(f"{loaded.name} x{args.scale} -> {out} + {out.with_suffix('.bin').name} ({size:.2f} "
+          f"MB, OpenVINO IR, int8 body convs, calibrated on {calib}; input 'lr' (N, 3, H, W) "
+          f"float32 0-255, dynamic N/H/W{note})")
+    return 0
+
+
+def _check_int8(model, xml: Path, calib: Path) -> str:
+    """Run the written IR on a calibration crop; compare with PyTorch fp32."""
+    import numpy as np
+    import openvino as ov
+
+    from .quant import calibration_crops
+
+    x = calibration_crops(model.scale, calib, crops=1, seed=1,
+                          min_size=int(getattr(model, "min_input_size", 1)))[0]
+    out = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    with torch.inference_mode():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    if out.shape != ref.shape:
+        raise DataError(xml, f"int8 output shape {out.shape}, PyTorch {ref.shape}")
+    diff = float(np.abs(np.clip(out, 0, 255).round() - np.clip(ref, 0, 255).round()).mean())
+    if diff > 2.0:
+        raise DataError(xml, f"int8 output differs from PyTorch fp32 by {diff:.2f} grey levels "
+                             "on average (> 2)")
+    return f"; checked: mean |int8 - fp32| {diff:.2f} grey levels"
+
+
+# --------------------------------------------------------------------------- lineage
+def cmd_lineage(args) -> int:
+    """A registered version's lineage: figures, run, commit, params hash, repro, and each
+    recorded data hash checked against this workspace (present / differs / missing)."""
+    from .lineage import format_report, lineage_report
+
+    rep = lineage_report(args.model, root=args.root, tracking_uri=args.tracking_uri)
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    else:
+        for line in format_report(rep):
+            print(line)
+    if args.check and any(d["workspace"] != "present" for d in rep["data"].values()):
+        return 1
     return 0
 
 
@@ -440,14 +518,36 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", metavar="OUT.json")
     pr.set_defaults(func=cmd_profile)
 
-    x = sub.add_parser("export", help="export a model to ONNX (dynamic height/width)")
+    x = sub.add_parser("export", help="export a model to ONNX (dynamic height/width), or "
+                       "with --int8 its int8 OpenVINO IR")
     x.add_argument("--model", required=True, help="weights file")
     x.add_argument("--scale", type=_scale, required=True)
-    x.add_argument("-o", "--out", required=True, metavar="MODEL.onnx")
+    x.add_argument("-o", "--out", required=True, metavar="MODEL.onnx|MODEL.xml")
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    x.add_argument("--int8", action="store_true",
+                   help="write the int8 model of the 'int8' backend (OpenVINO IR, MODEL.xml + "
+                        "MODEL.bin; NNCF static quantization, cached by the weights' sha256)")
+    x.add_argument("--calibration", default=None, metavar="PATH",
+                   help="--int8 calibration data: a patch store .arrow or a folder of HR "
+                        "training images (default: data/patches/x<scale>.arrow, else "
+                        "data/sample/train)")
     x.add_argument("--no-check", action="store_true",
-                   help="skip the ONNX Runtime vs PyTorch check of the written file")
+                   help="skip the check of the written file against PyTorch")
     x.set_defaults(func=cmd_export)
+
+    ln = sub.add_parser("lineage", help="a registered model's metrics, run, commit and data "
+                        "hashes, and whether this workspace holds that data")
+    ln.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION "
+                    "or NAME/VERSION")
+    ln.add_argument("--tracking-uri", default=None, metavar="URI",
+                    help="default: MLFLOW_TRACKING_URI, else the project's mlflow.db "
+                         "(params.yaml's mlflow.db)")
+    ln.add_argument("--root", default=".", metavar="DIR",
+                    help="the workspace whose files are compared (default: .)")
+    ln.add_argument("--json", action="store_true", help="print the report as JSON")
+    ln.add_argument("--check", action="store_true",
+                    help="exit 1 unless the workspace holds every recorded data item")
+    ln.set_defaults(func=cmd_lineage)
     return p
 
 

@@ -9,6 +9,7 @@ reported in ``ImageInfo.notes`` so callers can tell the user.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import warnings
@@ -20,8 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["ImageError", "ImageInfo", "read_image", "write_png", "list_images", "sha256_file",
-           "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "encode_png",
+           "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # 8K x 8K: far above any SR benchmark or DIV2K image (2K), far below a decompression bomb.
@@ -49,10 +50,8 @@ class ImageInfo:
         return bool(self.notes)
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    with open(path, "rb") as fh:
-        head = fh.read(26)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+def _png_bit_depth(head: bytes) -> int | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) > 24:
         return head[24]
     return None
 
@@ -67,44 +66,62 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(path, "is a directory, expected an image file")
     try:
         size = path.stat().st_size
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as fh:
+            head = fh.read(26)
     except PermissionError:
         raise ImageError(path, "permission denied (file is not readable)") from None
     if size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+    return _decode(path, str(path), head, max_pixels, min_size)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_size: int = 1) -> tuple[np.ndarray, ImageInfo]:
+    """``read_image`` for an encoded image held in memory (PNG, JPEG, ... bytes): the same
+    checks and conversions; ``name`` stands for the file in messages."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(name, f"expected encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise ImageError(name, "empty image (0 bytes)")
+    return _decode(io.BytesIO(data), name, data[:26], max_pixels, min_size)
+
+
+def _decode(source, name: str, head: bytes, max_pixels: int,
+            min_size: int) -> tuple[np.ndarray, ImageInfo]:
+    """Open ``source`` (a path or a binary file object) and convert it to RGB uint8."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, f"refused as a possible decompression bomb ({e})") from None
+        raise ImageError(name, f"refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised or corrupt file format)") from None
+        raise ImageError(name, "not an image (unrecognised or corrupt file format)") from None
     except OSError as e:
-        raise ImageError(path, f"cannot be opened ({e})") from None
+        raise ImageError(name, f"cannot be opened ({e})") from None
     with im:
         w, h = im.size
         if w * h > max_pixels:
-            raise ImageError(path, f"refused as a possible decompression bomb: {w}x{h} = "
+            raise ImageError(name, f"refused as a possible decompression bomb: {w}x{h} = "
                                    f"{w * h:,} pixels exceeds the limit of {max_pixels:,}")
         mode = im.mode
         fmt = im.format
         bit_depth = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32, "1": 1}.get(mode, 8)
         if fmt == "PNG":
-            bit_depth = _png_bit_depth(path) or bit_depth
-        info = ImageInfo(str(path), w, h, mode, bit_depth, fmt)
+            bit_depth = _png_bit_depth(head) or bit_depth
+        info = ImageInfo(name, w, h, mode, bit_depth, fmt)
         try:
             im.load()
         except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+            raise ImageError(name, f"truncated or corrupt image data ({e})") from None
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
         if orientation not in (None, 1):
             im = ImageOps.exif_transpose(im)
             info.notes.append(f"EXIF orientation {orientation} applied")
         arr = _to_rgb8(im, info)
     if arr.shape[0] < min_size or arr.shape[1] < min_size:
-        raise ImageError(path, f"image is {arr.shape[1]}x{arr.shape[0]} pixels, smaller than the "
+        raise ImageError(name, f"image is {arr.shape[1]}x{arr.shape[0]} pixels, smaller than the "
                                f"minimum {min_size}x{min_size}")
     return arr, info
 
@@ -150,16 +167,26 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def encode_png(arr: np.ndarray) -> bytes:
+    """An RGB (or gray) uint8 array as PNG bytes: exactly what ``write_png`` writes."""
+    if arr.dtype != np.uint8:
+        raise TypeError(f"encode_png expects uint8, got {arr.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_png(path: str | Path, arr: np.ndarray) -> Path:
     """Write an RGB (or gray) uint8 array as PNG, atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if arr.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8, got {arr.dtype}")
+    data = encode_png(arr)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(arr).save(fh, format="PNG")
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

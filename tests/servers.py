@@ -1,4 +1,5 @@
-"""Real local servers for tests: a free loopback port, and `mlflow server` on 127.0.0.1.
+"""Real local servers for tests: a free loopback port, `mlflow server` and `mlflow models serve`
+on 127.0.0.1.
 
 A server runs in its own process group (``start_new_session=True``) and is stopped as a group
 (``stop_group``): its workers and helpers go with it, even when the leader died first. The
@@ -107,6 +108,40 @@ def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("mlflow server did not come up:\n"
+                                   + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.25)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def mlflow_models_serve(model_uri: str, tracking_uri: str, workdir: Path,
+                        timeout_s: float = 180) -> Iterator[str]:
+    """Start the real ``mlflow models serve -m MODEL_URI --env-manager local`` on a free
+    127.0.0.1 port (one worker, ``workdir`` as its working directory, this venv, no
+    PYTHONPATH: the model runs the code it carries), wait for ``/ping`` (``timeout_s`` at most:
+    it downloads and loads the model first) and yield its URL; stopped on exit."""
+    port = free_port()
+    log_path = workdir / "models-serve.log"
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow models serve did not come up:\n"
                                    + log_path.read_text(errors="replace")[-3000:])
             time.sleep(0.25)
         yield url

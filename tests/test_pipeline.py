@@ -247,6 +247,37 @@ def test_mlflow_parent_run_nested_stage_runs_and_registry(project, repro):
 
     out = model.predict(np.zeros((20, 24, 3), np.uint8))
     assert out.shape == (80, 96, 3)
+    # models from code: no stage printed MLflow's warning about pickling the python_model
+    assert "CloudPickle" not in repro["out"], repro["out"][-3000:]
+
+    # Lineage: each training stage's version carries the DVC md5s of what it consumed (as
+    # dvc.lock records them), its commit, params hash and repro; `rlfn lineage` answers.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    outs = {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
+    versions = {v.tags["rlfn.stage"]: v for v in client.search_model_versions(
+        "name = 'rlfn-x4'")}
+    assert sorted(versions) == ["1", "2", "3"]
+    for key, v in versions.items():
+        t = v.tags
+        deps = {d["path"]: d["md5"] for d in lock[f"train_stage@{key}"]["deps"]}
+        assert t["rlfn.data.patches.md5"] == deps["data/patches"] == outs["data/patches"]
+        assert t["rlfn.data.manifest.md5"] == deps["data/manifest.parquet"]
+        assert t["rlfn.data.val.md5"] == deps["data/sample/Set5"]
+        assert t["rlfn.git_commit"] == children[0].data.tags["git_commit"]
+        assert t["rlfn.repro_run_id"] == parents[0].info.run_id
+        assert t["rlfn.dvc_stage"] == f"train_stage@{key}" and v.description
+        stage_run = mlflow.MlflowClient().get_run(v.run_id)
+        assert [d.dataset.digest for d in stage_run.inputs.dataset_inputs] == [
+            t["rlfn.data.manifest.md5"]]
+    assert "rlfn.data.init.md5" not in versions["1"].tags  # seeded weights: no init file
+    assert versions["3"].tags["rlfn.data.init.md5"] == versions["2"].tags[
+        "rlfn.data.weights.md5"]
+    r = _run([sys.executable, "-m", "rlfn", "lineage", "models:/rlfn-x4@champion", "--check"],
+             project)
+    assert r.stdout.startswith("rlfn-x4 version 3 @champion"), r.stdout
+    for item in ("manifest", "patches", "val", "init", "weights"):
+        assert any(line.split()[:2] == [item, "present"] for line in r.stdout.splitlines()), \
+            r.stdout
 
 
 def test_param_change_reruns_exactly_its_stages(project, repro):

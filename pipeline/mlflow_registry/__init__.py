@@ -7,6 +7,7 @@ Modules
 -------
 * ``pyfunc``: the ``RLFNPyfunc`` PythonModel, its input checks, the example image, the
   signature, the pip requirements and the code shipped with a logged model.
+* ``model_code``: the model's code file (MLflow "models from code"; not imported here).
 * ``versions``: figures and tags, ``log_and_register``, ``version_weights``.
 * ``promotion``: the decision (``_decide``), ``promote`` and ``champion``.
 * ``locks``: the critical section around a promotion: ``_FileLock``, ``_Lease``,
@@ -15,15 +16,23 @@ Modules
 Public API
 ----------
 * ``RLFNPyfunc``: the ``mlflow.pyfunc.PythonModel``. Input: a uint8 ``(H, W, 3)`` RGB image
-  (or an ``(N, H, W, 3)`` batch of equal sizes when calling ``predict`` directly; the logged
-  signature admits single images only, since MLflow enforces the tensor rank). Output: the
-  super-resolved uint8 image(s), exactly ``rlfn.upscale.upscale_array``'s output. Params
+  (or an ``(N, H, W, 3)`` batch of equal sizes), output the super-resolved uint8 image(s),
+  exactly ``rlfn.upscale.upscale_array``'s output; or a DataFrame with a column ``image`` of
+  base64-encoded PNG/JPEG bytes (one image a row; what ``mlflow models serve`` gets as
+  ``{"dataframe_records": [{"image": ...}]}``), output a DataFrame with ``image`` (base64 PNG,
+  byte for byte what ``rlfn upscale`` writes) and ``notes`` (the conversions applied). Inputs
+  are checked by the model (``InvalidInput``: a ``ValueError`` and an ``MlflowException`` with
+  ``INVALID_PARAMETER_VALUE``, which the server answers with HTTP 400); the logged signature
+  declares the params only (MLflow's input schemas are tensors or columns, not both). Params
   (optional): ``tile`` (LR pixels; -1 = auto: ``rlfn.upscale.auto_tile``, 512 above 1 MP as
   the CLI does, 0 = never) and ``overlap`` (64).
-* ``log_and_register(weights, scale, *, registered_name=None, tags=None, figures=None)``:
-  inside the active run, logs the safetensors file (artifact ``weights/``) and the pyfunc
-  (artifact ``model``), registers it under ``registered_name or f"rlfn-x{scale}"`` and returns
-  the ``ModelVersion``. The pyfunc carries its own code (``code/pipeline`` with just this
+* ``log_and_register(weights, scale, *, registered_name=None, tags=None, figures=None,
+  data=None)``: inside the active run, logs the safetensors file (artifact ``weights/``) and
+  the pyfunc (artifact ``model``) as models from code (``python_model`` is ``model_code.py``:
+  nothing pickled), registers it under ``registered_name or f"rlfn-x{scale}"`` with its tags
+  and a description in one call and returns the ``ModelVersion``. ``data`` (``{name: path}``)
+  is the stage's input data, recorded with DVC md5s; a ``manifest`` is also logged as the
+  run's MLflow dataset input. The pyfunc carries its own code (``code/pipeline`` with just this
   package, ``code/rlfn``) and an explicit pip requirement list, so it loads anywhere those
   packages are installed.
 * ``promote(registered_name, version, *, gate_metric="mean_psnr_y", margin=0.0,
@@ -40,6 +49,11 @@ Tags on a model version
   champion's figures from these tags alone.
 * ``rlfn.scale``, ``rlfn.model`` (architecture name), ``rlfn.weights_sha256``,
   ``rlfn.run_id``, plus the caller's ``tags``.
+* Lineage (``rlfn.lineage`` reads them back: ``rlfn lineage``): ``rlfn.data.<name>.path`` and
+  ``.md5`` (DVC md5) for each ``data`` item and for ``weights``; copied from the run's tags
+  (``pipeline._common.stage_run``): ``rlfn.git_commit`` (``-dirty`` when tracked files had
+  changes) and ``rlfn.git_dirty``, ``rlfn.params_hash``, ``rlfn.repro_id``,
+  ``rlfn.repro_run_id`` (the repro's parent run), ``rlfn.dvc_stage``.
 * Written by ``promote`` on the candidate: ``rlfn.promotion.decision`` (``promoted`` or
   ``rejected``), ``rlfn.promotion.reason``, ``rlfn.promotion.compared_to`` (the champion's
   version, or ``none``), ``rlfn.promotion.gate_metric``, ``rlfn.promotion.margin``,
@@ -94,9 +108,10 @@ from __future__ import annotations
 
 from .locks import LEASE_TAG, LeaseLost
 from .promotion import CHAMPION_ALIAS, PROMOTION_PREFIX, champion, promote
-from .pyfunc import MIN_INPUT_SIZE, RLFNPyfunc, example_image
+from .pyfunc import IMAGE_COLUMN, MIN_INPUT_SIZE, InvalidInput, RLFNPyfunc, example_image
 from .versions import FIGURE_PREFIX, figure_tags, figures_of, log_and_register, version_weights
 
 __all__ = ["RLFNPyfunc", "log_and_register", "promote", "champion", "figures_of",
            "figure_tags", "LeaseLost", "CHAMPION_ALIAS", "FIGURE_PREFIX", "PROMOTION_PREFIX",
-           "LEASE_TAG", "MIN_INPUT_SIZE", "example_image", "version_weights"]
+           "LEASE_TAG", "MIN_INPUT_SIZE", "example_image", "version_weights", "InvalidInput",
+           "IMAGE_COLUMN"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,7 +12,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from .pyfunc import RLFNPyfunc, _requirements, _signature, _stage_code, example_image
+from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_image
 
 __all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of",
            "FIGURE_PREFIX", "RUNTIME_FIGURE", "MODEL_ARTIFACT"]
@@ -63,16 +64,138 @@ def figures_of(mv: ModelVersion) -> dict[str, float]:
 # Logging and registering
 
 
+def _display(path: str | Path) -> str:
+    """``path`` relative to the working directory when inside it (the project root, where
+    stages run), else absolute: what a tag records and ``rlfn lineage`` compares."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p.resolve())
+
+
+def _hash_data(data: Mapping[str, str | Path | None]) -> dict[str, dict[str, str]]:
+    """``{name: path}`` -> ``{name: {"path", "md5"}}`` (DVC md5s); every path must exist."""
+    from rlfn.lineage import dvc_md5
+
+    out = {}
+    for name, path in data.items():
+        if path is None:
+            continue
+        if not str(name) or "/" in str(name):
+            raise ValueError(f"data name {name!r}: expected a plain word (manifest, patches, ...)")
+        md5 = dvc_md5(path)
+        if md5 is None:
+            raise FileNotFoundError(f"data {name!r}: {path} does not exist (nothing to hash)")
+        out[str(name)] = {"path": _display(path), "md5": md5}
+    return out
+
+
+def _manifest_dataset(path: Path, digest: str):
+    """The manifest (``rlfn.data.manifest``'s Parquet file) as an MLflow dataset (digest: its
+    DVC md5) and its row counts (all, usable, rejected, per split)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import mlflow.data
+
+    try:
+        table = pq.read_table(path)
+        status = table["status"].to_pylist()
+        splits = pc.value_counts(pc.fill_null(table["split"], "none")).to_pylist()
+    except (OSError, KeyError, ValueError) as e:  # pyarrow's errors are OSError/ValueError
+        raise ValueError(f"{path}: cannot read it as the manifest ({e})") from None
+    counts = {"rows": len(status),
+              "rows.usable": sum(s in ("ok", "converted") for s in status),
+              "rows.rejected": sum(s == "rejected" for s in status)}
+    for d in sorted(splits, key=lambda d: str(d["values"])):
+        counts[f"rows.split.{d['values']}"] = int(d["counts"])
+    if "notes" in table.column_names:  # list cells: joined, so MLflow can infer a schema
+        notes = ["; ".join(n or []) for n in table["notes"].to_pylist()]
+        table = table.drop(["notes"])
+    else:
+        notes = None
+    df = table.to_pandas()
+    if notes is not None:
+        df["notes"] = notes
+    with warnings.catch_warnings():
+        # MLflow's own noise: a local path matches its local source class twice (registered
+        # for "" and "file"), and a hint about integer columns (a manifest has no gaps)
+        warnings.filterwarnings("ignore", message="The specified dataset source can be "
+                                "interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(df, source=_display(path), name=path.stem,
+                                          digest=digest)
+        dataset.schema  # noqa: B018 - inferred (and warned about) here, not at log_input
+    return dataset, counts
+
+
+def _patch_counts(folder: Path, scale: int) -> dict[str, int]:
+    """Images and records from the patch store's JSON sidecar (``x<scale>.json`` beside
+    ``x<scale>.arrow``, ``rlfn.data.patches.StoreInfo``), when it is there."""
+    import json
+
+    side = folder / f"x{scale}.json" if folder.is_dir() else folder.with_suffix(".json")
+    try:
+        info = json.loads(side.read_text())
+        return {"patches.images": int(info["images"]), "patches.records": int(info["records"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _description(name: str, version_tags: Mapping[str, str], hashed: Mapping[str, dict],
+                 counts: Mapping[str, int], figures: Mapping[str, str]) -> str:
+    """A few Markdown lines for the MLflow UI: what, from which run, commit and data."""
+    t = version_tags
+    stage = t.get("rlfn.dvc_stage") or t.get("rlfn.stage") or "-"
+    lines = [f"**{t['rlfn.model']} x{t['rlfn.scale']}** from `{stage}`, run "
+             f"`{t['rlfn.run_id']}`"
+             + (f" of repro `{t['rlfn.repro_id']}` (parent run `{t['rlfn.repro_run_id']}`)"
+                if t.get("rlfn.repro_id") else "") + ".",
+             f"- commit `{t.get('rlfn.git_commit', 'unknown')}`"
+             + {"true": " (dirty: uncommitted changes)", "false": " (clean)"}.get(
+                 t.get("rlfn.git_dirty", ""), "")
+             + f"; params hash `{t.get('rlfn.params_hash', '-')}`"]
+    for item, d in hashed.items():
+        extra = ""
+        if item == "manifest" and counts.get("rows") is not None:
+            extra = (f" ({counts['rows']} rows: {counts.get('rows.usable', 0)} usable, "
+                     f"{counts.get('rows.rejected', 0)} rejected)")
+        elif item == "patches" and "patches.images" in counts:
+            extra = (f" ({counts['patches.images']} images, {counts['patches.records']} "
+                     "records)")
+        lines.append(f"- {item}: `{d['path']}` md5 `{d['md5']}`{extra}")
+    if figures:
+        lines.append("- figures: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    lines.append(f"- lineage and workspace check: `rlfn lineage models:/{name}/<version>`")
+    return "\n".join(lines)
+
+
 def log_and_register(weights: str | Path, scale: int, *, registered_name: str | None = None,
                      tags: Mapping[str, Any] | None = None,
-                     figures: Mapping[str, float] | None = None) -> ModelVersion:
+                     figures: Mapping[str, float] | None = None,
+                     data: Mapping[str, str | Path | None] | None = None) -> ModelVersion:
     """Log ``weights`` (our safetensors) as an MLflow pyfunc in the active run and register it.
 
     Checks first (nothing is logged when these fail): an active run exists, the file is an RLFN
-    of the given ``scale``, the figures are finite numbers. ``figures`` become the version's
-    ``rlfn.figure.*`` tags (what ``promote`` compares); ``tags`` are added as given.
+    of the given ``scale``, the figures are finite numbers, every ``data`` path exists.
+    ``figures`` become the version's ``rlfn.figure.*`` tags (what ``promote`` compares);
+    ``tags`` are added as given.
+
+    Lineage: ``data`` (``{name: path}``, e.g. ``manifest``, ``patches``, ``val``, ``init``:
+    what the stage consumed) and the weights themselves are recorded with their DVC md5s as
+    ``rlfn.data.<name>.path``/``.md5``; the run's ``git_commit``, ``params_hash``,
+    ``rlfn.repro_id``, parent run and ``dvc_stage`` (``pipeline._common.stage_run``'s tags)
+    are copied as ``rlfn.git_commit`` (``rlfn.git_dirty``), ``rlfn.params_hash``,
+    ``rlfn.repro_id``, ``rlfn.repro_run_id``, ``rlfn.dvc_stage``. A ``manifest`` is also
+    logged as the run's MLflow dataset input (context ``training``; digest: its DVC md5;
+    input tags: its row counts). The version is created with all its tags and a short
+    description in one registry call: it never exists half-tagged.
     """
+    from mlflow.exceptions import MlflowException
+
     from rlfn.io import sha256_file
+
     from rlfn.weights import load_model
 
     run = mlflow.active_run()
@@ -82,26 +205,60 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     weights = Path(weights)
     loaded = load_model(weights, scale=int(scale))  # WeightsError names the file and reason
     name = registered_name or f"rlfn-x{int(scale)}"
+    fig_tags = figure_tags(figures)
+    hashed = _hash_data({**(data or {}), "weights": weights})
+    client = _client()
+    run_tags = client.get_run(run.info.run_id).data.tags
+    commit = run_tags.get("git_commit", "unknown")
+    lineage = {
+        "rlfn.git_commit": commit,
+        "rlfn.git_dirty": ("unknown" if commit == "unknown"
+                           else "true" if commit.endswith("-dirty") else "false"),
+        "rlfn.params_hash": run_tags.get("params_hash"),
+        "rlfn.repro_id": run_tags.get("rlfn.repro_id"),
+        "rlfn.repro_run_id": run_tags.get("mlflow.parentRunId"),
+        "rlfn.dvc_stage": run_tags.get("dvc_stage"),
+    }
     version_tags = {
         "rlfn.scale": str(int(scale)),
         "rlfn.model": loaded.name,
         "rlfn.weights_sha256": sha256_file(weights),
         "rlfn.run_id": run.info.run_id,
-        **figure_tags(figures),
+        **{k: v for k, v in lineage.items() if v},
+        **{f"rlfn.data.{k}.{f}": v for k, d in hashed.items() for f, v in d.items()},
+        **fig_tags,
         **{str(k): str(v) for k, v in (tags or {}).items()},
     }
+    counts: dict[str, int] = {}
+    if data and data.get("patches") is not None:
+        counts.update(_patch_counts(Path(data["patches"]), int(scale)))
+    if data and data.get("manifest") is not None:
+        dataset, rows = _manifest_dataset(Path(data["manifest"]), hashed["manifest"]["md5"])
+        counts.update(rows)
+        mlflow.log_input(dataset, context="training",
+                         tags={f"rlfn.{k}": str(v) for k, v in counts.items()})
+    description = _description(name, version_tags, hashed, counts,
+                               {k[len(FIGURE_PREFIX):]: v for k, v in fig_tags.items()})
+
     mlflow.log_artifact(str(weights), artifact_path="weights")
     with tempfile.TemporaryDirectory(prefix="rlfn-pyfunc-") as tmp:
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=RLFNPyfunc(),
+            python_model=str(MODEL_CODE),  # models from code: nothing pickled
             artifacts={"weights": str(weights)},
             signature=_signature(),
             input_example=example_image(),
             pip_requirements=_requirements(),
             code_paths=_stage_code(Path(tmp)),
         )
-    return mlflow.register_model(info.model_uri, name, tags=version_tags)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                       tags=version_tags, description=description,
+                                       model_id=info.model_id)
 
 
 # --------------------------------------------------------------------------------------------
