@@ -169,3 +169,20 @@ def processes_with_env(var: str, value: str) -> dict[int, str]:
             continue
         found[int(d.name)] = cmd.strip() or f"[pid {d.name}]"
     return found
+
+
+def restore_tracking_uri():
+    """A fixture's body (``yield from restore_tracking_uri()``): ``mlflow.set_tracking_uri``
+    also sets ``MLFLOW_TRACKING_URI`` in os.environ (which ``pipeline._common.tracking_uri``
+    reads): both are put back afterwards, for the modules run later in the session."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_uri = getattr(tracking_utils, "_tracking_uri", None)
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(old_uri)
+    if old_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old_env

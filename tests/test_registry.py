@@ -30,7 +30,7 @@ from pipeline.mlflow_registry import champion, locks, log_and_register, promote 
 from rlfn.models import build_model  # noqa: E402
 from rlfn.upscale import upscale_array  # noqa: E402
 from rlfn.weights import WeightsError, load_model, save_model  # noqa: E402
-from servers import mlflow_server  # noqa: E402
+from servers import mlflow_server, restore_tracking_uri  # noqa: E402
 
 PSNR, RT = "mean_psnr_y", "runtime_ms_cpu"
 
@@ -49,16 +49,7 @@ def weights(tmp_path_factory) -> Path:
 def _restore_tracking_uri():
     """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in os.environ (which
     ``pipeline._common.tracking_uri`` reads): put both back for the modules run after this."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_uri = getattr(tracking_utils, "_tracking_uri", None)
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(old_uri)
-    if old_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_env
+    yield from restore_tracking_uri()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -33,7 +32,7 @@ from rlfn.cli import main as rlfn_main  # noqa: E402
 from rlfn.io import read_image  # noqa: E402
 from rlfn.upscale import upscale_array  # noqa: E402
 from rlfn.weights import load_model, save_model  # noqa: E402
-from servers import mlflow_models_serve  # noqa: E402
+from servers import mlflow_models_serve, restore_tracking_uri  # noqa: E402
 
 NAME = "rlfn-x4"
 BUTTERFLY = "Set5/x4/LR/img_003.png"  # Set5: baby, bird, butterfly, head, woman
@@ -41,16 +40,7 @@ BUTTERFLY = "Set5/x4/LR/img_003.png"  # Set5: baby, bird, butterfly, head, woman
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_tracking_uri():
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_uri = getattr(tracking_utils, "_tracking_uri", None)
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(old_uri)
-    if old_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_env
+    yield from restore_tracking_uri()
 
 
 @pytest.fixture(scope="module")
