@@ -98,21 +98,28 @@ def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str
              "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not come up:\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.25)
+        _wait_ready(proc, f"{url}/health", 90, log_path, "mlflow server")
         yield url
     finally:
         stop_group(proc)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path,
+                what: str) -> None:
+    """Poll ``url`` until it answers 200; ``RuntimeError`` with the log's tail if ``proc``
+    exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up:\n"
+                               + log_path.read_text(errors="replace")[-3000:])
+        time.sleep(0.25)
 
 
 @contextlib.contextmanager
@@ -132,18 +139,7 @@ def mlflow_models_serve(model_uri: str, tracking_uri: str, workdir: Path,
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow models serve did not come up:\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.25)
+        _wait_ready(proc, f"{url}/ping", timeout_s, log_path, "mlflow models serve")
         yield url
     finally:
         stop_group(proc)
