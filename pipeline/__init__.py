@@ -18,3 +18,6 @@ _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # The stages log through the "rlfn" logger before and after their flow runs too: no warning.
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# Before torch loads: waiting OpenMP threads sleep rather than spin (rlfn.threads: on a busy
+# machine a spinning thread burns the core the thread it waits for needs).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -35,11 +35,12 @@ from pipeline.settings import read_params as params
 from rlfn.errors import RLFNError
 from rlfn.log import get_logger
 from rlfn.log import setup as setup_logging
+from rlfn.threads import configure_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["ROOT", "params", "tracking_uri", "stage_run", "repro_id", "git_commit",
-           "params_hash", "write_json", "log_dict_metrics", "main", "log", "run_dvc"]
+           "params_hash", "write_json", "log_dict_metrics", "flatten_numbers", "experiment_id", "main", "log", "run_dvc"]
 
 log = get_logger("pipeline")
 _LOADED = time.monotonic()
@@ -60,13 +61,15 @@ def tracking_uri(prm: Any = None) -> str:
 
 
 def main(flow: Callable[..., Any], *args: Any,
-         check: Callable[[Settings], Any] | None = None) -> int:
+         check: Callable[[Settings], Any] | None = None, load_aware_threads: bool = True) -> int:
     """A stage's command line: check the settings (and ``check(settings)``, a stage's own
     checks that need no Prefect: backends, ...), run ``flow(settings, *args)``, map errors to
     the exit contract. The flow is called ``flow(*args, settings=settings)``. Returns the
-    exit code: ``sys.exit(main(flow))``."""
+    exit code: ``sys.exit(main(flow))``. torch's threads: ``rlfn.threads`` (training stages:
+    ``load_aware_threads=False``)."""
     setup_logging()
     try:
+        log.debug(f"torch: {configure_threads(0, load_aware=load_aware_threads)}")
         settings = load_settings()
         if check is not None:
             check(settings)
@@ -147,7 +150,9 @@ def repro_id() -> str:
     return rid
 
 
-def _experiment(mlflow, prm: Any) -> str:
+def experiment_id(mlflow, prm: Any) -> str:
+    """The id of the project's MLflow experiment (params.yaml's mlflow.experiment), created
+    on first use (with a local artifact location when tracking to SQLite)."""
     m = _mlflow_section(prm)
     name = m.get("experiment", "rlfn")
     exp = mlflow.get_experiment_by_name(name)
@@ -169,7 +174,7 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(prm))
-    exp_id = _experiment(mlflow, prm)
+    exp_id = experiment_id(mlflow, prm)
     rid = repro_id()
     commit = git_commit()
     found = mlflow.search_runs([exp_id], filter_string=f"tags.`rlfn.repro_id` = '{rid}' and "
@@ -308,10 +313,8 @@ def write_json(path: str | Path, data: Any) -> Path:
     return p
 
 
-def log_dict_metrics(prefix: str, nested: dict, step: int | None = None) -> None:
-    """Log a nested dict of numbers as MLflow metrics named ``prefix.a.b.c``."""
-    import mlflow
-
+def flatten_numbers(nested: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict (booleans and strings left out) as ``{"prefix.a.b": x}``."""
     flat: dict[str, float] = {}
 
     def walk(p: str, d: Any) -> None:
@@ -322,5 +325,13 @@ def log_dict_metrics(prefix: str, nested: dict, step: int | None = None) -> None
             flat[p] = float(d)
 
     walk(prefix, nested)
+    return flat
+
+
+def log_dict_metrics(prefix: str, nested: dict, step: int | None = None) -> None:
+    """Log a nested dict of numbers as MLflow metrics named ``prefix.a.b.c``."""
+    import mlflow
+
+    flat = flatten_numbers(nested, prefix)
     if flat:
         mlflow.log_metrics(flat, step=step)

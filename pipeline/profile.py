@@ -35,11 +35,12 @@ from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
 from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import check_backend, make_engine
+from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto
 from rlfn.profile import profile_report, profile_runtime
+from rlfn.threads import configure_threads
 from rlfn.upscale import ModelUpscaler
 from rlfn.weights import load_model
 
@@ -103,17 +104,35 @@ def _candidates(s: Settings, tmp: Path) -> list[dict]:
     return list(seen.values())
 
 
+def _backend_candidates(s: Settings) -> list[dict]:
+    """The final model with each of ``pareto.extra_backends`` that can run here."""
+    out = []
+    final = s.final_weights
+    for b in s.profile.pareto.extra_backends:
+        if b == s.profile.pareto.backend:
+            continue
+        try:
+            check_backend(b, "cpu")
+        except BackendError as e:
+            log.warning(f"profile: pareto.extra_backends {b}: {e.reason}; left out of the chart")
+            continue
+        out.append({"label": f"stage{s.stage_keys[-1]} {b}", "kind": "backend", "path": final,
+                    "backend": b, "sha256": sha256_file(final)})
+    return out
+
+
 @task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict,
                  timed: dict | None = None) -> tuple[list[dict], dict]:
     """One model's rows (a row per set) and its runtime. A CNN's runtime depends on its
-    architecture, not on its weights: ``timed`` (architecture -> runtime) has the ones
-    already timed in this chart (every stage and registered version of one architecture is
-    timed once)."""
+    architecture and backend, not on its weights: ``timed`` ((architecture, backend) ->
+    runtime) has the ones already timed in this chart (every stage and registered version of
+    one architecture is timed once). ``c["backend"]``: another backend than ``pp.backend``."""
     loaded = load_model(c["path"], scale=scale)
-    backend = pp.backend
+    backend = c.get("backend") or pp.backend
     engine = make_engine(loaded.model, backend, "cpu")
-    rt = (timed or {}).get(loaded.name)
+    key = f"{loaded.name}/{backend}"
+    rt = (timed or {}).get(key)
     if rt is None:
         rt = profile_runtime(engine, input_dir, pp.max_images, pp.warmup)
     rows = []
@@ -128,7 +147,7 @@ def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: 
                      "ssim_y": round(rep.mean["ssim_y"], 5),
                      "runtime_ms": round(rt["median_ms"], 2), "params": rt["params"],
                      "backend": backend, "sha256": c["sha256"][:16]})
-    return rows, {loaded.name: rt}
+    return rows, {key: rt}
 
 
 def pareto(s: Settings) -> list[dict]:
@@ -144,7 +163,7 @@ def pareto(s: Settings) -> list[dict]:
         return []
     with tempfile.TemporaryDirectory(prefix="rlfn-registry-") as tmp:
         rows, timed = [], {}
-        for c in _candidates(s, Path(tmp)):
+        for c in _candidates(s, Path(tmp)) + _backend_candidates(s):
             more, rt = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed)
             rows += more
             timed.update(rt)
@@ -160,10 +179,12 @@ def pareto(s: Settings) -> list[dict]:
         w.writeheader()
         w.writerows(rows)
     threads = torch.get_num_threads()
+    extra = "".join(f"; {b}" for b in dict.fromkeys(r["backend"] for r in rows)
+                    if b != pp.backend)
     png = plot_pareto(rows, pp.png,
-                      title=f"x{s.scale}: Y-PSNR vs CPU runtime ({pp.backend}, {threads} "
+                      title=f"x{s.scale}: Y-PSNR vs CPU runtime ({pp.backend}{extra}, {threads} "
                             f"threads, median of {pp.max_images} DIV2K LR images)",
-                      runtime_label=f"CPU ms / image ({pp.backend})")
+                      runtime_label=f"CPU ms / image ({pp.backend} unless named)")
     mlflow.log_artifact(str(csv_path), artifact_path="pareto")
     if png:
         mlflow.log_artifact(str(png), artifact_path="pareto")
@@ -176,6 +197,10 @@ def check(s: Settings) -> None:
     check_backend(p.backend, "cpu", where=f"{s.params_file}: profile.backend",
                   exact_for="the promotion gate's runtime must come from an exact backend")
     check_backend(p.pareto.backend, "cpu", where=f"{s.params_file}: profile.pareto.backend")
+    for b in p.pareto.extra_backends:  # a typo is an error; a backend not runnable here, a note
+        if b not in BACKENDS:
+            raise ConfigError(f"{s.params_file}: profile.pareto.extra_backends",
+                              f"unknown backend {b!r}; known: {', '.join(BACKENDS)}")
     if p.reference not in model_names():
         raise ConfigError(f"{s.params_file}: profile.reference", f"unknown model "
                           f"{p.reference!r}; known: {', '.join(model_names())}")
@@ -187,7 +212,7 @@ def profile(settings: Settings | None = None) -> dict:
     check(s)
     p = s.profile
     if p.threads:
-        torch.set_num_threads(p.threads)
+        configure_threads(p.threads)
     with stage_run("profile", s, s.section("profile")):
         report = measure(s.final_weights, s.scale, p)
         out = figures(report)

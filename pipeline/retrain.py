@@ -118,20 +118,15 @@ def checkout(repo: str, ref: str, work: Path) -> dict:
 
 def _metrics(work: Path) -> dict[str, float]:
     """Every number of ``metrics/*.json``, flattened as ``file:key.sub``."""
+    from pipeline._common import flatten_numbers
+
     out: dict[str, float] = {}
-
-    def walk(prefix: str, d: Any) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                walk(f"{prefix}.{k}" if not prefix.endswith(":") else f"{prefix}{k}", v)
-        elif isinstance(d, (int, float)) and not isinstance(d, bool):
-            out[prefix] = float(d)
-
     for f in sorted((work / "metrics").glob("*.json")):
         try:
-            walk(f"{f.stem}:", json.loads(f.read_text()))
+            nums = flatten_numbers(json.loads(f.read_text()))
         except (OSError, ValueError):
             continue
+        out.update({f"{f.stem}:{k}": v for k, v in nums.items()})
     return out
 
 
@@ -216,17 +211,18 @@ def _summary_md(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _to_mlflow(work: Path, s: dict, md: str) -> str | None:
-    """The summary as an MLflow run of the project's experiment (``rlfn.kind=retrain``)."""
+def _to_mlflow(work: Path, s: dict) -> str:
+    """The summary as an MLflow run of the project's experiment (``rlfn.kind=retrain``):
+    sets ``s["mlflow_run"]`` and returns the summary's markdown, rendered once with it."""
     import mlflow
 
-    from pipeline._common import _experiment, tracking_uri
+    from pipeline._common import experiment_id, tracking_uri
     from pipeline.settings import read_params
 
     with contextlib.chdir(work):  # without a server: the checkout's own mlflow.db, as its stages
         prm = read_params("params.yaml")
         mlflow.set_tracking_uri(tracking_uri(prm))
-        exp = _experiment(mlflow, prm)
+        exp = experiment_id(mlflow, prm)
     dec = s.get("decision") or {}
     tags = {"rlfn.kind": "retrain", "rlfn.retrain.ref": s["ref"], "git_commit": s["sha"],
             "rlfn.retrain.stages": ",".join(s["ran"]) or "none",
@@ -235,13 +231,15 @@ def _to_mlflow(work: Path, s: dict, md: str) -> str | None:
             "promotion.reason": (dec.get("reason") or "") if s["ran"] else "nothing reran"}
     with mlflow.start_run(experiment_id=exp, run_name=f"retrain {s['flow_run']}",
                           tags=tags) as run:
+        s["mlflow_run"] = run.info.run_id
+        md = _summary_md(s)
         mlflow.log_text(md, "retrain_summary.md")
         mlflow.log_dict(s, "retrain_summary.json")
         nums = {r["metric"].replace(":", "."): r["after"] for r in s["diff"]
                 if r["after"] is not None}
         if nums:
             mlflow.log_metrics(nums)
-    return run.info.run_id
+    return md
 
 
 @flow(name="rlfn-retrain", flow_run_name="retrain-{ref}")
@@ -288,9 +286,7 @@ def retrain(repo: str | None = None, ref: str = "main", force: bool = False,
                    f"\nreason: {dec.get('reason')}\nflow run: {run_id}\n")
             s["branch"], s["branch_commit"] = branch, publish(work, branch, msg)
             log.info(f"retrain: pushed {branch} to {repo}")
-        md = _summary_md(s)
-        s["mlflow_run"] = _to_mlflow(work, s, md)
-        md = _summary_md(s)
+        md = _to_mlflow(work, s)
         try:
             create_markdown_artifact(markdown=md, key="retrain-summary",
                                      description=f"retrain of {ref}")

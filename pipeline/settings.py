@@ -139,6 +139,9 @@ class ParetoSettings(_Section):
     sets: dict[str, str] = {}
     models: list[str] = []
     registry: bool = True
+    # the final model again with each of these backends (lossy ones: int8, bf16, ...): one
+    # point per backend; a backend that cannot run here is left out with a warning
+    extra_backends: list[str] = []
     csv: str = "plots/pareto.csv"
     png: str = "plots/pareto.png"
 

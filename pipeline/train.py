@@ -128,4 +128,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", required=True, help="a key of params.yaml's train_stages")
     key = str(ap.parse_args().stage)
-    sys.exit(main(train_stage, key, check=lambda s: train_config(s, key)))
+    sys.exit(main(train_stage, key, check=lambda s: train_config(s, key),
+                  load_aware_threads=False))

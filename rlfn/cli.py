@@ -15,14 +15,18 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from .threads import configure_threads, set_wait_policy_default
 
-from .device import parse_device
-from .errors import DataError, RLFNError, UsageError
-from .infer import backend_names
-from .log import get_logger
-from .log import setup as setup_logging
-from .progress import progress
+set_wait_policy_default()  # waiting OpenMP threads sleep: before torch loads (rlfn.threads)
+
+import torch  # noqa: E402
+
+from .device import parse_device  # noqa: E402
+from .errors import DataError, RLFNError, UsageError  # noqa: E402
+from .infer import backend_names  # noqa: E402
+from .log import get_logger  # noqa: E402
+from .log import setup as setup_logging  # noqa: E402
+from .progress import progress  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
@@ -277,8 +281,6 @@ def cmd_profile(args) -> int:
     input_dir = _default_profile_dir() if args.input_dir is None else Path(args.input_dir)
     if not input_dir.is_dir():
         raise UsageError(f"--input-dir {input_dir}", "not a directory")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     loaded = _load(args.model, args.scale)
     engine, loaded = _engine(args.model, args.scale, device, args.backend, loaded)
     try:
@@ -514,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--warmup", type=int, default=2)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     pr.add_argument("--backend", default="eager", help=f"one of: {', '.join(backend_names())}")
-    pr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    pr.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (0: auto, the cores this process has that other "
+                         "processes are not using; see rlfn.threads)")
     pr.add_argument("--json", metavar="OUT.json")
     pr.set_defaults(func=cmd_profile)
 
@@ -551,10 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the commands that compute with torch: their thread count comes from rlfn.threads
+_COMPUTES = {cmd_downscale, cmd_evaluate, cmd_upscale, cmd_train, cmd_profile, cmd_export}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        if args.func in _COMPUTES:
+            # training: never load-aware (a resume must run on as many threads as the run)
+            choice = configure_threads(getattr(args, "threads", 0) or 0,
+                                       load_aware=args.func is not cmd_train)
+            log.debug(f"torch: {choice}")
         return int(args.func(args))
     except RLFNError as e:
         _err(str(e))

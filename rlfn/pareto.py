@@ -34,7 +34,7 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, *, title: str,
     sets = list(dict.fromkeys(r["set"] for r in rows))
     if not sets:
         return None
-    markers = {"official": "s", "stage": "o", "registry": "^"}
+    markers = {"official": "s", "stage": "o", "registry": "^", "backend": "P"}
     fig, axes = plt.subplots(1, len(sets), figsize=(6.2 * len(sets), 4.6), squeeze=False)
     for ax, name in zip(axes[0], sets):
         pts = [r for r in rows if r["set"] == name]

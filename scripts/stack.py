@@ -34,7 +34,9 @@ Layout of the state directory::
 Other settings: ``RLFN_PROJECT_DIR`` (the clone the worker runs flows in and whose
 .dvc/config.local gets the remote; default: this repository), ``RLFN_STACK_TIMEOUT`` (seconds a
 service gets to become ready, default 120), ``RLFN_STACK_MLFLOW_WORKERS`` (default 1),
-``RLFN_STACK_WORKER_POLL_S`` (how often the worker asks for flow runs; Prefect's default 10).
+``RLFN_STACK_WORKER_POLL_S`` (how often the worker asks for flow runs; Prefect's default 10),
+``RLFN_STACK_WORKER_LIMIT`` (flow runs the worker runs at once, default no limit; its flow runs
+then split the cores between them: ``RLFN_PROCESSES``, see rlfn.threads).
 """
 
 from __future__ import annotations
@@ -751,6 +753,12 @@ def up_worker(st: dict, sec: dict) -> str:
     env = worker_env(st, sec)
     if os.environ.get("RLFN_STACK_WORKER_POLL_S"):  # how often it asks for flow runs (def. 10)
         env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
+    limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
+    if limit:
+        if not limit.isdigit() or int(limit) < 1:
+            raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
+        cmd += ["--limit", limit]
+        env["RLFN_PROCESSES"] = limit  # its flow runs share the cores (rlfn.threads)
     t = time.time()
     p = spawn("worker", cmd, env, st["project_dir"])
     wait_until("worker", lambda: worker_online(st, sec, since=t), p, f"{where} (worker online)")

@@ -18,6 +18,8 @@ import yaml
 
 from servers import clean_env, mlflow_server
 
+from rlfn.infer import available_backends
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
         ".dvcignore", ".gitignore", "data/sample/Set5", "data/sample/Set14",
@@ -58,8 +60,11 @@ def _run(cmd, cwd, timeout=900, check=True, **env):
     return r
 
 
-def _tiny_params(p: Path, iterations: int = 4) -> None:
+def _tiny_params(p: Path, iterations: int = 4, int8: bool = True) -> None:
     prm = yaml.safe_load(p.read_text())
+    assert prm["profile"]["pareto"]["extra_backends"] == ["int8"]  # the default
+    if not int8:  # its calibration and quantization take ~30 s a model
+        prm["profile"]["pareto"]["extra_backends"] = []
     prm["data"]["min_size"] = 64
     prm["train"].update(model="rlfn_ntire", iterations=iterations, batch_size=2, patch_size=64,
                         val_every=2, checkpoint_every=2, log_every=1, num_workers=0,
@@ -163,10 +168,19 @@ def test_repro_outputs_and_metrics(project, repro):
     # official weights and B100 live in ../shared, absent beside this copy: skipped, said so
     with open(project / "plots" / "pareto.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["label"] for r in rows) == ["stage1 (v1)", "stage2 (v2)", "stage3 (v3)"]
+    # and the final model with pareto.extra_backends (int8) where this CPU runs it
+    int8 = ["stage3 int8"] if "int8" in available_backends("cpu") else []
+    assert sorted(r["label"] for r in rows) == ["stage1 (v1)", "stage2 (v2)", "stage3 (v3)"] + int8
     assert {r["set"] for r in rows} == {"Set5"} and all(float(r["runtime_ms"]) > 0 for r in rows)
+    for r in rows:
+        assert (r["kind"], r["backend"]) == (("backend", "int8") if r["label"] in int8 else
+                                             (r["kind"], "openvino")), r
     # one architecture, timed once: every stage's point has the same runtime
-    assert len({r["runtime_ms"] for r in rows}) == 1, rows
+    assert len({r["runtime_ms"] for r in rows if r["kind"] != "backend"}) == 1, rows
+    if int8:  # the int8 point: the same weights, a little lower or higher PSNR, another time
+        s3 = next(r for r in rows if r["label"] == "stage3 (v3)")
+        q = next(r for r in rows if r["label"] == "stage3 int8")
+        assert q["sha256"] == s3["sha256"] and abs(float(q["psnr_y"]) - float(s3["psnr_y"])) < 0.5
     assert any(r["on_front"] == "1" for r in rows)
     assert (project / "plots" / "pareto.png").stat().st_size > 10_000
     assert "rlfn_x4.pth not found; left out of the Pareto chart" in repro["out"]

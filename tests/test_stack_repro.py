@@ -134,7 +134,7 @@ pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waitin
 # --------------------------------------------------------------------------- the stack
 def _tiny_clone(clone: Path) -> None:
     """test_pipeline's tiny params and 4 training images, committed in the clone."""
-    _tiny_params(clone / "params.yaml")
+    _tiny_params(clone / "params.yaml", int8=False)
     extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
     if extra:
@@ -156,7 +156,7 @@ def stack():
                     RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
                     RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
                     RLFN_STACK_SSH_PORT=str(ports["ssh"]),
-                    RLFN_STACK_WORKER_POLL_S="1")
+                    RLFN_STACK_WORKER_POLL_S="1", RLFN_STACK_WORKER_LIMIT="2")
     env.pop("RLFN_OPTUNA_STORAGE", None)
     try:
         subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
@@ -363,6 +363,11 @@ def test_dvc_repro_against_the_stack(stack):
 # --------------------------------------------------------------------------- 2
 @pytest.mark.timeout(600)
 def test_the_worker_runs_the_whole_pipeline(stack):
+    # RLFN_STACK_WORKER_LIMIT=2: two flow runs at most, which split the cores (rlfn.threads)
+    pid = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"--limit") + 1] == b"2", cmdline
+    assert b"RLFN_PROCESSES=2" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     env = _env(stack)
     runs_before = {r["run_id"] for r in _registry(stack)["runs"]}
     t = time.monotonic()

@@ -28,6 +28,7 @@ from ..progress import progress as progress_bar
 
 from ..bicubic import downscale
 from ..io import ImageError, read_image, write_png
+from ..threads import configure_threads
 
 __all__ = ["DegradeItem", "DegradeSummary", "image_key", "items_from_manifest", "degrade",
            "lr_path", "load_index"]
@@ -87,6 +88,12 @@ def load_index(out_dir: str | Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {"scales": [], "images": {}}
 
 
+def _init_worker(workers: int) -> None:
+    """A pool worker's share of the cores: ``workers`` processes split them (rlfn.threads)."""
+    os.environ["RLFN_PROCESSES"] = str(workers)
+    configure_threads(0, load_aware=False)
+
+
 def _make(args: tuple[str, str, list[int], str]) -> str | None:
     """Worker: read one HR, write its LR for each scale. Returns an error message or None."""
     hr_path, key, scales, out_dir = args
@@ -126,7 +133,8 @@ def degrade(items: list[DegradeItem], scales: list[int], out_dir: str | Path, wo
             # spawn, not fork: a forked child of a process whose torch thread pool has run
             # can deadlock in OpenMP
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=_init_worker, initargs=(workers,)) as pool:
                 results = list(progress_bar(pool.map(_make, todo, chunksize=1),
                                             total=len(todo), desc="degrade", unit="img",
                                             enabled=progress))

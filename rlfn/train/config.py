@@ -93,7 +93,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = True
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
-    threads: int = 0  # torch intra-op threads on CPU, 0 = torch's default
+    threads: int = 0  # torch intra-op threads on CPU, 0 = the process's cores (rlfn.threads)
     stage: int = 1
     stages: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STAGES.items()})
 

@@ -24,6 +24,7 @@ from ..device import parse_device
 from ..errors import ConfigError
 from ..io import sha256_file
 from ..models import RLFN, build_model
+from ..threads import configure_threads
 from ..weights import WeightsError, load_model
 from .checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                          save_checkpoint)
@@ -70,8 +71,8 @@ class RunContext:
         if cfg.batch_size % world:
             raise ConfigError("batch_size", f"{cfg.batch_size} is not divisible by the {world} "
                                             f"processes (WORLD_SIZE) that share each batch")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        # threads: 0 = the cores this process has (never the load: see rlfn.threads)
+        configure_threads(cfg.threads, load_aware=False)
         return cls(cfg, Path(out_dir), init, rank, world, local_rank, device,
                    run_key(cfg, init))
 
