@@ -25,12 +25,15 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run, tracking_uri, write_json
 from pipeline.settings import Settings, load_settings
+from pipeline.stage_config import stage_data, train_config
 from rlfn.errors import DataError
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict):
-    """The last stage's version (re-registered if this tracking store has never seen it)."""
+def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict,
+              data: dict | None = None):
+    """The last stage's version (re-registered, with its lineage ``data``, if this tracking
+    store has never seen it)."""
     from pipeline.mlflow_registry import log_and_register
 
     client = mlflow.MlflowClient()
@@ -44,7 +47,7 @@ def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict)
             version = None
     if version is None:
         version = log_and_register(stage_dir / "model.safetensors", scale,
-                                   registered_name=name, tags={"rlfn.stage": stage})
+                                   registered_name=name, tags={"rlfn.stage": stage}, data=data)
     for k, v in figures.items():
         client.set_model_version_tag(name, version.version, f"rlfn.figure.{k}", str(v))
     return version
@@ -71,7 +74,9 @@ def promote(settings: Settings | None = None) -> dict:
                "runtime_rel": prof["runtime_rel"]}
     with stage_run("promote", s, s.section("promote")):
         mlflow.set_tracking_uri(tracking_uri(s))
-        version = candidate(s.stage_dir(s.last_stage), s.last_stage, s.scale, name, figures)
+        key = s.last_stage
+        version = candidate(s.stage_dir(key), key, s.scale, name, figures,
+                            stage_data(s, key, train_config(s, key)))
         decision = decide(name, version.version, gate_metric=p.gate_metric, margin=p.margin,
                           budgets=p.budgets())
         out = {"promoted": int(bool(decision["promoted"])),

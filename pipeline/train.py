@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline._common import log, main, stage_run, write_json
 from pipeline.settings import Settings, load_settings
-from pipeline.stage_config import train_config
+from pipeline.stage_config import stage_data, train_config
 from rlfn.train.checkpoint import find_checkpoint
 from rlfn.train.config import TrainConfig
 from rlfn.train.engine import run_key, train
@@ -82,15 +82,6 @@ def register(weights: Path, scale: int, stage: str, result: dict, data: dict):
     figures = {"val_psnr_y": result["final_psnr"]} if result.get("final_psnr") else {}
     return log_and_register(weights, scale, tags={"rlfn.stage": str(stage)}, figures=figures,
                             data=data)
-
-
-def stage_data(s: Settings, key: str, cfg: TrainConfig) -> dict[str, Path | None]:
-    """What training stage ``key`` consumed, for the registered version's lineage (DVC md5s):
-    the manifest the patch store was built from (also logged as the run's MLflow dataset),
-    the patch store, the validation images and the weights it started from."""
-    return {"manifest": Path(s.data.manifest), "patches": Path(s.patches.out),
-            "val": Path(cfg.val_hr_dir) if cfg.val_hr_dir else None,
-            "init": s.train_stages[key].warm_start}
 
 
 @flow(name="rlfn-train", flow_run_name="train-stage{stage}")

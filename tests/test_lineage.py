@@ -215,6 +215,24 @@ def test_nothing_registered_when_data_is_missing(registered, workspace, monkeypa
     assert not client.list_artifacts(run.info.run_id)
 
 
+def test_promote_reregisters_with_the_lineage(registered, workspace, monkeypatch):
+    """The promote stage's fallback (a tracking store that never saw the last stage's
+    version, e.g. the stages ran elsewhere): the re-registered version carries the data too."""
+    from pipeline.promote import candidate
+
+    monkeypatch.chdir(workspace)
+    mlflow.set_tracking_uri(registered["uri"])
+    client = mlflow.MlflowClient(registered["uri"])
+    exp = client.get_experiment_by_name("lineage").experiment_id
+    with mlflow.start_run(experiment_id=exp):
+        mv = candidate.fn(Path("models/stage2"), "2", 4, NAME, {"mean_psnr_y": 27.0}, DATA)
+    assert int(mv.version) > int(registered["version"].version)  # a new version
+    tags = client.get_model_version(NAME, mv.version).tags
+    for item, rel in DATA.items():
+        assert tags[f"rlfn.data.{item}.md5"] == dvc_md5(workspace / rel), item
+    assert tags["rlfn.figure.mean_psnr_y"] == "27.0" and tags["rlfn.stage"] == "2"
+
+
 # --------------------------------------------------------------------------------------------
 # rlfn lineage
 
