@@ -12,6 +12,19 @@ The int8 goal (issue 15): within 0.05 dB of eager fp32 on Set5 and B100 x4 and >
 fastest exact fp32 backend, both timed in this run (the B100 column: ``--sets Set5 B100``,
 the default). ``--pareto PREFIX`` draws PSNR vs ms per backend: PREFIX_<model>.png.
 Backends that cannot run here (no GPU, package missing, no native bf16) are listed with why.
+
+Batched throughput (issue 15): ``--batch 1 4 16`` also times each backend on batches of
+same-size images (the most common size in ``--input-dir``: 339x510 for the DIV2K test LR
+set) and reports images/s, output MP/s and the fraction of the memory-bandwidth roofline:
+``rlfn.profile.traffic_bytes`` (input + weights + each conv's output written and read once +
+output, per image; fp16/bf16 backends at 2 bytes an element) x images/s / peak bandwidth.
+Peak: ``--peak-gbs``, else the GPU's datasheet figure (``rlfn.profile.PEAK_GBS``: H200 4800
+GB/s), else (CPU, unknown GPU) a copy bandwidth measured in this run. ``--throughput-only``
+skips the latency/PSNR table.
+
+    python bench/inference.py --device cuda --batch 1 4 16 --sets Set5
+    python bench/inference.py --models rlfn_ntire_x4.pth --backends eager channels_last \
+        --batch 1 4 --throughput-only
 """
 
 from __future__ import annotations
@@ -33,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 from rlfn.evaluate import evaluate_folder  # noqa: E402
 from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine, psnr_label  # noqa: E402
 from rlfn.io import list_images  # noqa: E402
-from rlfn.profile import profile_runtime  # noqa: E402
-from rlfn.upscale import ModelUpscaler  # noqa: E402
+from rlfn.io import read_image  # noqa: E402
+from rlfn.profile import PEAK_GBS, copy_bandwidth_gbs, profile_runtime, traffic_bytes  # noqa: E402
+from rlfn.upscale import ModelUpscaler, to_tensor  # noqa: E402
 from rlfn.weights import load_model  # noqa: E402
 
 SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
@@ -66,6 +80,11 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
             continue
         t0 = time.perf_counter()
         engine = make_engine(load_model(weights).model, name, device)
+        if args.throughput_only:
+            row.update(setup_s=time.perf_counter() - t0)
+            rows += throughput_rows(engine, weights, name, device, args)
+            del engine
+            continue
         psnr, outs = set5_outputs(engine, hr_dir, lr_dir)  # also warms every Set5 shape up
         setup_s = time.perf_counter() - t0
         b100 = None
@@ -92,8 +111,106 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
         more = f"  B100 {row['b100_delta']:+.4f} dB" if b100 is not None else ""
         print(f"  {name:<14} {row['ms']:9.1f} ms  x{row['speedup']:5.2f}  "
               f"{delta:+.4f} dB  maxdiff {maxdiff:2d}  {row['label']}{more}", flush=True)
+        if args.batch:
+            rows += throughput_rows(engine, weights, name, device, args)
         del engine
     return rows
+
+
+# --------------------------------------------------------------------------- throughput
+HALF = {"fp16", "cuda_graphs", "compile_graphs", "compile_fp16", "bf16", "compile_bf16",
+        "openvino_bf16"}
+
+
+def same_size_images(input_dir: str, count: int) -> list[np.ndarray]:
+    """``count`` images of the most common size in ``input_dir`` (repeated if too few)."""
+    from PIL import Image
+
+    files = list_images([input_dir])
+    sizes: dict[tuple, list] = {}
+    for f in files:
+        with Image.open(f) as im:
+            sizes.setdefault(im.size, []).append(f)
+    group = max(sizes.values(), key=len)
+    group = group[:count]
+    imgs = [read_image(f)[0] for f in group]
+    return [imgs[i % len(imgs)] for i in range(count)]
+
+
+def peak_bandwidth(device: str, args) -> tuple[float, str]:
+    """(GB/s, where the figure comes from) for the roofline fraction."""
+    if args.peak_gbs:
+        return args.peak_gbs, "--peak-gbs"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, gbs in PEAK_GBS.items():
+            if key in name:
+                return gbs, f"datasheet ({key})"
+        return copy_bandwidth_gbs(device, 1024), "measured copy (unknown GPU)"
+    return copy_bandwidth_gbs("cpu", 256), "measured copy (STREAM-like, 256 MB)"
+
+
+_TRAFFIC: dict[tuple, dict] = {}
+
+
+def traffic_per_image(weights: Path, h: int, w: int, dtype_bytes: int, batch: int) -> dict:
+    key = (str(weights), h, w, dtype_bytes, batch)
+    if key not in _TRAFFIC:
+        _TRAFFIC[key] = traffic_bytes(load_model(weights).model, h, w, dtype_bytes, batch)
+    return _TRAFFIC[key]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def throughput_rows(engine, weights: Path, name: str, device: str, args) -> list[dict]:
+    """images/s at each of ``args.batch`` on same-size images, with the roofline fraction."""
+    out = []
+    imgs = same_size_images(args.input_dir, max(args.batch))
+    h, w = imgs[0].shape[:2]
+    dtype_bytes = 2 if name in HALF else 4
+    for b in args.batch:
+        x = torch.cat([to_tensor(im, device) for im in imgs[:b]])
+        for _ in range(3):  # warm-up: compilation, CUDA graph warm-up + capture, cuDNN search
+            engine(x)
+        sync(device)
+        reps = max(args.min_batches, -(-args.throughput_images // b))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            engine(x)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        per_batch = float(np.median(times))
+        ips = b / per_batch
+        tr = traffic_per_image(weights, h, w, dtype_bytes, b)
+        per_image = tr["total"] / b
+        row = {"model": weights.name, "backend": name, "device": device, "kind": "throughput",
+               "batch": b, "input_hw": [h, w], "batches_timed": reps,
+               "ms_per_batch": per_batch * 1e3, "images_per_s": ips,
+               "output_mp_per_s": ips * h * w * engine.scale**2 / 1e6,
+               "traffic_mb_per_image": per_image / 1e6, "dtype_bytes": dtype_bytes,
+               "achieved_gbs": per_image * ips / 1e9, "peak_gbs": args.peak[0],
+               "roofline_fraction": per_image * ips / 1e9 / args.peak[0]}
+        out.append(row)
+        print(f"  {name:<14} batch {b:3d}: {ips:8.2f} img/s  {row['output_mp_per_s']:8.1f} MP/s  "
+              f"{row['achieved_gbs']:8.1f} GB/s = {100 * row['roofline_fraction']:5.1f}% of "
+              f"{args.peak[0]:.0f} GB/s", flush=True)
+        del x
+    return out
+
+
+def throughput_table(rows: list[dict]) -> str:
+    lines = ["| model | backend | batch | images/s | output MP/s | ms/batch | traffic MB/image | "
+             "achieved GB/s | roofline |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:.2f} | "
+                     f"{r['output_mp_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
+                     f"{r['traffic_mb_per_image']:.0f} | {r['achieved_gbs']:.1f} | "
+                     f"{100 * r['roofline_fraction']:.1f}% |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -171,7 +288,22 @@ def main() -> int:
     ap.add_argument("--pareto", metavar="PREFIX",
                     help="draw PSNR vs ms per backend to PREFIX_<model>.png")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
+                    help="also time batches of N same-size images (e.g. 1 4 16): images/s, "
+                         "MP/s, roofline fraction")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only the batched throughput (no latency/PSNR table)")
+    ap.add_argument("--throughput-images", type=int, default=32,
+                    help="images timed per batch size (at least --min-batches batches)")
+    ap.add_argument("--min-batches", type=int, default=3)
+    ap.add_argument("--peak-gbs", type=float, default=None,
+                    help="peak memory bandwidth, GB/s (default: the GPU's datasheet figure, "
+                         "e.g. H200 4800; CPU: a copy measured in this run)")
     args = ap.parse_args()
+    if args.throughput_only and not args.batch:
+        args.batch = [1, 4, 16]
+    if args.batch and min(args.batch) < 1:
+        ap.error("--batch sizes must be >= 1")
     if not SHARED.is_dir():
         print(f"bench/inference.py needs {SHARED} (Set5 and the DIV2K test LR images)")
         return 2
@@ -189,12 +321,37 @@ def main() -> int:
     n = len(list_images([args.input_dir]))
     print(f"device: {device} ({where}); torch {torch.__version__}; timed on "
           f"{args.max_images or n} of {n} images in {args.input_dir}", flush=True)
+    args.peak = peak_bandwidth(device, args) if args.batch else (0.0, "")
+    if args.batch:
+        print(f"roofline peak: {args.peak[0]:.1f} GB/s ({args.peak[1]})", flush=True)
     rows = []
     for m in args.models:
         weights = Path(m) if Path(m).exists() else SHARED / "pretrained" / m
         print(f"{weights.name}:", flush=True)
         rows += bench_model(weights, backends, device, args)
+    tput = [r for r in rows if r.get("kind") == "throughput"]
+    rows = [r for r in rows if r.get("kind") != "throughput"]
     print()
+    if tput:
+        print(throughput_table(tput))
+        for m in args.models:
+            mine = [r for r in tput if r["model"] == Path(m).name]
+            if mine:
+                best = max(mine, key=lambda r: r["roofline_fraction"])
+                print(f"{Path(m).name}: best throughput {best['images_per_s']:.1f} img/s "
+                      f"({best['backend']}, batch {best['batch']}) = "
+                      f"{100 * best['roofline_fraction']:.1f}% of the bandwidth roofline "
+                      f"({'meets' if best['roofline_fraction'] >= 0.25 else 'misses'} the "
+                      f"25% goal)")
+        print()
+    if args.throughput_only:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(
+                {"device": device, "where": where, "peak_gbs": args.peak[0],
+                 "peak_source": args.peak[1], "rows": rows, "throughput": tput},
+                indent=2) + "\n")
+        return 0
     print(table(rows))
     for m in args.models:
         ok = [r for r in rows if r["model"] == Path(m).name and "skipped" not in r
@@ -216,7 +373,10 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": device, "where": where,
-                                               "rows": rows}, indent=2) + "\n")
+                                               "rows": rows, "throughput": tput,
+                                               "peak_gbs": args.peak[0],
+                                               "peak_source": args.peak[1]},
+                                              indent=2) + "\n")
     return 0
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .threads import configure_threads, set_wait_policy_default
+from .threads import Governor, configure_threads, set_wait_policy_default
 
 set_wait_policy_default()  # waiting OpenMP threads sleep: before torch loads (rlfn.threads)
 
@@ -152,12 +152,14 @@ def cmd_evaluate(args) -> int:
 
 # --------------------------------------------------------------------------- upscale
 def cmd_upscale(args) -> int:
-    from .io import ImageError, list_images, read_image, write_png
-    from .upscale import AUTO_TILE_PIXELS, auto_tile
+    from .io import ImageError, list_images, write_png
+    from .upscale import upscale_files
 
+    batch = getattr(args, "batch", 1)
+    if batch < 1:
+        raise UsageError(f"--batch {batch}", "must be >= 1 (images or tiles per forward pass)")
     upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
                                  args.overlap, args.backend)
-    can_tile = getattr(getattr(upscaler, "engine", None), "supports_grid", True)
     errors: list = []
     files = list_images(args.inputs, errors)
     for e in errors:
@@ -165,22 +167,21 @@ def cmd_upscale(args) -> int:
     out_dir = Path(args.out)
     seen: dict[Path, Path] = {}
     written = 0
-    for f in progress(files, desc=f"upscale x{args.scale}", unit="img", enabled=not args.quiet):
+    results = upscale_files(upscaler, files, tile=args.tile, overlap=args.overlap, batch=batch)
+    # a long folder: the thread count follows the machine's load (rlfn.threads)
+    governor = Governor(log=log.info)
+    for f, res in progress(zip(files, results), total=len(files), desc=f"upscale x{args.scale}",
+                           unit="img", enabled=not args.quiet):
+        governor.tick()
         try:
             target = out_dir / (f.stem + ".png")
             if target in seen:
                 raise ImageError(f, f"would overwrite {target}, already written from {seen[target]}")
-            lr, info = read_image(f, min_size=upscaler.min_input_size)
-            for n in info.notes:
+            if res.error is not None:
+                raise res.error
+            for n in res.notes:
                 _note(f"{f}: {n}")
-            tile = args.tile
-            if tile == "auto":
-                tile = auto_tile(*lr.shape[:2], can_tile=can_tile)
-                if not can_tile and lr.shape[0] * lr.shape[1] > AUTO_TILE_PIXELS:
-                    _note(f"{f}: backend {args.backend} runs untiled; a large image needs "
-                          "memory (eager or channels_last can tile)")
-            upscaler.tile = None if tile in (None, 0) else int(tile)
-            write_png(target, upscaler(lr))
+            write_png(target, res.sr)
             seen[target] = f
             written += 1
         except ImageError as e:
@@ -474,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     u.add_argument("--backend", default="eager", metavar="NAME",
                    help=f"inference backend: {', '.join(backend_names())} (default eager)")
+    u.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="run up to N same-size images (or same-size tiles) per forward pass "
+                        "(default 1: one at a time); outputs are the same files")
     u.set_defaults(func=cmd_upscale)
 
     m = sub.add_parser("manifest", help="build or update the validated Parquet manifest of "

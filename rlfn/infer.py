@@ -17,6 +17,10 @@ backend            device  what it does                                         
 ``int8``           cpu     OpenVINO, NNCF int8 body 3x3 convs, rest fp32 (cached)    no
 ``fp16``           cuda    half-precision weights and activations                    no
 ``cuda_graphs``    cuda    fp16 + a CUDA graph captured per input shape              no
+``compile_graphs`` cuda    ``torch.compile`` "reduce-overhead" of the fp16 NHWC      no
+                           model: fused pointwise epilogues + CUDA graphs
+``compile_fp16``   cuda    ``torch.compile`` "max-autotune" of the fp16 NHWC model:  no
+                           autotuned kernels, fused epilogues, CUDA graphs
 =================  ======  ========================================================  =====
 
 "Exact" in the table is what the backend promises (fp32 arithmetic, only summation order
@@ -37,10 +41,18 @@ by the weights' sha256 (``rlfn.quant.int8_model``). It needs a CPU with int8 dot
 Errors come before any work, as one-line ``BackendError``s: an unknown backend, a backend
 whose package is not installed, a GPU asked for where none exists, a backend that does not
 run on the device asked for, bf16 on a CPU without native bf16.
+
+Batches: an engine takes N > 1 images (or tiles) of one size at once (``rlfn.upscale``'s
+batched mode). On the CPU, PyTorch picks a conv algorithm by input size and a single small
+input (<= 20480 elements, e.g. ESA's pooled map) takes a different one than a batch, so the
+engines that run the module eagerly (eager, channels_last, bf16) run such convs, and the ESA
+blocks (whose vectorised sigmoid rounds its tail differently), sample by sample inside a
+batch: every sample's output is then bit-identical to running it alone (``per_sample_convs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import tempfile
 from dataclasses import dataclass
@@ -54,7 +66,8 @@ from .device import bf16_native
 from .errors import ConfigError
 
 __all__ = ["BackendError", "BackendInfo", "BACKENDS", "Engine", "make_engine", "check_backend",
-           "backend_names", "available_backends", "as_engine", "psnr_label", "EXACT_DB"]
+           "backend_names", "available_backends", "as_engine", "psnr_label", "EXACT_DB",
+           "per_sample_convs"]
 
 # Within this PSNR difference from eager fp32 (Set5 x4) a backend is called exact.
 EXACT_DB = 0.01
@@ -91,6 +104,10 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in [
                 "OpenVINO, NNCF int8 body 3x3 convs (static PTQ + SmoothQuant), rest fp32"),
     BackendInfo("fp16", ("cuda",), (), False, "fp16 weights and activations + channels_last"),
     BackendInfo("cuda_graphs", ("cuda",), (), False, "fp16 + CUDA graph per input shape"),
+    BackendInfo("compile_graphs", ("cuda",), (), False,
+                "torch.compile reduce-overhead (fused epilogues + CUDA graphs), fp16 NHWC"),
+    BackendInfo("compile_fp16", ("cuda",), (), False,
+                "torch.compile max-autotune (autotuned kernels + CUDA graphs), fp16 NHWC"),
 ]}
 
 
@@ -167,6 +184,9 @@ class Engine:
     # cuDNN autotuning per input shape (the first image of each size pays for the search);
     # off for the eager baseline, which runs PyTorch's defaults.
     cudnn_benchmark = False
+    # Runs ``self.model`` eagerly: on the CPU a batch gets each sample's own conv algorithm
+    # (see the module docstring), so batched outputs equal unbatched ones bit for bit.
+    per_sample_exact = True
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model
@@ -180,6 +200,9 @@ class Engine:
             raise BackendError(f"backend {self.name!r} cannot run tiles with an ESA grid")
         with torch.inference_mode():
             if self.device.type != "cuda":
+                if x.size(0) > 1 and self.per_sample_exact:
+                    with per_sample_convs(self.model):
+                        return self._run(x, grid)
                 return self._run(x, grid)
             with torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark,
                                             deterministic=False,
@@ -195,6 +218,72 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<Engine {self.name} on {self.device}>"
+
+
+def _conv_backend(conv: nn.Conv2d, x: torch.Tensor):
+    return torch._C._select_conv_backend(  # the algorithm PyTorch will run for this input
+        x, conv.weight, conv.bias, list(conv.stride), list(conv.padding), list(conv.dilation),
+        False, [0, 0], conv.groups, None)
+
+
+def _needs_split(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Would one sample of ``x`` alone run a different conv algorithm than the batch?"""
+    try:
+        return _conv_backend(conv, x) != _conv_backend(conv, x[:1])
+    except Exception:  # private API changed, or padding="same": PyTorch's own rule
+        return x[:1].numel() <= 20480
+
+
+def _attention_modules() -> tuple[type, ...]:
+    from .models.rfdb import RFDNESA
+    from .models.rlfn import ESA
+
+    return ESA, RFDNESA
+
+
+@contextlib.contextmanager
+def per_sample_convs(model: nn.Module):
+    """While active, a batch through ``model`` (CPU) computes each sample as it would alone:
+
+    * each ``nn.Conv2d`` whose batch would run another conv algorithm than one sample of it
+      (small inputs: PyTorch's size rule, see the module docstring) runs sample by sample;
+    * ESA blocks (RLFN's, RFDN's) run sample by sample: their sigmoid is vectorised over the
+      whole tensor with a scalar tail (and split across threads) that differs from the
+      vectorised result in the last bit, at places that move with the batch size.
+
+    The other layers (the body's convs, LeakyReLU, adds, PixelShuffle) give each sample the
+    same bits in a batch. Batched outputs then equal the unbatched ones bit for bit."""
+    attention = _attention_modules()
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, *attention))
+            and "forward" not in m.__dict__]
+
+    def split_conv(conv: nn.Conv2d):
+        run = conv.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4 and x.size(0) > 1 and _needs_split(conv, x):
+                return torch.cat([run(x[i:i + 1]) for i in range(x.size(0))])
+            return run(x)
+        return forward
+
+    def split_all(mod: nn.Module):
+        run = mod.forward
+
+        def forward(x: torch.Tensor, grid=None) -> torch.Tensor:
+            if x.size(0) == 1:
+                return run(x) if grid is None else run(x, grid)
+            grids = grid if isinstance(grid, (list, tuple)) else [grid] * x.size(0)
+            return torch.cat([run(x[i:i + 1]) if g is None else run(x[i:i + 1], g)
+                              for i, g in enumerate(grids)])
+        return forward
+
+    for m in mods:
+        m.forward = split_all(m) if isinstance(m, attention) else split_conv(m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
 
 
 class ChannelsLastEngine(Engine):
@@ -265,6 +354,7 @@ class CudaGraphsEngine(Fp16Engine):
 
     name = "cuda_graphs"
     supports_grid = False
+    per_sample_exact = False
 
     def __init__(self, model, device):
         super().__init__(model, device)
@@ -296,6 +386,7 @@ class CompileEngine(Engine):
 
     name = "compile"
     supports_grid = False  # an ESAGrid per tile would recompile per tile
+    per_sample_exact = False  # patching a compiled module's convs would recompile it
     cudnn_benchmark = True
 
     def __init__(self, model, device):
@@ -315,6 +406,7 @@ class CompileBf16Engine(Engine):
 
     name = "compile_bf16"
     supports_grid = False
+    per_sample_exact = False
     cudnn_benchmark = True
 
     def __init__(self, model, device):
@@ -328,10 +420,57 @@ class CompileBf16Engine(Engine):
         return self.compiled(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
+class _Fp16Io(nn.Module):
+    """fp32 NCHW in, fp16 NHWC inside, fp16 out: the casts and the layout change sit inside
+    the compiled graph, where Inductor fuses them into the first and last kernels."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.half().contiguous(memory_format=torch.channels_last))
+
+
+class CompileGraphsEngine(Engine):
+    """``torch.compile(mode="reduce-overhead")`` of the fp16 channels_last model: Inductor
+    fuses the pointwise work (bias, LeakyReLU, residual adds, the sigmoid gate) into the
+    kernels around the convs, and CUDA graphs (one per input shape, recorded on its first
+    runs) replay the whole forward with one launch. One dynamic-shape compilation serves
+    every image size and batch."""
+
+    name = "compile_graphs"
+    mode = "reduce-overhead"
+    supports_grid = False
+    per_sample_exact = False
+    cudnn_benchmark = True
+
+    def __init__(self, model, device):
+        model = model.half().to(memory_format=torch.channels_last)
+        super().__init__(model, device)
+        self.compiled = torch.compile(_Fp16Io(model), mode=self.mode, dynamic=True)
+
+    def _run(self, x, grid):
+        # The graph's output buffer is reused by the next replay: copy it out (fp16 -> fp32
+        # NCHW, one kernel) before anyone can run the graph again.
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.compiled(x)
+        return out.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+class CompileFp16Engine(CompileGraphsEngine):
+    """As ``compile_graphs`` with ``mode="max-autotune"``: Inductor also benchmarks kernel
+    choices (Triton templates against cuDNN/cuBLAS) on first use; CUDA graphs included."""
+
+    name = "compile_fp16"
+    mode = "max-autotune"
+
+
 class _OnnxEngine(Engine):
     """Runs the model's ONNX export (dynamic H/W; see ``rlfn.export``) on the CPU."""
 
     supports_grid = False
+    per_sample_exact = False
 
     def __init__(self, model, device):
         from .export import export_onnx
@@ -406,7 +545,8 @@ class Int8Engine(OpenVinoEngine):
 
 _ENGINES: dict[str, type[Engine]] = {e.name: e for e in [
     Engine, ChannelsLastEngine, CompileEngine, OnnxRuntimeEngine, OpenVinoEngine, Bf16Engine,
-    CompileBf16Engine, OpenVinoBf16Engine, Int8Engine, Fp16Engine, CudaGraphsEngine]}
+    CompileBf16Engine, OpenVinoBf16Engine, Int8Engine, Fp16Engine, CudaGraphsEngine,
+    CompileGraphsEngine, CompileFp16Engine]}
 assert set(_ENGINES) == set(BACKENDS)
 
 

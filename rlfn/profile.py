@@ -11,6 +11,7 @@ NTIRE parameter/FLOP/activation counts are in ``rlfn.complexity``.
 
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import time
@@ -24,7 +25,14 @@ from .infer import Engine, as_engine
 from .io import list_images, read_image
 from .upscale import to_tensor
 
-__all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report"]
+__all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report",
+           "traffic_bytes", "copy_bandwidth_gbs", "PEAK_GBS"]
+
+# Peak DRAM bandwidth (GB/s, 1e9 bytes) of GPUs by a substring of
+# ``torch.cuda.get_device_name``: the denominator of the roofline fraction.
+PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "B200": 8000.0,
+            "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "L4": 300.0,
+            "A10G": 600.0, "RTX 4090": 1008.0, "V100": 900.0, "T4": 320.0}
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -185,3 +193,61 @@ def profile_report(model: nn.Module, engine: Engine, input_dir: str | Path, max_
                             "reference_median": rt["reference_median_ms"]}
                            if "relative" in rt else {})},
             "memory": mem}
+
+
+def traffic_bytes(model: nn.Module, height: int, width: int, dtype_bytes: int = 4,
+                  batch: int = 1) -> dict:
+    """The memory traffic one forward of ``model`` on a ``batch x 3 x height x width`` input
+    cannot avoid, in bytes, counted from the model itself (forward hooks on a copy of it on
+    the ``meta`` device: shapes only), at ``dtype_bytes`` per element:
+
+    * ``input``: the input read once;
+    * ``weights``: every parameter read once;
+    * ``activations``: each parametrised layer's output (the convs) written once and read
+      once by what consumes it, except the last one's;
+    * ``output``: the last parametrised layer's output written once (PixelShuffle is a
+      re-indexing of it, fused into its store).
+
+    Pointwise work (bias, LeakyReLU, residual adds, the sigmoid gate), pooling and
+    interpolation are taken as fused into the layers around them: this is a lower bound, the
+    traffic of an ideal fused implementation. ``total`` is their sum; divide by the time
+    of a forward for the achieved bandwidth, and by the peak for the roofline fraction.
+    """
+    outs: list[int] = []
+    meta = copy.deepcopy(model).to("meta").float()  # shapes only: no memory, no arithmetic
+    for m in meta.modules():
+        if not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_hook(lambda mod, inp, out: outs.append(out.numel()))
+    with torch.inference_mode():
+        meta(torch.zeros(batch, 3, height, width, device="meta"))
+    if not outs:
+        raise ValueError("traffic_bytes: the model has no parametrised layer")
+    b = int(dtype_bytes)
+    res = {"input": batch * 3 * height * width * b,
+           "weights": count_params(model) * b,
+           "activations": 2 * sum(outs[:-1]) * b,
+           "output": outs[-1] * b,
+           "layers": len(outs), "dtype_bytes": b, "batch": batch,
+           "input_hw": [height, width]}
+    res["total"] = res["input"] + res["weights"] + res["activations"] + res["output"]
+    return res
+
+
+def copy_bandwidth_gbs(device: str | torch.device = "cpu", mbytes: int = 256,
+                       repeats: int = 5) -> float:
+    """A STREAM-like copy bandwidth: the best of ``repeats`` copies of a ``mbytes`` MB
+    float32 tensor, counting the bytes read and written (GB/s, 1e9 bytes)."""
+    device = torch.device(device)
+    n = mbytes * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy faults the pages in
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best / 1e9

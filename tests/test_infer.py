@@ -59,6 +59,13 @@ LOSSY_DB: dict[tuple[str, str, str], float] = {
     ("rlfn_ntire_x4.pth", "compile_bf16", "cuda"): 0.008,
     ("rlfn_ntire_x4.pth", "fp16", "cuda"): 0.002,
     ("rlfn_ntire_x4.pth", "cuda_graphs", "cuda"): 0.002,
+    # issue 15's compiled fp16 backends: not yet measured on a GPU; the bound is the goal
+    # (within 0.01 dB of eager), to be tightened to just above the loss bench/gpu_checks.sh
+    # measures (fp16 itself: 0.001 dB).
+    ("rlfn_x4.pth", "compile_graphs", "cuda"): 0.01,
+    ("rlfn_x4.pth", "compile_fp16", "cuda"): 0.01,
+    ("rlfn_ntire_x4.pth", "compile_graphs", "cuda"): 0.01,
+    ("rlfn_ntire_x4.pth", "compile_fp16", "cuda"): 0.01,
 }
 
 

@@ -7,6 +7,7 @@ Module and parameter names follow the official release (bytedance/RLFN) so that 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,15 +69,21 @@ class ESA(nn.Module):
         self.conv3 = _conv(f, f, 3, padding=1)
         self.conv4 = _conv(f, n_feats, 1)
 
-    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: ESAGrid | Sequence[ESAGrid] | None = None
+                ) -> torch.Tensor:
         c1_ = self.conv1(x)
         c1 = self.conv2(c1_)
         v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
         c3 = self.conv3(v_max)
         if grid is None:
             c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
-        else:
+        elif isinstance(grid, ESAGrid):
             c3 = self._upsample_on_grid(c3, x.shape[2:], grid)
+        else:  # one grid per sample: a batch of same-size tiles from different places
+            if len(grid) != c3.size(0):
+                raise ValueError(f"{len(grid)} ESA grids for a batch of {c3.size(0)}")
+            c3 = torch.cat([self._upsample_on_grid(c3[i:i + 1], x.shape[2:], g)
+                            for i, g in enumerate(grid)])
         cf = self.conv_f(c1_)
         c4 = self.conv4(c3 + cf)
         return x * torch.sigmoid(c4)
@@ -107,7 +114,8 @@ class RLFB(nn.Module):
         self.c5 = _conv(in_channels, in_channels, 1)
         self.esa = ESA(esa_channels, in_channels)
 
-    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: ESAGrid | Sequence[ESAGrid] | None = None
+                ) -> torch.Tensor:
         out = F.leaky_relu(self.c1_r(x), 0.05)
         out = F.leaky_relu(self.c2_r(out), 0.05)
         out = F.leaky_relu(self.c3_r(out), 0.05)
@@ -155,10 +163,12 @@ class RLFN(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [getattr(self, f"block_{i}") for i in range(1, self.config.num_blocks + 1)]
 
-    def forward(self, x: torch.Tensor, grid: ESAGrid | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: ESAGrid | Sequence[ESAGrid] | None = None
+                ) -> torch.Tensor:
         """``x``: (N, 3, H, W) in [0, 255]; returns (N, 3, H*scale, W*scale) in ~[0, 255].
 
-        ``grid``: set when ``x`` is a tile of a larger image (see ``ESAGrid``).
+        ``grid``: set when ``x`` is a tile of a larger image (see ``ESAGrid``); a sequence of
+        N grids when ``x`` is a batch of same-size tiles from different places (or images).
         """
         feat = self.conv_1(x)
         out = feat
