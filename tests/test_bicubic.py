@@ -53,7 +53,7 @@ def test_single_rounding_float_pipeline_misses_matlab(benchmarks):
     pipelines of bicubic-pytorch / resize-right) must NOT reproduce them."""
     lr_path = benchmarks / "Set5" / "x4" / "LR" / "img_001.png"
     hr = _load(benchmarks / "Set5" / "x4" / "HR" / "img_001.png")
-    x = torch.from_numpy(hr).permute(2, 0, 1).double()
+    x = torch.from_numpy(hr.copy()).permute(2, 0, 1).double()
     one_rounding = imresize(x, scale=1 / 4).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     assert (one_rounding != _load(lr_path)).mean() > 0.01
 
@@ -75,6 +75,79 @@ def test_fast_path_equals_float64_reference(scale):
     ref = imresize(x, scale=scale, reference=True)
     assert fast.shape == ref.shape == (5, 3, *output_size((h, w), scale))
     assert torch.equal(fast, ref)
+
+
+def _tie_prone_images(g: np.random.Generator, h: int, w: int, c: int) -> list[np.ndarray]:
+    noise = g.integers(0, 256, (h, w, c), dtype=np.uint8)
+    binary = (g.integers(0, 2, (h, w, c)) * 255).astype(np.uint8)
+    blocks = np.repeat(np.repeat(g.integers(0, 256, (h // 3 + 1, w // 3 + 1, c)), 3, 0), 3, 1)
+    stripes = np.broadcast_to((np.arange(w) % 2 * 255)[None, :, None], (h, w, c))
+    return [noise, binary, blocks[:h, :w].astype(np.uint8), np.ascontiguousarray(stripes, np.uint8)]
+
+
+@pytest.mark.parametrize("s", [2, 3, 4])
+@pytest.mark.parametrize("hw", [(37, 53), (53, 37), (64, 48), (9, 130)])
+def test_integer_factor_fast_path_equals_float64_reference(s, hw):
+    """The blocked-GEMM path for integer factors (numpy entry and tensor entry, any layout)
+    equals the plain float64 tap loop, on odd sizes, both orientations, tie-prone inputs."""
+    from rlfn import bicubic
+
+    g = np.random.default_rng(s * 1000 + hw[0])
+    for c in (1, 3):
+        for img in _tie_prone_images(g, *hw, c):
+            t = torch.from_numpy(img).permute(2, 0, 1)  # channels-last CHW view
+            plans = bicubic._fast_plans(*img.shape, output_size(hw, 1 / s), (1 / s, 1 / s), True)
+            assert plans is not None or min(hw) < 8 * s  # tiny: every sample clamped
+            ref = imresize(t, scale=1 / s, reference=True)
+            assert torch.equal(imresize(t, scale=1 / s), ref)
+            assert torch.equal(imresize(t.contiguous(), scale=1 / s), ref)  # planar CHW
+            arr = imresize_array(img if c == 3 else img[:, :, 0], 1 / s)
+            assert np.array_equal(arr if c == 3 else arr[:, :, None], ref.permute(1, 2, 0).numpy())
+    batch = torch.from_numpy(g.integers(0, 256, (2, 2, *hw), dtype=np.uint8))  # K = 4
+    assert torch.equal(imresize(batch, scale=1 / s), imresize(batch, scale=1 / s, reference=True))
+
+
+def test_fast_path_row_bands_in_threads_equal_reference(monkeypatch):
+    """Big images run as horizontal bands of output rows, in parallel threads: same result."""
+    from rlfn import bicubic
+
+    monkeypatch.setattr(bicubic, "_BAND_ELEMS", 1 << 14)  # bands of 16 output rows here
+    bands = []
+    real = bicubic._downscale_band
+    monkeypatch.setattr(bicubic, "_downscale_band", lambda *a: bands.append(a[2:4]) or real(*a))
+    g = np.random.default_rng(7)
+    img = g.integers(0, 256, (1037, 301, 3), dtype=np.uint8)
+    img[::7] = 255  # some flat rows: ties
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # 3 threads, 33 bands at x2 (519 output rows), 17 at x4
+        for s in (2, 4):
+            ref = imresize(torch.from_numpy(img).permute(2, 0, 1), scale=1 / s, reference=True)
+            assert np.array_equal(imresize_array(img, 1 / s), ref.permute(1, 2, 0).numpy())
+    finally:
+        torch.set_num_threads(prev)
+    assert len(bands) == 33 + 17 and (0, 16) in bands and (512, 519) in bands
+
+
+def test_fast_path_only_for_integer_factors(monkeypatch):
+    from rlfn import bicubic
+
+    calls = []
+    real = bicubic._downscale_periodic
+    monkeypatch.setattr(bicubic, "_downscale_periodic", lambda *a: calls.append(1) or real(*a))
+    x = torch.randint(0, 256, (1, 3, 40, 30), dtype=torch.uint8)
+    for kwargs in (dict(scale=0.6), dict(scale=2), dict(size=(20, 10)), dict(size=(13, 15))):
+        assert torch.equal(imresize(x, **kwargs), imresize(x, **kwargs, reference=True))
+    assert not calls  # non-integer, upscale, width-first (MATLAB order), non-divisible sizes
+    imresize(x, scale=1 / 2)
+    assert calls == [1]
+    prev = torch.get_float32_matmul_precision()
+    try:  # training code may allow reduced-precision float32 matmuls: the fast path's GEMMs
+        torch.set_float32_matmul_precision("medium")  # are numpy's, unaffected, still exact
+        assert torch.equal(imresize(x, scale=1 / 2), imresize(x, scale=1 / 2, reference=True))
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert calls == [1, 1]
 
 
 def test_float_input_keeps_dtype_and_matches_uint8_path_before_rounding():
