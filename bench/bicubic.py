@@ -6,7 +6,9 @@
 Prints, for the same images and scales: megapixels/s (of HR input) for ours and PIL, the
 ratio, and how many of the 257 MATLAB-made reference LR files each reproduces bit-exactly.
 Also times a batched NCHW call (64 HR crops of 256x256, the training-data use) and CUDA when
-a GPU is present. Goal (foundation issue): ours >= PIL throughput while staying bit-exact.
+a GPU is present. Goal (foundation issue, issue 15): ours >= PIL throughput while staying
+bit-exact, x2 and x4. "ours" is the compiled path (``rlfn.bicubic_native``) where the machine
+has a C compiler, else the NumPy/torch path; ``--numpy`` times the latter.
 
 ``--threads`` takes a comma-separated list of torch thread counts, one table each (default:
 torch's default). PIL is single-threaded. Ours and PIL are timed interleaved (ours, PIL, ours,
@@ -160,7 +162,18 @@ def main() -> None:
                     help="comma-separated torch thread counts, one table each (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--no-exact", action="store_true", help="skip the 257-file exactness check")
+    ap.add_argument("--numpy", action="store_true",
+                    help="time the NumPy/torch path (no compiler, RLFN_NATIVE=0) instead of the "
+                         "compiled one")
     args = ap.parse_args()
+    if args.numpy:
+        import rlfn.bicubic as bicubic
+
+        bicubic._native = lambda *a: None  # the fallback, as on a machine without a compiler
+    from rlfn import bicubic_native
+
+    path = ("NumPy/torch (--numpy)" if args.numpy else "compiled (rlfn.bicubic_native)"
+            if bicubic_native.available() else f"NumPy/torch ({bicubic_native.why_not()})")
     shared = Path(args.shared)
     bench = shared / "data" / "benchmarks"
     if not bench.exists():
@@ -169,9 +182,9 @@ def main() -> None:
                else [torch.get_num_threads()])
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores; torch {info['torch']}, PIL {info['pil']} "
-          f"(single-threaded)")
+          f"(single-threaded); ours: {path}")
 
-    result = {"machine": info, "repeat": args.repeat, "tables": []}
+    result = {"machine": info, "repeat": args.repeat, "path": path, "tables": []}
     if not args.no_exact:
         # exactness on all reference files
         lr_files = sorted(bench.glob("*/x*/LR/*.png"))

@@ -8,6 +8,8 @@ one module (and a DVC stage that depends on it) does not drag in the rest.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
@@ -20,7 +22,13 @@ _LAZY = {
     "DataError": "errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + ["__version__", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    """Where built artefacts are kept between runs (the int8 models, the compiled bicubic):
+    ``$RLFN_CACHE_DIR``, default ``~/.cache/rlfn``."""
+    return Path(os.environ.get("RLFN_CACHE_DIR") or Path.home() / ".cache" / "rlfn")
 
 
 def __getattr__(name: str) -> Any:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cache_dir
 from .errors import ConfigError, DataError
 
 __all__ = ["SETTINGS", "INT8_LAYERS", "QuantError", "weights_sha256", "cache_dir",
@@ -102,10 +103,6 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else
                  t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLFN_CACHE_DIR") or Path.home() / ".cache" / "rlfn")
 
 
 # --------------------------------------------------------------------------- calibration

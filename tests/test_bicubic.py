@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +26,29 @@ def _pairs():
 
 def _load(path) -> np.ndarray:
     return np.asarray(Image.open(path))
+
+
+@pytest.fixture(params=["native", "numpy"])
+def path(request, monkeypatch):
+    """Each exact CPU path in turn: the compiled one (rlfn.bicubic_native, where it builds) and
+    the NumPy/torch one it falls back to (no compiler, RLFN_NATIVE=0)."""
+    from rlfn import bicubic, bicubic_native
+
+    if request.param == "native":
+        if not bicubic_native.available():
+            reason = f"compiled bicubic not available: {bicubic_native.why_not()}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        calls = []
+        real = bicubic_native.resize_hwk
+        monkeypatch.setattr(bicubic_native, "resize_hwk",
+                            lambda *a: calls.append(1) or real(*a))
+        yield calls
+        assert calls, "the compiled path was not taken"
+    else:
+        monkeypatch.setattr(bicubic, "_native", lambda *a: None)
+        yield []
 
 
 def test_all_257_reference_files_are_present(benchmarks):
@@ -59,7 +87,7 @@ def test_single_rounding_float_pipeline_misses_matlab(benchmarks):
 
 
 @pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4, 2, 3, 4, 0.6, 1.7])
-def test_fast_path_equals_float64_reference(scale):
+def test_fast_path_equals_float64_reference(scale, path):
     """The float32 + exact-fix-up path equals the plain float64 tap loop on inputs built to
     land on rounding ties (flat areas, steps, stripes) and on random noise."""
     g = torch.Generator().manual_seed(0)
@@ -87,7 +115,7 @@ def _tie_prone_images(g: np.random.Generator, h: int, w: int, c: int) -> list[np
 
 @pytest.mark.parametrize("s", [2, 3, 4])
 @pytest.mark.parametrize("hw", [(37, 53), (53, 37), (64, 48), (9, 130)])
-def test_integer_factor_fast_path_equals_float64_reference(s, hw):
+def test_integer_factor_fast_path_equals_float64_reference(s, hw, path):
     """The blocked-GEMM path for integer factors (numpy entry and tensor entry, any layout)
     equals the plain float64 tap loop, on odd sizes, both orientations, tie-prone inputs."""
     from rlfn import bicubic
@@ -97,7 +125,7 @@ def test_integer_factor_fast_path_equals_float64_reference(s, hw):
         for img in _tie_prone_images(g, *hw, c):
             t = torch.from_numpy(img).permute(2, 0, 1)  # channels-last CHW view
             plans = bicubic._fast_plans(*img.shape, output_size(hw, 1 / s), (1 / s, 1 / s), True)
-            assert plans is not None or min(hw) < 8 * s  # tiny: every sample clamped
+            assert plans is not None or min(hw) < 8 * s  # tiny: every sample clamped (numpy)
             ref = imresize(t, scale=1 / s, reference=True)
             assert torch.equal(imresize(t, scale=1 / s), ref)
             assert torch.equal(imresize(t.contiguous(), scale=1 / s), ref)  # planar CHW
@@ -108,9 +136,10 @@ def test_integer_factor_fast_path_equals_float64_reference(s, hw):
 
 
 def test_fast_path_row_bands_in_threads_equal_reference(monkeypatch):
-    """Big images run as horizontal bands of output rows, in parallel threads: same result."""
+    """NumPy path: big images run as horizontal bands of output rows, in parallel threads."""
     from rlfn import bicubic
 
+    monkeypatch.setattr(bicubic, "_native", lambda *a: None)
     monkeypatch.setattr(bicubic, "_BAND_ELEMS", 1 << 14)  # bands of 16 output rows here
     bands = []
     real = bicubic._downscale_band
@@ -132,6 +161,7 @@ def test_fast_path_row_bands_in_threads_equal_reference(monkeypatch):
 def test_fast_path_only_for_integer_factors(monkeypatch):
     from rlfn import bicubic
 
+    monkeypatch.setattr(bicubic, "_native", lambda *a: None)  # the NumPy path's own rule
     calls = []
     real = bicubic._downscale_periodic
     monkeypatch.setattr(bicubic, "_downscale_periodic", lambda *a: calls.append(1) or real(*a))
@@ -220,3 +250,60 @@ def test_cuda_matches_cpu(benchmarks):
     hr = _load(benchmarks / "Set5" / "x4" / "HR" / "img_002.png")
     x = torch.from_numpy(hr).permute(2, 0, 1)[None].contiguous()
     assert torch.equal(imresize(x.cuda(), scale=1 / 4).cpu(), imresize(x, scale=1 / 4))
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_native_matches_matlab_on_a_many_plane_batch(benchmarks, s, path):
+    """An NCHW batch of more planes than the few-channel case: plane by plane over threads."""
+    hrs = [_load(p) for p in sorted((benchmarks / "Set14" / f"x{s}" / "HR").glob("*.png"))[:4]]
+    crops = np.stack([modcrop(h, s)[:96, :128] for h in hrs if h.ndim == 3])
+    batch = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # (n, 3, 96, 128)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = imresize(batch, scale=1 / s)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got, imresize(batch, scale=1 / s, reference=True))
+
+
+def _native_in_subprocess(tmp_path, **env) -> list[str]:
+    code = ("import numpy as np\n"
+            "from rlfn import bicubic_native as n\n"
+            "from rlfn.bicubic import imresize_array\n"
+            "import torch\n"
+            "img = np.random.default_rng(0).integers(0, 256, (41, 37, 3), dtype=np.uint8)\n"
+            "ref = torch.from_numpy(img).permute(2, 0, 1)\n"
+            "from rlfn.bicubic import imresize\n"
+            "ref = imresize(ref, scale=0.5, reference=True).permute(1, 2, 0).numpy()\n"
+            "print(n.available(), np.array_equal(imresize_array(img, 0.5), ref))\n"
+            "print(n.why_not())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "RLFN_CACHE_DIR": str(tmp_path), **env}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_native_build_is_atomic_and_falls_back_cleanly(tmp_path):
+    """Two processes building the library at once into an empty cache both load a whole one;
+    a broken compiler or RLFN_NATIVE=0 leaves the NumPy path, with the same exact result."""
+    from rlfn import bicubic_native
+
+    if bicubic_native._compiler() is None:
+        pytest.skip("no C compiler here")
+    code = "from rlfn import bicubic_native as n; print(n.available(), n.why_not())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1],
+                              env={**os.environ, "RLFN_CACHE_DIR": str(tmp_path / "a")})
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert outs == ["True None", "True None"], outs
+    built = list((tmp_path / "a" / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built  # no temporary left behind
+    assert _native_in_subprocess(tmp_path / "a") == ["True True", "None"]
+    out = _native_in_subprocess(tmp_path / "b", CC="false")  # a compiler that always fails
+    assert out[0] == "False True" and "false failed on" in out[1], out
+    assert not list((tmp_path / "b" / "native").glob("*.so"))
+    out = _native_in_subprocess(tmp_path / "c", RLFN_NATIVE="0")
+    assert out == ["False True", "turned off by RLFN_NATIVE"], out
