@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
 CASES = ("bicubic", "pil", "loader", "inference", "train")
 POLICIES = ("torch", "rlfn")
+WAIT = {"policy": "PASSIVE"}  # the rlfn policy's OMP_WAIT_POLICY (--rlfn-wait)
 
 
 # --------------------------------------------------------------------------- in the child
@@ -176,8 +177,8 @@ def _env(policy: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RLFN_THREADS", "RLFN_PROCESSES",
                         "MKL_NUM_THREADS", "GOMP_SPINCOUNT")}
-    if policy == "rlfn":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if policy == "rlfn" and WAIT["policy"]:
+        env["OMP_WAIT_POLICY"] = WAIT["policy"]
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -238,10 +239,14 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--rlfn-wait", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
+                    help="OMP_WAIT_POLICY of the rlfn policy's processes ('' = libgomp's "
+                         "default: spin a while, then sleep)")
     ap.add_argument("--policy", default="torch", help=argparse.SUPPRESS)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    WAIT["policy"] = args.rlfn_wait
     if args.load:
         return _load_job(args.policy)
     if args.case:

@@ -1,7 +1,8 @@
 /* MATLAB-exact 1-D bicubic passes on uint8 images (rlfn/bicubic_native.py builds and loads
  * this file; rlfn/bicubic.py says what MATLAB does).
  *
- * One pass resizes the rows of an (n_in, m) uint8 matrix to (n_out, m): output row i is
+ * One pass resizes the rows of an (n_in, m) uint8 matrix to (n_out, m) (output rows i0..i1-1
+ * of them: threads take bands of rows): output row i is
  * sum_p w[i][p] * in[idx[i][p]], accumulated in double in tap order (acc = w0*x0, then
  * acc = acc + wp*xp: compiled with -ffp-contract=off, so no fused multiply-add changes a
  * rounding), then rounded half away from zero and saturated to uint8: the float64 loop MATLAB
@@ -17,9 +18,11 @@
 #include <string.h>
 
 int rlfn_bicubic_pass(const uint8_t *in, int64_t n_in, int64_t m, int64_t k, uint8_t *out,
-                      int64_t n_out, const double *w, const int64_t *idx, int64_t taps)
+                      int64_t n_out, const double *w, const int64_t *idx, int64_t taps,
+                      int64_t i0, int64_t i1)
 {
-    if (n_in < 1 || m < 1 || k < 1 || m % k || n_out < 1 || taps < 1)
+    if (n_in < 1 || m < 1 || k < 1 || m % k || n_out < 1 || taps < 1 || i0 < 0 || i1 > n_out
+        || i0 >= i1)
         return 1;
     double *acc = (double *)malloc((size_t)m * sizeof(double));
     uint8_t *row = (uint8_t *)malloc((size_t)m);
@@ -29,7 +32,7 @@ int rlfn_bicubic_pass(const uint8_t *in, int64_t n_in, int64_t m, int64_t k, uin
         return 2;
     }
     const int64_t cols = m / k;
-    for (int64_t i = 0; i < n_out; i++) {
+    for (int64_t i = i0; i < i1; i++) {
         const double *wi = w + i * taps;
         const int64_t *ii = idx + i * taps;
         for (int64_t p = 0; p < taps; p++) {

@@ -282,16 +282,19 @@ def _imresize(img: torch.Tensor, scales: tuple[float, float], out_hw: tuple[int,
 
 
 def _native(hwk: np.ndarray, out_hw: tuple[int, int], scales: tuple[float, float],
-            antialiasing: bool) -> np.ndarray | None:
+            antialiasing: bool, threads: int | None = None) -> np.ndarray | None:
     """The compiled pass pair (``rlfn.bicubic_native``) on a uint8 ``(H, W, K)`` array, or
     None where it does not apply (width first in MATLAB's order) or is not available."""
     from . import bicubic_native
 
     if scales[0] > scales[1] or not bicubic_native.available():
         return None
+    if threads is None:  # big images: bands of rows on the torch threads (rlfn.threads)
+        threads = torch.get_num_threads()
     (h, w), (h2, w2) = hwk.shape[:2], out_hw
     return bicubic_native.resize_hwk(hwk, contributions(h, h2, scales[0], antialiasing),
-                                     contributions(w, w2, scales[1], antialiasing))
+                                     contributions(w, w2, scales[1], antialiasing),
+                                     threads=threads)
 
 
 def _native_planes(planes: np.ndarray, out_hw: tuple[int, int], scales: tuple[float, float],
@@ -303,14 +306,14 @@ def _native_planes(planes: np.ndarray, out_hw: tuple[int, int], scales: tuple[fl
     if k <= _FAST_MAX_K:
         y = _native(planes.transpose(1, 2, 0), out_hw, scales, antialiasing)
         return None if y is None else np.ascontiguousarray(y.transpose(2, 0, 1))
-    first = _native(planes[0][:, :, None], out_hw, scales, antialiasing)
+    first = _native(planes[0][:, :, None], out_hw, scales, antialiasing, 1)
     if first is None:
         return None
     out = np.empty((k, *out_hw), dtype=np.uint8)
     out[0] = first[:, :, 0]
 
     def one(i: int) -> None:
-        out[i] = _native(planes[i][:, :, None], out_hw, scales, antialiasing)[:, :, 0]
+        out[i] = _native(planes[i][:, :, None], out_hw, scales, antialiasing, 1)[:, :, 0]
 
     n = min(torch.get_num_threads(), k - 1)
     if n > 1:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
             fn = lib.rlfn_bicubic_pass
             p = ctypes.c_void_p
             i64 = ctypes.c_int64
-            fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64]
+            fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, i64]
             fn.restype = ctypes.c_int
             _lib = lib
         except (OSError, NativeError, subprocess.SubprocessError) as e:
@@ -123,21 +124,46 @@ def why_not() -> str | None:
     return _failed
 
 
+# a pass's output rows are split into bands over threads (the call releases the GIL) from
+# this many output values on: below it, thread hand-off costs more than it saves
+BAND_MIN_VALUES = 1 << 20
+_pool: tuple | None = None  # (pid, threads, executor): never reused across a fork
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < n:
+        _pool = (os.getpid(), n, ThreadPoolExecutor(max_workers=n,
+                                                     thread_name_prefix="bicubic"))
+    return _pool[2]
+
+
 def _pass(src: np.ndarray, n_in: int, m: int, k: int, n_out: int, w: np.ndarray,
-          idx: np.ndarray) -> np.ndarray:
+          idx: np.ndarray, threads: int) -> np.ndarray:
     out = np.empty(n_out * m, dtype=np.uint8)
-    rc = _lib.rlfn_bicubic_pass(src.ctypes.data, n_in, m, k, out.ctypes.data, n_out,
-                                w.ctypes.data, idx.ctypes.data, w.shape[1])
-    if rc != 0:
-        raise NativeError(f"rlfn_bicubic_pass refused its input (code {rc})")
+
+    def band(i0: int, i1: int) -> int:
+        return _lib.rlfn_bicubic_pass(src.ctypes.data, n_in, m, k, out.ctypes.data, n_out,
+                                      w.ctypes.data, idx.ctypes.data, w.shape[1], i0, i1)
+
+    n = min(threads, n_out, max(1, n_out * m // BAND_MIN_VALUES))
+    if n <= 1:
+        codes = [band(0, n_out)]
+    else:
+        cuts = [n_out * b // n for b in range(n + 1)]
+        codes = list(_executor(n).map(band, cuts[:-1], cuts[1:]))
+    bad = [c for c in codes if c != 0]
+    if bad:
+        raise NativeError(f"rlfn_bicubic_pass refused its input (code {bad[0]})")
     return out
 
 
 def resize_hwk(src: np.ndarray, taps_h: tuple[np.ndarray, np.ndarray],
-               taps_w: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+               taps_w: tuple[np.ndarray, np.ndarray], threads: int = 1) -> np.ndarray:
     """A uint8 ``(H, W, K)`` image resized height first, then width (MATLAB's order when the
     height's scale is not the larger one), each pass with its ``(weights, indices)`` from
-    ``rlfn.bicubic.contributions``. Returns ``(H', W', K)`` uint8. ``available()`` first."""
+    ``rlfn.bicubic.contributions``. Returns ``(H', W', K)`` uint8. Big images run in bands
+    of rows on up to ``threads`` threads. ``available()`` first."""
     if _load() is None:
         raise NativeError(f"compiled bicubic not available: {_failed}")
     if src.dtype != np.uint8 or src.ndim != 3:
@@ -151,6 +177,6 @@ def resize_hwk(src: np.ndarray, taps_h: tuple[np.ndarray, np.ndarray],
         raise ValueError("taps must be (float64 weights, int64 indices) of equal shape")
     src = np.ascontiguousarray(src)
     h2, w2 = wh.shape[0], ww.shape[0]
-    t = _pass(src, h, w * k, k, h2, wh, ih)          # (W, H', K)
-    out = _pass(t, w, h2 * k, k, w2, ww, iw)         # (H', W', K)
+    t = _pass(src, h, w * k, k, h2, wh, ih, threads)         # (W, H', K)
+    out = _pass(t, w, h2 * k, k, w2, ww, iw, threads)        # (H', W', K)
     return out.reshape(h2, w2, k)
