@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import machine  # noqa: E402
 from rlfn.bicubic import imresize, imresize_array, modcrop  # noqa: E402
 
 
@@ -65,22 +64,6 @@ def time_pair(fa, items_a, fb, items_b, repeat):
             else:
                 best_b = min(best_b, t)
     return best_a, best_b
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import PIL
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "pil": PIL.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def ours(img, scale):
@@ -180,7 +163,9 @@ def main() -> None:
         sys.exit(f"reference data not found: {bench}")
     threads = ([int(t) for t in args.threads.split(",")] if args.threads
                else [torch.get_num_threads()])
-    info = machine()
+    import PIL
+
+    info = machine(torch=torch.__version__, pil=PIL.__version__, numpy=np.__version__)
     print(f"{info['cpu']}, {info['cores']} cores; torch {info['torch']}, PIL {info['pil']} "
           f"(single-threaded); ours: {path}")
 

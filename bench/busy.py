@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -219,21 +218,6 @@ class LoadJob:
         self.proc.wait()
 
 
-def _machine() -> dict:
-    import PIL
-    import torch
-
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "pillow": PIL.__version__, "loadavg_start": os.getloadavg()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
@@ -255,7 +239,13 @@ def main() -> None:
     if not (SHARED / "data" / "div2k_test_lr_x4").is_dir():
         raise SystemExit(f"reference data not found: {SHARED}/data/div2k_test_lr_x4 "
                          "(set RLFN_SHARED)")
-    machine = _machine()
+    import PIL
+    import torch
+
+    from machine import machine as describe
+
+    machine = describe(torch=torch.__version__, pillow=PIL.__version__,
+                       loadavg_start=os.getloadavg())
     print(f"{machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
           f"Pillow {machine['pillow']}; load average at start {machine['loadavg_start']}",
           flush=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from rlfn.infer import make_engine  # noqa: E402
 from rlfn.models.rlfn import RLFN  # noqa: E402
-from rlfn.profile import PEAK_GBS, copy_bandwidth_gbs, traffic_bytes  # noqa: E402
+from rlfn.profile import peak_bandwidth, traffic_bytes  # noqa: E402
 
 SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
 HALF = {"fp16", "cuda_graphs", "compile_graphs", "compile_fp16", "bf16", "compile_bf16"}
@@ -76,18 +76,6 @@ def _self_time_us(avg, cuda: bool) -> float:
         if v is not None:
             return float(v)
     return 0.0
-
-
-def peak(device: torch.device, given: float | None) -> tuple[float, str]:
-    if given:
-        return given, "--peak-gbs"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, gbs in PEAK_GBS.items():
-            if key in name:
-                return gbs, f"datasheet ({key})"
-        return copy_bandwidth_gbs(device, 1024), "measured copy (unknown GPU)"
-    return copy_bandwidth_gbs("cpu", 128), "measured copy (STREAM-like, 128 MB)"
 
 
 def sync(device: torch.device) -> None:
@@ -141,7 +129,7 @@ def profile_backend(model: torch.nn.Module, backend: str, device: torch.device, 
             "self_ms_per_forward": _self_time_us(a, cuda) / 1e3 / forwards,
             "share": _self_time_us(a, cuda) / total_self}
            for a in avgs[:12] if _self_time_us(a, cuda) > 0 and a.key != MARK]
-    bw_peak, peak_src = peak(device, peak_gbs)
+    bw_peak, peak_src = peak_bandwidth(device, peak_gbs, cpu_mbytes=128)
     busy_s = max(busy_ms, 1e-6) / 1e3
     summary = {
         "backend": backend, "device": str(device),

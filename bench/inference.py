@@ -47,7 +47,7 @@ from rlfn.evaluate import evaluate_folder  # noqa: E402
 from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine, psnr_label  # noqa: E402
 from rlfn.io import list_images  # noqa: E402
 from rlfn.io import read_image  # noqa: E402
-from rlfn.profile import PEAK_GBS, copy_bandwidth_gbs, profile_runtime, traffic_bytes  # noqa: E402
+from rlfn.profile import peak_bandwidth, profile_runtime, traffic_bytes  # noqa: E402
 from rlfn.upscale import ModelUpscaler, to_tensor  # noqa: E402
 from rlfn.weights import load_model  # noqa: E402
 
@@ -135,19 +135,6 @@ def same_size_images(input_dir: str, count: int) -> list[np.ndarray]:
     group = group[:count]
     imgs = [read_image(f)[0] for f in group]
     return [imgs[i % len(imgs)] for i in range(count)]
-
-
-def peak_bandwidth(device: str, args) -> tuple[float, str]:
-    """(GB/s, where the figure comes from) for the roofline fraction."""
-    if args.peak_gbs:
-        return args.peak_gbs, "--peak-gbs"
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, gbs in PEAK_GBS.items():
-            if key in name:
-                return gbs, f"datasheet ({key})"
-        return copy_bandwidth_gbs(device, 1024), "measured copy (unknown GPU)"
-    return copy_bandwidth_gbs("cpu", 256), "measured copy (STREAM-like, 256 MB)"
 
 
 _TRAFFIC: dict[tuple, dict] = {}
@@ -321,7 +308,7 @@ def main() -> int:
     n = len(list_images([args.input_dir]))
     print(f"device: {device} ({where}); torch {torch.__version__}; timed on "
           f"{args.max_images or n} of {n} images in {args.input_dir}", flush=True)
-    args.peak = peak_bandwidth(device, args) if args.batch else (0.0, "")
+    args.peak = peak_bandwidth(device, args.peak_gbs) if args.batch else (0.0, "")
     if args.batch:
         print(f"roofline peak: {args.peak[0]:.1f} GB/s ({args.peak[1]})", flush=True)
     rows = []

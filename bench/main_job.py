@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -36,22 +35,13 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 15 * 60
 RUNNING = re.compile(r"Running stage '([^']+)'")
 READY = re.compile(r"(\S+): ready after ([\d.]+) s")
 PSNR = re.compile(r"stage(\d+): Set5 ([\d.]+) dB")
-
-
-def _machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "host": platform.node()}
 
 
 def _fmt(s: float) -> str:
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_save:
         out = ROOT / "bench" / "results" / ("team_job.json" if a.stack else "main_job.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": _machine(), "command": " ".join(
+        out.write_text(json.dumps({"machine": machine(), "command": " ".join(
             [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
             "repro_s": round(repro_s, 1), "target_s": TARGET_S, "phases": [
                 {k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items()}

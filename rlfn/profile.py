@@ -26,7 +26,7 @@ from .io import list_images, read_image
 from .upscale import to_tensor
 
 __all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report",
-           "traffic_bytes", "copy_bandwidth_gbs", "PEAK_GBS"]
+           "traffic_bytes", "copy_bandwidth_gbs", "peak_bandwidth", "PEAK_GBS"]
 
 # Peak DRAM bandwidth (GB/s, 1e9 bytes) of GPUs by a substring of
 # ``torch.cuda.get_device_name``: the denominator of the roofline fraction.
@@ -251,3 +251,20 @@ def copy_bandwidth_gbs(device: str | torch.device = "cpu", mbytes: int = 256,
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n * 4 / best / 1e9
+
+
+def peak_bandwidth(device: str | torch.device, given: float | None = None,
+                   cpu_mbytes: int = 256) -> tuple[float, str]:
+    """The memory-bandwidth roofline's peak (GB/s) and where it comes from: ``given``, else a
+    GPU's datasheet figure (``PEAK_GBS``), else a copy measured now (``copy_bandwidth_gbs``)."""
+    device = torch.device(device)
+    if given:
+        return float(given), "--peak-gbs"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, gbs in PEAK_GBS.items():
+            if key in name:
+                return gbs, f"datasheet ({key})"
+        return copy_bandwidth_gbs(device, 1024), "measured copy (unknown GPU)"
+    return (copy_bandwidth_gbs("cpu", cpu_mbytes),
+            f"measured copy (STREAM-like, {cpu_mbytes} MB)")

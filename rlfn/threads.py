@@ -81,19 +81,24 @@ def available_cores() -> int:
     return max(1, n)
 
 
+def _first_count(env, keys: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first of ``keys`` set in ``env`` to a positive integer: (value, key); others
+    (unset, empty, not a number, zero) are skipped."""
+    for key in keys:
+        try:
+            n = int(env.get(key, "").strip())
+        except ValueError:
+            continue
+        if n >= 1:
+            return n, key
+    return None
+
+
 def sibling_processes(environ: dict | None = None) -> tuple[int, str]:
     """How many processes were started together to share this one's cores, and who says so."""
     env = os.environ if environ is None else environ
-    for key in ("RLFN_PROCESSES", "LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT"):
-        value = env.get(key, "").strip()
-        if value:
-            try:
-                n = int(value)
-            except ValueError:
-                continue
-            if n >= 1:
-                return n, key
-    return 1, ""
+    return _first_count(env, ("RLFN_PROCESSES", "LOCAL_WORLD_SIZE",
+                              "PYTEST_XDIST_WORKER_COUNT")) or (1, "")
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -142,15 +147,9 @@ def choose_threads(setting: int = 0, *, load_aware: bool = True,
     env = os.environ if environ is None else environ
     if setting and setting > 0:
         return ThreadChoice(int(setting), "as set")
-    for key in ("RLFN_THREADS", "OMP_NUM_THREADS"):
-        value = env.get(key, "").strip()
-        if value:
-            try:
-                n = int(value)
-            except ValueError:
-                continue
-            if n >= 1:
-                return ThreadChoice(n, f"{key}={n}")
+    explicit = _first_count(env, ("RLFN_THREADS", "OMP_NUM_THREADS"))
+    if explicit is not None:
+        return ThreadChoice(explicit[0], f"{explicit[1]}={explicit[0]}")
     cores = available_cores()
     siblings, who = sibling_processes(env)
     share = max(1, cores // siblings)
