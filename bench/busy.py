@@ -176,7 +176,10 @@ def _env(policy: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RLFN_THREADS", "RLFN_PROCESSES",
                         "MKL_NUM_THREADS", "GOMP_SPINCOUNT")}
-    if policy == "rlfn" and WAIT["policy"]:
+    if policy == "rlfn" and WAIT["policy"].startswith("spin:"):  # GOMP's spin count instead
+        env["OMP_WAIT_POLICY"] = ""  # set, so that rlfn/pipeline leave it (libgomp: default)
+        env["GOMP_SPINCOUNT"] = WAIT["policy"][5:]
+    elif policy == "rlfn" and WAIT["policy"]:
         env["OMP_WAIT_POLICY"] = WAIT["policy"]
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -223,9 +226,9 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--json", default=None, metavar="PATH")
-    ap.add_argument("--rlfn-wait", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
+    ap.add_argument("--rlfn-wait", default="PASSIVE", metavar="PASSIVE|ACTIVE|''|spin:N",
                     help="OMP_WAIT_POLICY of the rlfn policy's processes ('' = libgomp's "
-                         "default: spin a while, then sleep)")
+                         "default: spin a while, then sleep; spin:N = GOMP_SPINCOUNT=N)")
     ap.add_argument("--policy", default="torch", help=argparse.SUPPRESS)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)

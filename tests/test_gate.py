@@ -3,15 +3,21 @@ candidate's CPU time relative to a reference model timed image by image in the s
 (``runtime_rel``), so 2 threads and 1 thread give the same decision, while the absolute
 milliseconds (recorded, not gated) change.
 
-Not covered, and known: a second job on a 2-core machine while the profile runs 2 threads. The
+Not covered here: a second job on a 2-core machine while the profile runs 2 threads. An
 oversubscribed thread pool stalls on every parallel region, which costs the small reference far
-more than a big model: measured here, EDSR-baseline's ratio fell from 6.1 to 2.2 (72x96 images:
-4.8 to 2.5), crossing a 2.5 budget. Setting a process's threads from the cores it really has is
-the busy-machine work of the speed issue; until then the profile stage should run alone."""
+more than a big model: measured before ``rlfn.threads``, EDSR-baseline's ratio fell from 6.1 to
+2.2 (72x96 images: 4.8 to 2.5), crossing a 2.5 budget. Since then the profile stage takes one
+thread when another process keeps a core busy, and waiting threads sleep
+(``OMP_WAIT_POLICY=PASSIVE``): ``bench/busy.py`` measures that case (inference 1.26x slower
+beside a training job instead of 2.24x).
+
+The timing runs as the stages run: ``OMP_WAIT_POLICY=PASSIVE``. Sleeping waits make 2 threads
+gain less over 1 on small images (the challenge model: ~1.2x here), so "slower" is >= 1.08x."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +60,9 @@ def _version(figures: dict) -> ModelVersion:
 
 
 def _measure(images: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as pipeline/__init__.py sets it
     r = subprocess.run([sys.executable, "-c", MEASURE, str(images), str(threads)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -75,7 +82,7 @@ def test_same_decision_at_2_threads_and_at_1_thread(tmp_path):
     # a slower machine: 1 thread takes clearly longer, in absolute terms, for both models
     for name in runs["2 threads"]:
         assert runs["1 thread"][name]["runtime_ms_cpu"] > \
-            1.2 * runs["2 threads"][name]["runtime_ms_cpu"], runs
+            1.08 * runs["2 threads"][name]["runtime_ms_cpu"], runs
     decisions = {}
     for cond, figs in runs.items():
         decisions[cond] = {}
