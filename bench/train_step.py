@@ -134,7 +134,6 @@ def data_mode(args) -> None:
     print(f"{args.model} x{args.scale}, batch {args.batch}, HR patch {args.patch}, {name}, "
           f"workers {cfg.num_workers}, bf16 {bf16}", flush=True)
     # (c) the data path alone
-    t0 = time.perf_counter()
     it = iter(IterationBatches(ds, cfg, 0, n + 1, device))
     tl = []
     for i in range(n):

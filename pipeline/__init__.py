@@ -20,4 +20,6 @@ _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # Before torch loads: waiting OpenMP threads sleep rather than spin (rlfn.threads: on a busy
 # machine a spinning thread burns the core the thread it waits for needs).
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from rlfn.threads import set_wait_policy_default as _set_wait_policy_default  # noqa: E402
+
+_set_wait_policy_default()

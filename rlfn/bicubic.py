@@ -306,20 +306,20 @@ def _native_planes(planes: np.ndarray, out_hw: tuple[int, int], scales: tuple[fl
     if k <= _FAST_MAX_K:
         y = _native(planes.transpose(1, 2, 0), out_hw, scales, antialiasing)
         return None if y is None else np.ascontiguousarray(y.transpose(2, 0, 1))
-    first = _native(planes[0][:, :, None], out_hw, scales, antialiasing, 1)
-    if first is None:
+    from . import bicubic_native
+
+    if scales[0] > scales[1] or not bicubic_native.available():  # as _native decides
         return None
     out = np.empty((k, *out_hw), dtype=np.uint8)
-    out[0] = first[:, :, 0]
 
     def one(i: int) -> None:
         out[i] = _native(planes[i][:, :, None], out_hw, scales, antialiasing, 1)[:, :, 0]
 
-    n = min(torch.get_num_threads(), k - 1)
+    n = min(torch.get_num_threads(), k)
     if n > 1:
-        list(_executor(n).map(one, range(1, k)))
+        list(_executor(n).map(one, range(k)))
     else:
-        for i in range(1, k):
+        for i in range(k):
             one(i)
     return out
 

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,17 +126,6 @@ def why_not() -> str | None:
 # a pass's output rows are split into bands over threads (the call releases the GIL) from
 # this many output values on: below it, thread hand-off costs more than it saves
 BAND_MIN_VALUES = 1 << 20
-_pool: tuple | None = None  # (pid, threads, executor): never reused across a fork
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] < n:
-        _pool = (os.getpid(), n, ThreadPoolExecutor(max_workers=n,
-                                                     thread_name_prefix="bicubic"))
-    return _pool[2]
-
-
 def _pass(src: np.ndarray, n_in: int, m: int, k: int, n_out: int, w: np.ndarray,
           idx: np.ndarray, threads: int) -> np.ndarray:
     out = np.empty(n_out * m, dtype=np.uint8)
@@ -151,6 +139,10 @@ def _pass(src: np.ndarray, n_in: int, m: int, k: int, n_out: int, w: np.ndarray,
         codes = [band(0, n_out)]
     else:
         cuts = [n_out * b // n for b in range(n + 1)]
+        # rlfn.bicubic's pool (one pool for both paths); bands are submitted only with
+        # threads > 1, never from a plane worker (those pass threads=1), so it cannot deadlock
+        from .bicubic import _executor
+
         codes = list(_executor(n).map(band, cuts[:-1], cuts[1:]))
     bad = [c for c in codes if c != 0]
     if bad:

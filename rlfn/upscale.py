@@ -274,11 +274,6 @@ class ModelUpscaler:
     def __call__(self, lr: np.ndarray) -> np.ndarray:
         return upscale_array(self.engine, lr, tile=self.tile, overlap=self.overlap)
 
-    def batch(self, images: Sequence[np.ndarray], batch: int = 8) -> list[np.ndarray]:
-        """``upscale_batch`` of ``images`` with this upscaler's tile and overlap."""
-        return upscale_batch(self.engine, images, tile=self.tile, overlap=self.overlap,
-                             batch=batch)
-
 
 class BicubicUpscaler:
     """LR uint8 -> MATLAB bicubic upscaling by ``scale`` (the baseline every SR paper reports)."""

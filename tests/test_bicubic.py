@@ -32,7 +32,7 @@ def _load(path) -> np.ndarray:
 def path(request, monkeypatch):
     """Each exact CPU path in turn: the compiled one (rlfn.bicubic_native, where it builds) and
     the NumPy/torch one it falls back to (no compiler, RLFN_NATIVE=0)."""
-    from rlfn import bicubic, bicubic_native
+    from rlfn import bicubic_native
 
     if request.param == "native":
         if not bicubic_native.available():
@@ -47,7 +47,7 @@ def path(request, monkeypatch):
         yield calls
         assert calls, "the compiled path was not taken"
     else:
-        monkeypatch.setattr(bicubic, "_native", lambda *a: None)
+        monkeypatch.setattr(bicubic_native, "available", lambda: False)
         yield []
 
 
@@ -137,9 +137,9 @@ def test_integer_factor_fast_path_equals_float64_reference(s, hw, path):
 
 def test_fast_path_row_bands_in_threads_equal_reference(monkeypatch):
     """NumPy path: big images run as horizontal bands of output rows, in parallel threads."""
-    from rlfn import bicubic
+    from rlfn import bicubic, bicubic_native
 
-    monkeypatch.setattr(bicubic, "_native", lambda *a: None)
+    monkeypatch.setattr(bicubic_native, "available", lambda: False)
     monkeypatch.setattr(bicubic, "_BAND_ELEMS", 1 << 14)  # bands of 16 output rows here
     bands = []
     real = bicubic._downscale_band
@@ -159,9 +159,9 @@ def test_fast_path_row_bands_in_threads_equal_reference(monkeypatch):
 
 
 def test_fast_path_only_for_integer_factors(monkeypatch):
-    from rlfn import bicubic
+    from rlfn import bicubic, bicubic_native
 
-    monkeypatch.setattr(bicubic, "_native", lambda *a: None)  # the NumPy path's own rule
+    monkeypatch.setattr(bicubic_native, "available", lambda: False)  # the NumPy path's own rule
     calls = []
     real = bicubic._downscale_periodic
     monkeypatch.setattr(bicubic, "_downscale_periodic", lambda *a: calls.append(1) or real(*a))
@@ -265,6 +265,37 @@ def test_native_matches_matlab_on_a_many_plane_batch(benchmarks, s, path):
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(got, imresize(batch, scale=1 / s, reference=True))
+
+
+def test_native_row_bands_run_on_the_one_imresize_pool(monkeypatch):
+    """Compiled path: a big image's passes run in bands of output rows over threads, on the
+    same pool as the NumPy path's bands and the batch's planes (one pool per process)."""
+    import threading
+
+    from rlfn import bicubic_native
+
+    if not bicubic_native.available():
+        pytest.skip(f"compiled bicubic not available: {bicubic_native.why_not()}")
+    monkeypatch.setattr(bicubic_native, "BAND_MIN_VALUES", 1 << 12)
+    names = []
+    real = bicubic_native._lib.rlfn_bicubic_pass
+
+    class Spy:  # records which thread ran each band
+        def __call__(self, *a):
+            names.append(threading.current_thread().name)
+            return real(*a)
+
+    monkeypatch.setattr(bicubic_native, "_lib", type("L", (), {"rlfn_bicubic_pass": Spy()})())
+    img = np.random.default_rng(3).integers(0, 256, (517, 203, 3), dtype=np.uint8)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for s in (2, 4):
+            ref = imresize(torch.from_numpy(img).permute(2, 0, 1), scale=1 / s, reference=True)
+            assert np.array_equal(imresize_array(img, 1 / s), ref.permute(1, 2, 0).numpy())
+    finally:
+        torch.set_num_threads(prev)
+    assert len(names) == 4 * 3 and all(n.startswith("imresize") for n in names), names
 
 
 def _native_in_subprocess(tmp_path, **env) -> list[str]:
