@@ -16,6 +16,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,7 +67,12 @@ def _hwm_mb() -> float | None:
     return None
 
 
-def _timed(engine: Engine, x: torch.Tensor) -> float:
+def _timed(engine: Engine, x: torch.Tensor, clock: Callable[[], float] | None = None) -> float:
+    if clock is not None:  # a caller's clock (seconds), on any device
+        t0 = clock()
+        engine(x)
+        engine.synchronize()
+        return (clock() - t0) * 1000.0
     if engine.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -81,7 +87,8 @@ def _timed(engine: Engine, x: torch.Tensor) -> float:
 
 def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: int = 2,
                    device: str | torch.device | None = None,
-                   reference: nn.Module | Engine | None = None) -> dict:
+                   reference: nn.Module | Engine | None = None,
+                   clock: Callable[[], float] | None = None) -> dict:
     """Per-image runtimes of ``model`` (a module, run eagerly, or an ``Engine``) in ms.
 
     Inputs are put on the device first (not timed). ``warmup`` runs come first: they absorb
@@ -92,6 +99,9 @@ def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: 
     order), and ``relative`` is the median of the per-image time ratios model / reference: a
     figure that means the same on a fast or a slow machine, and under load, since both models
     see the same machine at the same moment (``reference_median_ms`` is its own median).
+
+    ``clock`` (seconds, e.g. ``time.process_time``) replaces the default timers
+    (``perf_counter`` on the CPU, CUDA events on a GPU).
     """
     engine = as_engine(model, device)
     device = engine.device
@@ -107,13 +117,13 @@ def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: 
     times, ref_times = [], []
     for i, x in enumerate(tensors):
         if ref is None:
-            times.append(_timed(engine, x))
+            times.append(_timed(engine, x, clock))
         elif i % 2 == 0:
-            times.append(_timed(engine, x))
-            ref_times.append(_timed(ref, x))
+            times.append(_timed(engine, x, clock))
+            ref_times.append(_timed(ref, x, clock))
         else:
-            ref_times.append(_timed(ref, x))
-            times.append(_timed(engine, x))
+            ref_times.append(_timed(ref, x, clock))
+            times.append(_timed(engine, x, clock))
     out = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
            "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
            "min_ms": min(times), "max_ms": max(times), "images": len(times),
@@ -134,10 +144,11 @@ def time_inference(model: nn.Module | Engine, images: list[np.ndarray], warmup: 
 
 def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images: int = 0,
                     warmup: int = 2, device: str | torch.device | None = None,
-                    reference: nn.Module | Engine | None = None) -> dict:
+                    reference: nn.Module | Engine | None = None,
+                    clock: Callable[[], float] | None = None) -> dict:
     """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name) of a
     module (run eagerly) or an engine (``rlfn.infer.make_engine``); with a ``reference``,
-    also the runtime relative to it (``time_inference``)."""
+    also the runtime relative to it; ``clock`` as in ``time_inference``."""
     files = list_images([input_dir])
     if max_images:
         files = files[:max_images]
@@ -145,7 +156,7 @@ def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images
         raise ValueError(f"{input_dir}: no images to time")
     engine = as_engine(model, device)
     images = [read_image(f)[0] for f in files]
-    out = time_inference(engine, images, warmup, reference=reference)
+    out = time_inference(engine, images, warmup, reference=reference, clock=clock)
     out.update(params=count_params(engine.model), peak_rss_mb_process=peak_rss_mb(),
                input_hw=list(images[0].shape[:2]), input_dir=str(input_dir))
     out.setdefault("peak_rss_mb", out["peak_rss_mb_process"])

@@ -40,7 +40,12 @@ MODELS = ("rlfn_x4.pth", "rlfn_ntire_x4.pth")
 # bench/inference.py).
 # (the CUDA challenge-model figures come from bench/inference.py, re-based from CUDA eager to
 # CPU eager; not re-measured by this test for lack of a GPU when the bounds were set).
-# Exact (fp32) backends keep the promise EXACT_DB (0.01 dB) instead.
+# Exact (fp32) backends: the library calls a backend exact within EXACT_DB (0.01 dB) of eager,
+# but their measured noise on the CPU is below 1.4e-5 dB (fp32 reassociation, at most one grey
+# level on a few pixels), so the test holds them to EXACT_TEST_DB, about 7x that noise and 100x
+# tighter than the label: a real regression (a wrong layout, a dropped tail) shows. On CUDA
+# (TF32 convolutions may be on; not re-measured here since no GPU was lent) the label's 0.01 dB.
+EXACT_TEST_DB = {"cpu": 1e-4, "cuda": EXACT_DB}
 LOSSY_DB: dict[tuple[str, str, str], float] = {
     # (model, backend, device): bound
     ("rlfn_x4.pth", "bf16", "cpu"): 0.0015,
@@ -110,8 +115,8 @@ def test_every_lossy_case_has_a_bound():
 @pytest.mark.parametrize("name, device", [(b, d) for b in BACKENDS for d in BACKENDS[b].devices])
 def test_backend_psnr_delta_on_set5(fname, name, device, pretrained, benchmarks, eager_psnr):
     """Every backend's Set5 x4 PSNR, on every device it runs on, against eager fp32 on the CPU
-    (the reference numbers): exact ones within EXACT_DB (0.01 dB), lossy ones within a bound
-    just above their measured loss (LOSSY_DB)."""
+    (the reference numbers): exact ones within EXACT_TEST_DB (1e-4 dB on the CPU), lossy ones
+    within a bound just above their measured loss (LOSSY_DB)."""
     _require_packages(name)
     try:
         check_backend(name, device)
@@ -121,7 +126,8 @@ def test_backend_psnr_delta_on_set5(fname, name, device, pretrained, benchmarks,
     delta = _psnr(engine, benchmarks) - eager_psnr(fname)
     print(f"\nDELTA {fname} {device} {name}: {delta:+.5f} dB -> {psnr_label(delta)}")
     if BACKENDS[name].exact:
-        assert abs(delta) <= EXACT_DB, f"{name} promised exact, measured {delta:+.4f} dB"
+        bound = EXACT_TEST_DB[device]
+        assert abs(delta) <= bound, f"{name} promised exact, measured {delta:+.6f} dB"
     else:
         bound = LOSSY_DB[fname, name, device]
         assert abs(delta) <= bound, f"{name} on {device}: {delta:+.4f} dB, bound {bound}"

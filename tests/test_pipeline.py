@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from faults import armed_env, release, wait_reached
 from servers import clean_env, mlflow_server
 
 from rlfn.infer import available_backends
@@ -160,8 +162,11 @@ def test_repro_outputs_and_metrics(project, repro):
     assert prof["params"] == 317_218 and prof["runtime_ms_cpu"] > 0
     details = json.loads((project / "reports" / "profile.json").read_text())
     assert details["runtime"]["reference"] == "rlfn_ntire" and details["pareto"]
-    # the trained model is the challenge architecture: about as fast as the reference
-    assert 0.3 < prof["runtime_rel"] < 3
+    # the gated figure is the report's ratio to the reference, a finite positive number (how
+    # large it is depends on the machine: bench/gate.py measures that)
+    assert prof["runtime_rel"] == round(details["runtime"]["relative"], 4)  # (4 decimals)
+    assert math.isfinite(prof["runtime_rel"]) and prof["runtime_rel"] > 0
+    assert details["runtime"]["reference_median"] > 0
     # NTIRE counts of the challenge architecture (here freshly trained): the published values
     assert (round(prof["flops"] / 1e9, 2), round(prof["activations"] / 1e6, 2)) == (19.70, 80.05)
     # Pareto: our 3 stages, each also a registered version (one point, both names); the
@@ -315,29 +320,27 @@ def test_param_change_reruns_exactly_its_stages(project, repro):
     assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}
 
 
-def test_second_repro_while_one_runs_is_refused(project, repro):
+def test_second_repro_while_one_runs_is_refused(project, repro, tmp_path):
     p = project / "params.yaml"
     prm = yaml.safe_load(p.read_text())
-    prm["promote"]["margin"] = 0.001  # reruns promote alone (a short stage, held ~15 s)
+    prm["promote"]["margin"] = 0.001  # reruns promote alone
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
     before = (project / "metrics" / "profile.json").read_bytes()
-    first = subprocess.Popen(["dvc", "repro"], cwd=project, env=_env(),
+    # the first repro's promote stage is held inside its promotion (failpoint promote.locked)
+    # until the second repro has been refused: it cannot end first, whatever the speed
+    fp = tmp_path / "failpoints"
+    first = subprocess.Popen(["dvc", "repro"], cwd=project,
+                             env=_env(**armed_env(fp, "promote.locked")),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_reached(fp, "promote.locked", first, what="the first repro's promote")
         lock = project / ".dvc" / "tmp" / "rwlock"
-        deadline = time.time() + 120
-        while time.time() < deadline and first.poll() is None:  # until a stage is running
-            try:
-                held = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                held = {}
-            if any(held.get(k) for k in ("read", "write")):
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, "the first repro ended before a second could start"
-        second = _run(["dvc", "repro"], project, check=False, timeout=120)
+        assert json.loads(lock.read_text()).get("write"), lock.read_text()  # DVC's lock held
+        second = _run(["dvc", "repro"], project, check=False, timeout=300)
         assert second.returncode != 0, "second repro was not refused"
         assert "lock" in (second.stdout + second.stderr).lower()
+        assert first.poll() is None
+        release(fp, "promote.locked")
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-3000:]
     finally:

@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from faults import armed_env, release, wait_reached
 from servers import _group_alive, clean_env, free_port, processes_with_env
 from test_pipeline import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, _tiny_params
 from test_stack import STACK_SH, Stack, _http, _prerequisites
@@ -597,7 +598,11 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
     lines: list[str] = []
     # MLflow's client retries 4 times with backoff 1, 2, 4, 8 s here (production: 2 ... 16 s),
     # then the register task's 2 retries do the same: the stage fails about a minute later
-    env = _env(stack, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    # the stage pauses where the fault must land (failpoint register.weights_logged: its
+    # weights uploaded, the pyfunc and the version not yet) until the server is dead
+    fp = stack.state.parent / "failpoints-tracking-lost"
+    env = _env(stack, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+               **armed_env(fp, "register.weights_logged"))
     t0 = time.monotonic()
     stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item",
                               "train_stage@1"], cwd=stack.clone, env=env,
@@ -605,28 +610,19 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
                              stdin=subprocess.DEVNULL, start_new_session=True)
     reader = _read_lines(stage, lines)
     try:
-        # the stage is under way ...
-        deadline = time.monotonic() + 300
-        while not any("train_stage@1: ready after" in x for x in lines):
-            assert stage.poll() is None, "\n".join(lines[-60:])
-            assert time.monotonic() < deadline, "\n".join(lines[-60:])
-            time.sleep(0.1)
-        # ... and registering: its weights reached the server (log_and_register's first
-        # upload; the pyfunc and the version follow): kill the server now
-        deadline = time.monotonic() + 300
-        while not set((stack.state / "mlartifacts").glob(weights_glob)) - old_weights:
-            assert stage.poll() is None, "stage ended before registering:\n" + \
-                "\n".join(lines[-60:])
-            assert time.monotonic() < deadline, "\n".join(lines[-60:])
-            time.sleep(0.05)
+        wait_reached(fp, "register.weights_logged", stage, limit_s=600,
+                     what=lambda: "\n".join(lines[-60:]))
+        assert set((stack.state / "mlartifacts").glob(weights_glob)) - old_weights, \
+            "paused after logging the weights, but the server has none"
         pid = int((stack.state / "run" / "mlflow.pid").read_text().split()[0])
         os.killpg(pid, signal.SIGKILL)
         t_kill = time.monotonic()
         TIMES["fault: stage start -> server killed"] = t_kill - t0
         while _group_alive(pid) and time.monotonic() < t_kill + 30:
             time.sleep(0.1)
+        assert not _group_alive(pid), "the tracking server survived SIGKILL"
 
-        # (d) while the stage waits for the lost server, a second repro is refused by DVC
+        # (d) while the stage is held (it holds DVC's lock), a second repro is refused by DVC
         assert stage.poll() is None, "\n".join(lines[-60:])
         second = _dvc(stack, "repro", check=False, timeout=120)
         so = second.stdout + second.stderr
@@ -635,6 +631,7 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
         assert "lock" in so.lower(), so
         assert "Running stage" not in so, so
 
+        release(fp, "register.weights_logged")  # on, against the dead server
         stage.wait(timeout=600)
         reader.join(timeout=10)
         lost_s = time.monotonic() - t_kill

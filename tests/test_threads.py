@@ -83,21 +83,39 @@ def test_available_cores_follows_the_affinity_mask():
 
 
 def test_busy_cores_of_others_sees_a_real_busy_process():
-    # two pure-Python spinners: whatever else runs, at least one core is busy with them
-    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass\n"
-    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    # two pure-Python spinners that spin until killed; measured only once both say they spin:
+    # whatever else runs, at least one core is busy with them
+    spin = "print('spinning', flush=True)\nwhile True: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
     try:
-        time.sleep(0.5)
+        for p in procs:
+            assert p.stdout.readline().strip() == "spinning"
         busy = th.busy_cores_of_others(0.5)
     finally:
         for p in procs:
             p.kill()
             p.wait()
     assert busy >= 0.9, busy
-    # our own computing is not counted as the others'
-    t0 = time.process_time()
-    a = th._cpu_jiffies()
-    assert a is not None and a[0] <= a[1] and time.process_time() >= t0
+
+
+def test_our_own_computing_is_not_counted_as_the_others(monkeypatch):
+    """Over the interval the machine's 2 cores were busy 1.5 cores' worth, and this process
+    itself kept one core busy (0.5 s of CPU in 0.5 s: a spinner of its own): the others kept
+    0.5 cores busy. The readings are given as /proc/stat and the process clock would give
+    them, so the arithmetic is checked without racing a real clock."""
+    readings = iter([(1000, 4000), (1000 + 150, 4000 + 200)])  # (busy, total) jiffies
+    own = iter([10.0, 10.5])
+    monkeypatch.setattr(th, "_cpu_jiffies", lambda: next(readings))
+    clock = type("Clock", (), {"process_time": staticmethod(lambda: next(own)),
+                               "sleep": staticmethod(lambda s: None)})
+    monkeypatch.setattr(th, "time", clock)  # this module's clock only, not the process's
+    monkeypatch.setattr(th.os, "cpu_count", lambda: 2)
+    assert th.busy_cores_of_others(0.5) == pytest.approx(1.5 - 1.0)
+    # a process that computed more than the machine's busy share (clock skew): never negative
+    readings = iter([(1000, 4000), (1000 + 10, 4000 + 200)])
+    own = iter([10.0, 10.5])
+    assert th.busy_cores_of_others(0.5) == 0.0
 
 
 def _threads_in_worker() -> tuple[int, str]:

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from rlfn import failpoints
+
 from .locks import _lock
 from .versions import RUNTIME_FIGURE, _client, figures_of
 
@@ -116,6 +118,7 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
     client.get_model_version(registered_name, version)  # fail fast on an unknown candidate
 
     with _lock(client, registered_name, lock, lock_timeout_s) as held:
+        failpoints.hit("promote.locked")  # where tests hold a promotion (else a no-op)
         cand = client.get_model_version(registered_name, version)
         champ = _champion(client, registered_name, alias)  # re-read inside the lock
         promoted, reason = _decide(cand, champ, gate_metric, margin, limits,

@@ -12,6 +12,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from rlfn import failpoints
+
 from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_image
 
 __all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of",
@@ -241,6 +243,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
                                {k[len(FIGURE_PREFIX):]: v for k, v in fig_tags.items()})
 
     mlflow.log_artifact(str(weights), artifact_path="weights")
+    failpoints.hit("register.weights_logged")  # where a fault test kills the server (else no-op)
     with tempfile.TemporaryDirectory(prefix="rlfn-pyfunc-") as tmp:
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,

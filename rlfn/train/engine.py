@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .. import failpoints
 from ..progress import progress as progress_bar
 from ..weights import save_model
 from .config import TrainConfig
@@ -74,6 +75,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
                        unit="it", enabled=progress and is_main)
     it = start
     for it_idx, (lr_b, hr_b) in zip(range(start, end), batches):
+        failpoints.hit("train.step", it_idx)  # tests stop a run at a known step (off: a no-op)
         it = it_idx + 1
         losses = step(it_idx, lr_b, hr_b)
         meter.add(losses)
