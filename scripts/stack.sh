@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Team mode's service stack on 127.0.0.1: PostgreSQL, MLflow server (basic auth), Prefect server
 # (API auth) with the work pool rlfn-pool, prefect.yaml's deployments and a worker, and an sshd
-# for the DVC remote `stack`. State under .stack/ (RLFN_STACK_DIR). See scripts/stack.py.
+# for the DVC remote `stack`. State under .stack/ (RLFN_STACK_DIR). See scripts/stack/ (its table:
+# scripts/stack/services.py).
 #   scripts/stack.sh up       start what is not running (idempotent); non-zero if any fails
 #   scripts/stack.sh env      export lines for a shell: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh status   each service, its URL and health; non-zero if any is down
@@ -10,4 +11,4 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py="$root/.venv/bin/python"
 [ -x "$py" ] || py=$(command -v python3)
-exec "$py" "$root/scripts/stack.py" "$@"
+exec "$py" "$root/scripts/stack" "$@"

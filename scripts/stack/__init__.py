@@ -1,0 +1,46 @@
+"""Team mode's service stack: ``scripts/stack.sh up | env | status | down``.
+
+On 127.0.0.1 only, with all state under ``.stack/`` in the repository root (``RLFN_STACK_DIR``
+moves it). The services, each an entry of ``services.TABLE`` (in dependency order):
+
+=============  ===================================================  ====================
+service        what                                                 default port (env)
+=============  ===================================================  ====================
+postgresql     a cluster of the project's own (scram-sha-256),      55432
+               databases ``mlflow``, ``prefect``, ``optuna``, role  (RLFN_STACK_PG_PORT)
+               ``rlfn``; ``optuna``: Optuna's schema in it
+mlflow         ``mlflow server`` on PostgreSQL, artifacts served    55000
+               by the server, basic-auth app                        (RLFN_STACK_MLFLOW_PORT)
+prefect        ``prefect server start`` on PostgreSQL, API auth     54200
+               string; ``work pool`` rlfn-pool with prefect.yaml's  (RLFN_STACK_PREFECT_PORT)
+               ``deployments``
+worker         ``prefect worker start --pool rlfn-pool``            -
+sshd           a private sshd (key only) for the DVC remote         52222
+               ``stack`` (this clone's default, .dvc/config.local)  (RLFN_STACK_SSH_PORT)
+=============  ===================================================  ====================
+
+Modules: ``core`` (layout, settings, secrets, the context ``Ctx``), ``procs`` (daemons, pid
+files, logged commands, ports), ``web`` (HTTP, and the start and health check shared by the
+HTTP servers), one module per service (``postgresql``, ``mlflow_server``, ``prefect_server``,
+``sshd``), ``services`` (the table), ``cli`` (the verbs).
+
+Layout of the state directory::
+
+    secrets/stack.json   generated passwords (dir 0700, file 0600); only `env` prints them
+    postgres/data        the cluster (owned by the ``postgres`` OS user when run as root)
+    mlflow/              basic_auth.ini and the auth app's own SQLite database
+    mlartifacts/         the artifacts the MLflow server stores
+    prefect/             PREFECT_HOME
+    ssh/                 sshd_config, host key, authorized_keys, the client key, known_hosts
+    dvc-remote/          the DVC remote's storage
+    logs/<service>.log   each service's output
+    run/                 pid files (<service>.pid) and state.json (ports, project directory)
+
+Other settings: ``RLFN_PROJECT_DIR`` (the clone the worker runs flows in and whose
+.dvc/config.local gets the remote; default: this repository), ``RLFN_STACK_TIMEOUT`` (seconds a
+service gets to become ready, default 120), ``RLFN_STACK_MLFLOW_WORKERS`` (default 1),
+``RLFN_STACK_WORKER_POLL_S`` (how often the worker asks for flow runs; Prefect's default 10),
+``RLFN_STACK_WORKER_LIMIT`` (flow runs the worker runs at once, default no limit; its flow runs
+then split the cores between them: ``RLFN_PROCESSES``, see rlfn.threads),
+``RLFN_STACK_PG_OS_USER`` (as root, the OS user PostgreSQL runs as; default postgres).
+"""

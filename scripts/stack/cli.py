@@ -1,0 +1,172 @@
+"""The verbs ``up``, ``env``, ``status`` and ``down``, each an iteration over ``TABLE``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Callable
+
+from stack.core import (LOGS, RUN, SECRETS, STACK, STATE, StackError, ensure_secrets,
+                        load_secrets, log_path, read_json, rel, say, write_private)
+from stack.services import TABLE, Service, client_exports, context, wanted_secrets
+
+
+def in_order(table: tuple[Service, ...], start: Callable[[Service], bool],
+             skip: Callable[[Service, str], None]) -> None:
+    """``start(entry)`` (True when it came up) for each entry once all it needs are up, as many
+    at once as may be; an entry one of whose needs did not come up is not started:
+    ``skip(entry, called)``, ``called`` naming the entry that failed. Skips are decided here,
+    in table order, so their lines come in that order; as the table is in dependency order,
+    nothing is pending once nothing runs."""
+    cause: dict[str, str] = {}  # entry -> "" when up, else the `called` of the one that failed
+    pending = list(table)
+    running: dict[Future, Service] = {}
+    with ThreadPoolExecutor(len(table)) as ex:
+        while True:
+            for s in list(pending):
+                if not all(n in cause for n in s.needs):
+                    continue
+                pending.remove(s)
+                failed = next((cause[n] for n in s.needs if cause[n]), "")
+                if failed:
+                    cause[s.name] = failed
+                    skip(s, failed)
+                else:
+                    running[ex.submit(start, s)] = s
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                s = running.pop(f)
+                cause[s.name] = "" if f.result() else s.called
+
+
+def cmd_up() -> int:
+    """Start what is not running, each entry once those it needs are up; one line each and
+    one for the whole; 1 if any failed."""
+    t0 = time.monotonic()
+    for d in (STACK, RUN, LOGS):
+        d.mkdir(parents=True, exist_ok=True)
+    os.chmod(STACK, 0o711)  # the postgres OS user passes through to postgres/ (as root)
+    os.chmod(RUN, 0o700)
+    os.chmod(LOGS, 0o711)  # postgres writes its log (a file of its own) here
+    try:
+        ctx = context(ensure_secrets(wanted_secrets()))
+    except StackError as e:
+        say(str(e), err=True)
+        return 1
+    write_private(STATE, json.dumps(ctx.recorded(), indent=1) + "\n", 0o644)
+    failed: list[str] = []
+
+    def start(s: Service) -> bool:
+        t = time.monotonic()
+        try:
+            msg = s.start(ctx)
+        except StackError as e:
+            failed.append(s.name)
+            say(f"FAILED {e}", err=True)
+            return False
+        except Exception as e:  # noqa: BLE001 - one line, the log has the rest
+            failed.append(s.name)
+            first = (str(e).strip().splitlines() or [""])[0]
+            say(f"FAILED {s.name}: {type(e).__name__}: {first}; read {rel(log_path(s.log))}",
+                err=True)
+            return False
+        say(f"{s.name:<11} {msg} ({time.monotonic() - t:.1f} s)")
+        return True
+
+    def skip(s: Service, called: str) -> None:
+        if s.where is not None:
+            failed.append(s.name)
+            say(f"FAILED {s.name}: not started at {s.where(ctx)}: {called} is not up", err=True)
+
+    in_order(TABLE, start, skip)
+    took = time.monotonic() - t0
+    if failed:
+        say(f"stack: up failed ({', '.join(failed)}) after {took:.1f} s; state in {rel(STACK)}",
+            err=True)
+        return 1
+    say(f"stack: up in {took:.1f} s (state in {rel(STACK)}); "
+        'for a shell: eval "$(scripts/stack.sh env)"')
+    return 0
+
+
+def cmd_env() -> int:
+    """The exports a client shell needs, as ``export`` lines; 1 before the first ``up``."""
+    try:
+        sec = load_secrets()
+    except StackError as e:
+        say(f"stack: {e}", err=True)
+        return 1
+    for k, v in client_exports(context(sec)).items():
+        print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+def cmd_status() -> int:
+    """A row for each service: up, or DOWN and why; 1 if any is down."""
+    ctx = context(read_json(SECRETS) or None)
+    rows = [s for s in TABLE if s.health is not None]
+    with ThreadPoolExecutor(len(rows)) as ex:
+        problems = list(ex.map(lambda s: s.health(ctx), rows))
+    down = 0
+    for s, problem in zip(rows, problems):
+        if problem is None:
+            say(f"{s.name:<11} up    {s.row(ctx)}")
+        else:
+            down += 1
+            say(f"{s.name:<11} DOWN  {s.row(ctx)}: {problem}; read {rel(log_path(s.log))}")
+    if down:
+        say(f"stack: {down} of {len(rows)} services down (start them: scripts/stack.sh up)",
+            err=True)
+    return 1 if down else 0
+
+
+def cmd_down() -> int:
+    """Stop every service, in reverse table order, keeping the data; 1 if one could not be."""
+    if not STACK.exists():
+        say(f"stack: nothing at {STACK}")
+        return 0
+    rc = 0
+    for s in reversed(TABLE):
+        if s.stop is None:
+            continue
+        try:
+            say(f"{s.name:<11} {s.stop(s.name)}")
+        except StackError as e:
+            say(f"FAILED {e}", err=True)
+            rc = 1
+    say(f"stack: down (data kept in {rel(STACK)})")
+    return rc
+
+
+def locked(fn: Callable[[], int]) -> Callable[[], int]:
+    """``fn`` with the stack's lock held: one `up` or `down` at a time."""
+    def run() -> int:
+        import fcntl
+
+        if not STACK.exists():  # nothing to guard yet (`up` makes it)
+            return fn()
+        RUN.mkdir(parents=True, exist_ok=True)
+        with open(RUN / "lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                say(f"stack: another `up` or `down` is running on {rel(STACK)}; waiting", err=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            return fn()
+    return run
+
+
+def main(argv: list[str]) -> int:
+    """Run the verb ``argv`` names; 2 with a usage line for anything else."""
+    cmds = {"up": locked(cmd_up), "env": cmd_env, "status": cmd_status,
+            "down": locked(cmd_down)}
+    if len(argv) != 1 or argv[0] not in cmds:
+        print("usage: scripts/stack.sh up | env | status | down", file=sys.stderr)
+        return 2
+    return cmds[argv[0]]()

@@ -1,0 +1,61 @@
+"""The MLflow tracking server: ``mlflow server`` on PostgreSQL's database mlflow, artifacts
+served by the server, MLflow's basic-auth app with the stack's admin login."""
+
+from __future__ import annotations
+
+import os
+
+from stack import postgresql
+from stack.core import HOST, PY, STACK, Ctx, base_env
+from stack.web import HttpServer, request
+
+ADMIN = "admin"
+
+
+def url(ctx: Ctx) -> str:
+    """The tracking URI."""
+    return f"http://{HOST}:{ctx.ports['mlflow']}"
+
+
+def exports(ctx: Ctx) -> dict[str, str]:
+    """What a client needs to log to the server."""
+    return {"MLFLOW_TRACKING_URI": url(ctx), "MLFLOW_TRACKING_USERNAME": ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": ctx.sec["mlflow_admin_password"]}
+
+
+def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
+    """The auth app's config and the artifact store; the server's command and environment
+    (secrets in the environment, never on a command line: ps shows those)."""
+    auth_dir = STACK / "mlflow"
+    auth_dir.mkdir(exist_ok=True)
+    os.chmod(auth_dir, 0o700)
+    (STACK / "mlartifacts").mkdir(exist_ok=True)
+    ini = auth_dir / "basic_auth.ini"
+    ini.write_text("[mlflow]\n"
+                   "default_permission = READ\n"
+                   f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
+                   f"admin_username = {ADMIN}\n"
+                   "# admin_password: MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = base_env(
+        MLFLOW_BACKEND_STORE_URI=postgresql.dsn(ctx, "mlflow"),
+        MLFLOW_AUTH_CONFIG_PATH=str(ini),
+        MLFLOW_AUTH_ADMIN_PASSWORD=ctx.sec["mlflow_admin_password"],
+        MLFLOW_FLASK_SERVER_SECRET_KEY=ctx.sec["mlflow_flask_secret_key"],
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
+    cmd = [PY, "-m", "mlflow", "server", "--host", HOST, "--port", str(ctx.ports["mlflow"]),
+           "--serve-artifacts", "--artifacts-destination", str(STACK / "mlartifacts"),
+           "--default-artifact-root", "mlflow-artifacts:/", "--app-name", "basic-auth",
+           "--workers", os.environ.get("RLFN_STACK_MLFLOW_WORKERS", "1")]
+    return cmd, env
+
+
+def _api_check(ctx: Ctx) -> str | None:
+    """The REST API with the admin login."""
+    code, _ = request("POST", f"{url(ctx)}/api/2.0/mlflow/experiments/search",
+                      {"max_results": 1}, auth=(ADMIN, ctx.sec["mlflow_admin_password"]))
+    return None if code == 200 else f"the REST API answered HTTP {code} with the admin login"
+
+
+SERVER = HttpServer("mlflow", url, _launch, _api_check)

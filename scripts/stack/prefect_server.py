@@ -1,0 +1,195 @@
+"""Prefect: ``prefect server start`` on PostgreSQL's database prefect (API auth string), the
+work pool ``rlfn-pool`` with prefect.yaml's deployments, and a worker on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from stack import postgresql
+from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
+                        rel, timeout_s)
+from stack.procs import pid_of, run_logged, spawn, wait_until
+from stack.web import HttpServer, request
+
+POOL = "rlfn-pool"
+USER = "rlfn"
+
+
+def url(ctx: Ctx) -> str:
+    """The API's URL."""
+    return f"http://{HOST}:{ctx.ports['prefect']}/api"
+
+
+def _auth(ctx: Ctx) -> str:
+    """The API's auth string (basic auth's ``user:password``)."""
+    return f"{USER}:{ctx.sec['prefect_password']}"
+
+
+def exports(ctx: Ctx) -> dict[str, str]:
+    """What a client needs to use the API."""
+    return {"PREFECT_API_URL": url(ctx), "PREFECT_API_AUTH_STRING": _auth(ctx)}
+
+
+def _client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
+    """The environment of a Prefect client of the stack's (the CLI, the worker)."""
+    return base_env(PREFECT_HOME=str(STACK / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                    **exports(ctx), **extra)
+
+
+def _api(ctx: Ctx, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    """A request to the API with the stack's auth string."""
+    return request(method, f"{url(ctx)}{path}", body, auth=_auth(ctx))
+
+
+# --------------------------------------------------------------------------- server
+def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
+    """PREFECT_HOME; the server's command and environment."""
+    home = STACK / "prefect"
+    home.mkdir(exist_ok=True)
+    os.chmod(home, 0o700)
+    env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=postgresql.dsn(ctx, "prefect", driver="asyncpg"),
+        PREFECT_SERVER_API_AUTH_STRING=_auth(ctx),
+        PREFECT_API_AUTH_STRING=_auth(ctx),
+        PREFECT_SERVER_API_HOST=HOST,
+        PREFECT_SERVER_API_PORT=str(ctx.ports["prefect"]),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=url(ctx),
+    )
+    cmd = [PY, "-m", "prefect", "server", "start", "--host", HOST,
+           "--port", str(ctx.ports["prefect"])]
+    return cmd, env
+
+
+def _api_check(ctx: Ctx) -> str | None:
+    """The work pool, read with the auth string."""
+    code, _ = _api(ctx, "GET", f"/work_pools/{POOL}")
+    return None if code == 200 else f"work pool {POOL}: HTTP {code}"
+
+
+SERVER = HttpServer("prefect", url, _launch, _api_check)
+
+
+# --------------------------------------------------------------------------- pool, deployments
+def start_pool(ctx: Ctx) -> str:
+    """``up``: the process work pool ``rlfn-pool``, created when missing."""
+    code, _ = _api(ctx, "GET", f"/work_pools/{POOL}")
+    if code == 200:
+        return f"work pool {POOL} exists"
+    r = run_logged("prefect", [PY, "-m", "prefect", "work-pool", "create", POOL,
+                               "--type", "process"],
+                   env=_client_env(ctx), cwd=ctx.project_dir)
+    if r.returncode != 0:
+        raise StackError(f"prefect: could not create work pool {POOL} at {url(ctx)}; "
+                         f"read {rel(log_path('prefect'))}")
+    return f"work pool {POOL} created"
+
+
+def _expected_deployments(project: Path) -> list[str]:
+    """The names of the deployments in the project's prefect.yaml."""
+    import yaml
+
+    doc = yaml.safe_load((project / "prefect.yaml").read_text())
+    return [d["name"] for d in doc.get("deployments") or []]
+
+
+def _registered_deployments(ctx: Ctx) -> list[str]:
+    """The names of the deployments the server has on the pool (none when it does not answer)."""
+    code, data = _api(ctx, "POST", "/deployments/filter",
+                      {"work_pools": {"name": {"any_": [POOL]}}})
+    return [d["name"] for d in data] if code == 200 and isinstance(data, list) else []
+
+
+def start_deployments(ctx: Ctx) -> str:
+    """``up``: every deployment of the project's prefect.yaml on the pool (``prefect deploy
+    --all``, again when prefect.yaml or the project changed)."""
+    project = Path(ctx.project_dir)
+    want = _expected_deployments(project)
+    stamp = {"prefect.yaml": (project / "prefect.yaml").read_text(), "project": str(project)}
+    have = _registered_deployments(ctx)
+    if set(want) <= set(have) and read_json(RUN / "deployed.json") == stamp:
+        return f"{len(want)} deployments already on {POOL}"
+    env = _client_env(ctx, RLFN_PROJECT_DIR=str(project))
+    r = run_logged("deploy", [PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env,
+                   cwd=project, timeout=max(timeout_s(), 300))
+    have = _registered_deployments(ctx)
+    if r.returncode != 0 or not set(want) <= set(have):
+        missing = sorted(set(want) - set(have))
+        raise StackError(f"prefect deployments: `prefect deploy --all` in {project} failed "
+                         f"(missing: {', '.join(missing) or 'none'}); read "
+                         f"{rel(log_path('deploy'))}")
+    (RUN / "deployed.json").write_text(json.dumps(stamp) + "\n")
+    return f"{len(want)} deployments on {POOL} (prefect deploy --all)"
+
+
+# --------------------------------------------------------------------------- worker
+WORKER_NAME = "rlfn-stack-worker"
+
+
+def worker_where(ctx: Ctx) -> str:
+    """The pool the worker serves."""
+    return f"pool {POOL} at {url(ctx)}"
+
+
+def worker_row(ctx: Ctx) -> str:
+    """``status``'s text for the worker."""
+    return f"{WORKER_NAME} on {worker_where(ctx)}"
+
+
+def _worker_online(ctx: Ctx, since: float | None = None) -> bool:
+    """Whether the pool shows our worker online (with a heartbeat after ``since``, a time
+    stamp: the entry of a worker stopped a minute ago still reads ONLINE)."""
+    from datetime import datetime
+
+    code, workers = _api(ctx, "POST", f"/work_pools/{POOL}/workers/filter", {})
+    for w in workers if code == 200 and isinstance(workers, list) else []:
+        if w.get("name") != WORKER_NAME or w.get("status") != "ONLINE":
+            continue
+        if since is None:
+            return True
+        try:
+            beat = datetime.fromisoformat(w["last_heartbeat_time"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            continue
+        if beat >= since - 1:
+            return True
+    return False
+
+
+def worker_health(ctx: Ctx) -> str | None:
+    """``status``: None when the worker runs and the pool shows it online."""
+    if pid_of("worker") is None:
+        return "not running"
+    if ctx.sec is None:
+        return "no secrets"
+    if not _worker_online(ctx):
+        return f"pool {POOL} does not show {WORKER_NAME} online"
+    return None
+
+
+def start_worker(ctx: Ctx, client_exports: dict[str, str]) -> str:
+    """``up``: ``prefect worker start`` on the pool, in the project; its flow runs inherit
+    ``client_exports`` (the stack's clients)."""
+    where = worker_where(ctx)
+    if pid_of("worker") is not None and _worker_online(ctx):
+        return f"already up on {where}"
+    cmd = [PY, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+           "--name", WORKER_NAME]
+    env = _client_env(ctx, **{k: v for k, v in client_exports.items()
+                              if not k.startswith("PREFECT_")})
+    if os.environ.get("RLFN_STACK_WORKER_POLL_S"):  # how often it asks for flow runs (def. 10)
+        env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
+    limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
+    if limit:
+        if not limit.isdigit() or int(limit) < 1:
+            raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
+        cmd += ["--limit", limit]
+        env["RLFN_PROCESSES"] = limit  # its flow runs share the cores (rlfn.threads)
+    t = time.time()
+    p = spawn("worker", cmd, env, ctx.project_dir)
+    wait_until("worker", lambda: _worker_online(ctx, since=t), p, f"{where} (worker online)")
+    return f"started on {where}"

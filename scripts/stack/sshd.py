@@ -1,0 +1,156 @@
+"""The DVC remote ``stack``: a private sshd (key only) on ``HOST``, and this clone's default
+DVC remote over it (``.dvc/config.local``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from stack.core import (CLIENT_KEY, HOST, KNOWN_HOSTS, SSH, STACK, VENV_BIN, Ctx, StackError,
+                        base_env, log_path, rel, write_private)
+from stack.procs import pid_of, require_free, run_logged, spawn, wait_until
+
+NAME = "sshd"
+REMOTE_DIR = STACK / "dvc-remote"
+
+
+def _user() -> str:
+    """The OS user the remote logs in as: ours."""
+    import getpass
+
+    return getpass.getuser()
+
+
+def url(ctx: Ctx) -> str:
+    """Where the sshd listens, for our user."""
+    return f"ssh://{_user()}@{HOST}:{ctx.ports[NAME]}"
+
+
+def row(ctx: Ctx) -> str:
+    """``status``'s text for it."""
+    return f"{url(ctx)} (DVC remote 'stack': {REMOTE_DIR})"
+
+
+def _bin() -> str:
+    """sshd's path; as root on Debian, installed when missing."""
+    for cand in (shutil.which("sshd"), "/usr/sbin/sshd"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "openssh-server"]
+        r = run_logged(NAME, install, env=env, timeout=600)
+        if r.returncode != 0:  # a stale package list: update once, then again
+            run_logged(NAME, ["apt-get", "update", "-q"], env=env, timeout=600)
+            r = run_logged(NAME, install, env=env, timeout=600)
+        if r.returncode == 0 and os.access("/usr/sbin/sshd", os.X_OK):
+            return "/usr/sbin/sshd"
+    raise StackError(f"sshd: not installed and `apt-get install openssh-server` failed (needs "
+                     f"root and Debian's packages); read {rel(log_path(NAME))}")
+
+
+def _secure_path(p: Path) -> bool:
+    """sshd's StrictModes check of ``p``'s directories: each owned by root or us, not group- or
+    world-writable."""
+    for d in p.parents:
+        st = d.stat()
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return False
+    return True
+
+
+def _answers(ctx: Ctx) -> bool:
+    """Whether the client key logs in."""
+    cmd = ["ssh", "-F", "/dev/null", "-i", str(CLIENT_KEY), "-p", str(ctx.ports[NAME]),
+           "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+           "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
+           "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
+           f"{_user()}@{HOST}", "true"]
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def health(ctx: Ctx) -> str | None:
+    """``status``: None when it runs and lets the client key in."""
+    if pid_of(NAME) is None:
+        return "not running"
+    return None if _answers(ctx) else "does not let the client key in"
+
+
+def start(ctx: Ctx) -> str:
+    """``up``: keys, the DVC remote, then the sshd when it is not up."""
+    port = ctx.ports[NAME]
+    where = url(ctx)
+    exe = _bin()
+    SSH.mkdir(exist_ok=True)
+    os.chmod(SSH, 0o700)
+    REMOTE_DIR.mkdir(exist_ok=True)
+    host_key = SSH / "ssh_host_ed25519_key"
+    for key, comment in ((host_key, "rlfn-stack-host"), (CLIENT_KEY, "rlfn-stack-client")):
+        if not key.exists():
+            r = run_logged(NAME, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                                  "-f", str(key)])
+            if r.returncode != 0:
+                raise StackError(f"sshd: ssh-keygen failed; read {rel(log_path(NAME))}")
+    pub = CLIENT_KEY.with_suffix(".pub").read_text().strip()
+    write_private(SSH / "authorized_keys", f"restrict {pub}\n")
+    host_pub = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
+    KNOWN_HOSTS.write_text(f"[{HOST}]:{port} {host_pub}\n")
+    dvc_msg = _dvc_remote(ctx)
+    if pid_of(NAME) is not None and _answers(ctx):
+        return f"already up at {where}; {dvc_msg}"
+    require_free(ctx, NAME)
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # Debian's privilege separation dir
+    strict = "yes" if _secure_path(SSH / "authorized_keys") else "no"
+    conf = SSH / "sshd_config"
+    conf.write_text(
+        "# scripts/stack/sshd.py: the DVC remote's private sshd (key only, loopback)\n"
+        f"Port {port}\nListenAddress {HOST}\n"
+        f'HostKey "{host_key}"\nAuthorizedKeysFile "{SSH / "authorized_keys"}"\n'
+        "PidFile none\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitEmptyPasswords no\nHostbasedAuthentication no\nGSSAPIAuthentication no\n"
+        "UsePAM no\nPermitRootLogin prohibit-password\n"
+        f"AllowUsers {_user()}\n"
+        f"# StrictModes: yes unless a directory above the keys is group/world writable (/tmp)\n"
+        f"StrictModes {strict}\n"
+        "AllowTcpForwarding no\nAllowAgentForwarding no\nX11Forwarding no\nPermitTunnel no\n"
+        "PrintMotd no\nSubsystem sftp internal-sftp\n")
+    r = run_logged(NAME, [exe, "-t", "-f", str(conf)])
+    if r.returncode != 0:
+        raise StackError(f"sshd: its config {rel(conf)} is rejected (sshd -t); read "
+                         f"{rel(log_path(NAME))}")
+    p = spawn(NAME, [exe, "-D", "-e", "-f", str(conf)], base_env(), STACK)
+    wait_until(NAME, lambda: _answers(ctx), p, f"{where} (key login)")
+    return f"started at {where}; {dvc_msg}"
+
+
+def _dvc_remote(ctx: Ctx) -> str:
+    """This clone's default DVC remote ``stack`` (``.dvc/config.local``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("dvc_ssh") is None:
+        raise StackError("sshd: the DVC remote over SSH needs the dvc-ssh plugin, missing from "
+                         f"{VENV_BIN.parent}: pip install dvc-ssh")
+    project = Path(ctx.project_dir)
+    if not (project / ".dvc").is_dir():
+        return f"no DVC repo at {project}: remote not set"
+    remote = f"{url(ctx)}{REMOTE_DIR}"
+    cfg = project / ".dvc" / "config.local"
+    text = cfg.read_text() if cfg.exists() else ""
+    if f"url = {remote}" in text and f"keyfile = {CLIENT_KEY}" in text and "remote = stack" in text:
+        return f"dvc remote 'stack' set ({rel(cfg)})"
+    dvc = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else "dvc"
+    for cmd in ([dvc, "remote", "add", "--local", "-d", "-f", "stack", remote],
+                [dvc, "remote", "modify", "--local", "stack", "keyfile", str(CLIENT_KEY)]):
+        r = run_logged(NAME, cmd, env=base_env(), cwd=project, timeout=120)
+        if r.returncode != 0:
+            raise StackError(f"sshd: `{' '.join(cmd[1:3])}` for remote 'stack' failed in "
+                             f"{project}; read {rel(log_path(NAME))}")
+    return f"dvc remote 'stack' set as default ({rel(cfg)})"

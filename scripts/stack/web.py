@@ -1,0 +1,75 @@
+"""HTTP: one request (``request``), and ``HttpServer``, the start and health check of a daemon
+of ours that serves HTTP with an open ``/health`` (the MLflow and Prefect servers)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+from stack.core import STACK, Ctx
+from stack.procs import pid_of, require_free, spawn, wait_until
+
+
+def request(method: str, url: str, body: dict | None = None,
+            auth: tuple[str, str] | str | None = None,
+            timeout: float = 5) -> tuple[int, object]:
+    """(status, decoded JSON or text); status 0 when nothing answered."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if auth is not None:
+        raw = auth if isinstance(auth, str) else f"{auth[0]}:{auth[1]}"
+        headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return 0, None
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@dataclass(frozen=True)
+class HttpServer:
+    """Daemon ``name`` serving HTTP at ``url(ctx)``, ``<url>/health`` open to anyone:
+    ``launch(ctx)`` prepares its files and gives its command and environment; ``api_check(ctx)``
+    makes a request that needs the stack's login (None when it works, else what is wrong)."""
+
+    name: str
+    url: Callable[[Ctx], str]
+    launch: Callable[[Ctx], tuple[list[str], dict[str, str]]]
+    api_check: Callable[[Ctx], str | None]
+
+    def answers(self, ctx: Ctx) -> bool:
+        """Whether ``<url>/health`` answers HTTP 200."""
+        return request("GET", f"{self.url(ctx)}/health", timeout=3)[0] == 200
+
+    def start(self, ctx: Ctx) -> str:
+        """``up``: nothing when it runs and answers, else start it and wait for its health."""
+        url = self.url(ctx)
+        if pid_of(self.name) is not None and self.answers(ctx):
+            return f"already up at {url}"
+        require_free(ctx, self.name)
+        cmd, env = self.launch(ctx)
+        p = spawn(self.name, cmd, env, STACK)
+        wait_until(self.name, lambda: self.answers(ctx), p, f"{url}/health")
+        return f"started at {url}"
+
+    def health(self, ctx: Ctx) -> str | None:
+        """``status``: None when it runs, answers and takes the login; else what is wrong."""
+        if pid_of(self.name) is None:
+            return "not running"
+        if not self.answers(ctx):
+            return f"{urlsplit(self.url(ctx)).path}/health does not answer"
+        if ctx.sec is None:
+            return "no secrets"
+        return self.api_check(ctx)
