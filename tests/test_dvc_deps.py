@@ -1,149 +1,65 @@
-"""Every DVC stage lists as deps every project file its command imports.
+"""Every DVC stage lists as deps every project file its command imports, and no other.
 
-For each stage of ``dvc.yaml`` and ``experiments/dvc.yaml`` (resolved by DVC itself, so
-``foreach`` and ``${...}`` are expanded as ``dvc repro`` sees them), the transitive closure
-of the project modules imported by the stage's ``python -m MODULE`` (every ``import`` in
-the source, including those inside functions, and the packages' ``__init__.py``) must be
-covered by the stage's deps (a file, or a folder holding it). A test that plants a missing
-dep shows the check can fail.
+The closure logic lives in ``scripts/stage_deps.py``: for each stage of ``dvc.yaml`` and
+``experiments/dvc.yaml`` (resolved by DVC itself, so ``foreach`` and ``${...}`` are expanded as
+``dvc repro`` sees them), the transitive closure of the project modules imported by the
+stage's ``python -m MODULE`` (every ``import`` in the source, including those inside
+functions, and the packages' ``__init__.py``) must be covered by the stage's deps (a file, or a
+folder holding it), and ``--check`` finds the generated code deps in place, nothing missing
+and nothing stale. Planted drift shows both checks can fail, and ``--write`` mends it.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 import re
-import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("rlfn", "pipeline")
+SCRIPT = ROOT / "scripts" / "stage_deps.py"
+
+_spec = importlib.util.spec_from_file_location("stage_deps", SCRIPT)
+stage_deps = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses
+_spec.loader.exec_module(stage_deps)
 
 
-def _module_file(root: Path, name: str) -> Path | None:
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    base = root.joinpath(*parts)
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _imports(root: Path, name: str, path: Path) -> set[str]:
-    """Project modules ``name`` (at ``path``) imports, anywhere in its source."""
-    tree = ast.parse(path.read_text(), str(path))
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
-    found: set[str] = set()
-
-    def add(mod: str) -> None:
-        parts = mod.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/ and a/b/ __init__ too
-            if _module_file(root, ".".join(parts[:i])):
-                found.add(".".join(parts[:i]))
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                add(a.name)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            add(mod)
-            for a in node.names:  # `from pkg import submodule`
-                if _module_file(root, f"{mod}.{a.name}"):
-                    add(f"{mod}.{a.name}")
-    return found
-
-
-def import_closure(root: Path, module: str) -> set[Path]:
-    """Files of every project module that running ``python -m module`` imports."""
-    start = [module]
-    if (root.joinpath(*module.split(".")) / "__main__.py").is_file():
-        start.append(f"{module}.__main__")
-    todo, seen = [], set()
-    for m in start:
-        parts = m.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    files: set[Path] = set()
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        f = _module_file(root, m) or (root.joinpath(*m.split(".")).with_suffix(".py")
-                                      if m.endswith("__main__") else None)
-        if f is None or not f.is_file():
-            continue
-        files.add(f.relative_to(root))
-        todo += sorted(_imports(root, m, f) - seen)
-    return files
-
-
-def _command_module(cmd: str) -> str | None:
-    words = shlex.split(cmd)
-    for i, w in enumerate(words[:-1]):
-        if w == "-m":
-            return words[i + 1]
-    return None
-
-
-def stages(root: Path) -> list[tuple[str, str, list[Path]]]:
-    """(name, cmd, deps relative to root) of every stage DVC finds in ``root``."""
-    from dvc.repo import Repo
-
-    out = []
-    with Repo(str(root)) as repo:
-        for st in repo.index.stages:
-            if not st.cmd:
-                continue
-            deps = [Path(d.fs_path).resolve().relative_to(root.resolve()) for d in st.deps]
-            cmd = st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd)
-            out.append((st.addressing, cmd, deps))
-    return out
-
-
-def missing_deps(root: Path) -> dict[str, list[str]]:
-    """{stage: [imported project files not covered by its deps]} (stages with none left out)."""
-    out = {}
-    for name, cmd, deps in stages(root):
-        module = _command_module(cmd)
-        if module is None:
-            continue
-        need = import_closure(root, module)
-        missing = sorted(str(f) for f in need
-                         if not any(f == d or d in f.parents for d in deps))
-        if missing:
-            out[name] = missing
-    return out
+@pytest.fixture
+def project(tmp_path):
+    """A copy of what DVC and the closure read: the code, params and the dvc.yaml files."""
+    proj = tmp_path / "proj"
+    for rel in ("rlfn", "pipeline", "params.yaml", "dvc.yaml", "experiments", ".dvc/config"):
+        src, dst = ROOT / rel, proj / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    return proj
 
 
 def test_every_stage_command_runs_python_m():
     """The check reads module imports: a stage whose command is not `python -m` would slip."""
-    found = stages(ROOT)
+    found = stage_deps.stages(ROOT)
     assert len(found) >= 10, found  # 9 default stages (3 training) + tune + ablate
-    for name, cmd, _ in found:
-        assert _command_module(cmd), f"{name}: command {cmd!r} is not `python -m MODULE`"
+    for st in found:
+        assert stage_deps.command_module(st.cmd), \
+            f"{st.addressing}: command {st.cmd!r} is not `python -m MODULE`"
 
 
 def test_every_stage_lists_every_project_file_it_imports():
-    missing = missing_deps(ROOT)
+    missing = stage_deps.missing_deps(ROOT)
     assert not missing, "stages missing deps on files they import:\n" + "\n".join(
         f"  {s}: {', '.join(f)}" for s, f in missing.items())
 
 
 def test_closure_follows_imports_inside_functions_and_packages():
-    files = import_closure(ROOT, "pipeline.train")
+    files = stage_deps.import_closure(ROOT, "pipeline.train")
     for f in ("pipeline/__init__.py", "pipeline/train.py", "pipeline/_common.py",
               "rlfn/__init__.py", "rlfn/train/__init__.py", "rlfn/train/engine.py",
               "rlfn/infer.py", "rlfn/errors.py"):
@@ -152,24 +68,61 @@ def test_closure_follows_imports_inside_functions_and_packages():
     assert any(str(f).startswith("pipeline/mlflow_registry/") for f in files)
 
 
+def test_generated_deps_add_read_files_and_use_a_folder_only_when_exact():
+    train = stage_deps.code_deps(ROOT, "pipeline.train")
+    promote = stage_deps.code_deps(ROOT, "pipeline.promote")
+    # rlfn/bicubic_native.py compiles the C file beside it: read, not imported
+    assert "rlfn/_bicubic.c" in train and "rlfn/_bicubic.c" in promote
+    # training imports every file of rlfn/train; promote only its config
+    assert "rlfn/train" in train and not any(p.startswith("rlfn/train/") for p in train)
+    assert {"rlfn/train/__init__.py", "rlfn/train/config.py"} <= set(promote)
+    assert "rlfn/train" not in promote
+    # the registry package: imported, and model_code.py read by pyfunc.py (models from code)
+    assert "pipeline/mlflow_registry" in train
+
+
+def test_check_passes_on_the_real_tree():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--check"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.timeout(120)
-def test_a_planted_missing_dep_is_found(tmp_path):
-    proj = tmp_path / "proj"
-    for rel in ("rlfn", "pipeline", "params.yaml", "dvc.yaml", "experiments", ".dvc/config",
-                "data/sample"):
-        src, dst = ROOT / rel, proj / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    assert missing_deps(proj) == {}
-    dvc_yaml = proj / "dvc.yaml"
+def test_a_planted_missing_dep_is_found(project):
+    assert stage_deps.missing_deps(project) == {}
+    dvc_yaml = project / "dvc.yaml"
     text, n = re.subn(r"(?m)^ *- rlfn/infer\.py\n", "", dvc_yaml.read_text(), count=1)
     assert n == 1
     dvc_yaml.write_text(text)  # the first stage that lists it: the training stages' template
-    missing = missing_deps(proj)
+    missing = stage_deps.missing_deps(project)
     assert sorted(name.rsplit(":", 1)[-1] for name in missing) == [
         "train_stage@1", "train_stage@2", "train_stage@3"], missing
     assert all(files == ["rlfn/infer.py"] for files in missing.values()), missing
+
+
+@pytest.mark.timeout(120)
+def test_check_names_planted_drift_and_write_mends_it(project, capsys):
+    dvc_yaml = project / "dvc.yaml"
+    original = dvc_yaml.read_text()
+    # a dep removed (from the training stages' template) and a stale one added to evaluate
+    text, n = re.subn(r"(?m)^ *- rlfn/infer\.py\n", "", original, count=1)
+    text, m = re.subn(r"(?m)^(  evaluate:\n(?:    .*\n)*?(?P<i> *)- pipeline/evaluate\.py\n)",
+                      r"\g<1>\g<i>- rlfn/cli.py\n", text, count=1)
+    assert n == m == 1
+    dvc_yaml.write_text(text)
+
+    assert stage_deps.main(["--check", "--root", str(project)]) == 1
+    out = capsys.readouterr().out
+    assert dvc_yaml.read_text() == text  # --check writes nothing
+    lines = sorted(out.splitlines())
+    assert lines == [
+        "dvc.yaml:evaluate: no longer imported rlfn/cli.py;",
+        "dvc.yaml:train_stage@1: missing rlfn/infer.py;",
+        "dvc.yaml:train_stage@2: missing rlfn/infer.py;",
+        "dvc.yaml:train_stage@3: missing rlfn/infer.py;",
+    ], out
+
+    assert stage_deps.main(["--write", "--root", str(project)]) == 0
+    assert dvc_yaml.read_text() == original  # everything else kept byte for byte
+    capsys.readouterr()
+    assert stage_deps.main(["--check", "--root", str(project)]) == 0
