@@ -79,7 +79,8 @@ def bench_model(weights: Path, backends: list[str], device: str, args) -> list[d
             print(f"  {name:<14} skipped: {e}", flush=True)
             continue
         t0 = time.perf_counter()
-        engine = make_engine(load_model(weights).model, name, device)
+        engine = make_engine(load_model(weights).model, name, device,
+                             calibration=args.calibration)
         if args.throughput_only:
             row.update(setup_s=time.perf_counter() - t0)
             rows += throughput_rows(engine, weights, name, device, args)
@@ -265,6 +266,9 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=None, help="default: all for the device")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--input-dir", default=str(SHARED / "data" / "div2k_test_lr_x4"))
+    ap.add_argument("--calibration", default=str(ROOT / "data" / "sample" / "train"),
+                    help="int8 calibration data: a patch store .arrow or a folder of HR "
+                         "training images (default: the embedded sample data/sample/train)")
     ap.add_argument("--max-images", type=int, default=20, help="0 = all 100")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--passes", type=int, default=1,

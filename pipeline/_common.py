@@ -52,12 +52,15 @@ def _mlflow_section(prm: Any) -> dict:
     return dict((prm or {}).get("mlflow") or {})
 
 
-def tracking_uri(prm: Any = None) -> str:
+def tracking_uri(prm: Any = None, root: str | Path = ".") -> str:
+    """The one tracking-URI rule (the stages, ``rlfn lineage`` through ``pipeline.lineage``):
+    ``MLFLOW_TRACKING_URI``, else the SQLite store ``mlflow.db`` of params (``prm``), a path
+    relative to the project folder ``root`` (the working directory, where stages run)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     db = _mlflow_section(prm).get("db", "mlflow.db")
-    return f"sqlite:///{Path(db).resolve()}"
+    return f"sqlite:///{(Path(root) / db).resolve()}"
 
 
 def main(flow: Callable[..., Any], *args: Any,

@@ -13,6 +13,8 @@ Pareto (``profile.pareto``): the official weights listed there (files that are a
 skipped with a note), every warm-start stage's model and every registered version of ``rlfn-x<scale>``
 (deduplicated by weights sha256) are each scored on the listed sets (absent sets skipped)
 and timed on the first ``pareto.max_images`` LR images with ``pareto.backend``.
+``pareto.extra_backends`` adds the final model with other (lossy) backends; int8 is
+calibrated on the patch store of the model's scale (``patches.out``, a dep of this stage).
 ``plots/pareto.csv`` (a DVC plot) and ``plots/pareto.png``; both logged to MLflow.
 The registry is read as it is at run time: DVC does not track it, so a version registered
 since the last run is picked up on the next change to this stage's inputs (or
@@ -123,14 +125,16 @@ def _backend_candidates(s: Settings) -> list[dict]:
 
 @task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
 def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict,
-                 timed: dict | None = None) -> tuple[list[dict], dict]:
+                 timed: dict | None = None,
+                 calibration: str | None = None) -> tuple[list[dict], dict]:
     """One model's rows (a row per set) and its runtime. A CNN's runtime depends on its
     architecture and backend, not on its weights: ``timed`` ((architecture, backend) ->
     runtime) has the ones already timed in this chart (every stage and registered version of
-    one architecture is timed once). ``c["backend"]``: another backend than ``pp.backend``."""
+    one architecture is timed once). ``c["backend"]``: another backend than ``pp.backend``.
+    ``calibration``: the int8 backend's calibration data (the patch store)."""
     loaded = load_model(c["path"], scale=scale)
     backend = c.get("backend") or pp.backend
-    engine = make_engine(loaded.model, backend, "cpu")
+    engine = make_engine(loaded.model, backend, "cpu", calibration=calibration)
     key = f"{loaded.name}/{backend}"
     rt = (timed or {}).get(key)
     if rt is None:
@@ -164,7 +168,8 @@ def pareto(s: Settings) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="rlfn-registry-") as tmp:
         rows, timed = [], {}
         for c in _candidates(s, Path(tmp)) + _backend_candidates(s):
-            more, rt = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed)
+            more, rt = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed,
+                                    calibration=str(s.patches.store(s.scale)))
             rows += more
             timed.update(rt)
     for set_name in sets:

@@ -1,7 +1,7 @@
 """MATLAB-exact bicubic resizing (``imresize(I, scale, 'bicubic')``) for torch tensors.
 
 What MATLAB does, and therefore what this module does (each point is checked against the
-MATLAB-made LR files in ``../shared/data/benchmarks`` by ``tests/test_bicubic.py``):
+MATLAB-made LR files of the reference data's benchmark sets by ``tests/test_bicubic.py``):
 
 * Keys' cubic kernel (a = -0.5), widened by ``1/scale`` when downscaling (antialiasing).
 * Output size is ``ceil(in * scale)``; sample ``i`` (1-based) sits at

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,28 +69,48 @@ def _load(model: str, scale: int):
     return load_model(model, scale=scale, device="cpu")
 
 
-def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=None):
+def _calibration(given: str | None, int8: bool, option: str = "--backend int8") -> Path | None:
+    """The int8 calibration source: ``--calibration``, else ``$RLFN_INT8_CALIBRATION``; checked
+    (given, present, not an evaluation set) before any work. ``None`` when int8 is not run
+    (``--calibration`` is then refused: it would do nothing)."""
+    from .quant import CALIBRATION_ENV, CALIBRATION_KINDS, calibration_source
+
+    if not int8:
+        if given is not None:
+            raise UsageError("--calibration", f"is an {option} option")
+        return None
+    source = given if given is not None else os.environ.get(CALIBRATION_ENV) or None
+    if source is None:
+        raise UsageError("--calibration", f"not given, and {CALIBRATION_ENV} is not set: int8 "
+                                          f"is calibrated on training data ({CALIBRATION_KINDS})")
+    return calibration_source(source)
+
+
+def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=None,
+            calibration: str | None = None):
     """``model`` (or the already ``loaded`` one) in an inference engine; errors first."""
     from .infer import BackendError, make_engine
 
     _check_backend(backend, device)
+    calib = _calibration(calibration, backend == "int8")
     loaded = loaded or _load(model, scale)
     try:
-        return make_engine(loaded.model, backend, device), loaded
+        return make_engine(loaded.model, backend, device, calibration=calib), loaded
     except BackendError as e:
         raise UsageError(f"--backend {backend}", e.reason) from None
 
 
 def _load_upscaler(model: str, scale: int, device: torch.device, tile: int | None,
-                   overlap: int, backend: str = "eager"):
+                   overlap: int, backend: str = "eager", calibration: str | None = None):
     from .upscale import BicubicUpscaler, ModelUpscaler
 
     if model == "bicubic":
         if backend != "eager":
             raise UsageError(f"--backend {backend}", "bicubic has no backends (it is not a "
                                                      "model)")
+        _calibration(calibration, False)
         return BicubicUpscaler(scale), "bicubic"
-    engine, loaded = _engine(model, scale, device, backend)
+    engine, loaded = _engine(model, scale, device, backend, calibration=calibration)
     if tile not in (None, 0, "auto") and not engine.supports_grid:
         raise UsageError(f"--backend {backend}", f"cannot run tiled (--tile {tile}): ESA's "
                          "whole-image grid needs PyTorch; use eager, channels_last or bf16, or "
@@ -128,7 +149,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_folder
 
     upscaler, name = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
-                                    args.overlap, args.backend)
+                                    args.overlap, args.backend, args.calibration)
     report = evaluate_folder(upscaler, args.hr, args.lr, progress=not args.quiet)
     for n in report.notes:
         _note(n)
@@ -159,7 +180,7 @@ def cmd_upscale(args) -> int:
     if batch < 1:
         raise UsageError(f"--batch {batch}", "must be >= 1 (images or tiles per forward pass)")
     upscaler, _ = _load_upscaler(args.model, args.scale, _device(args.device), args.tile,
-                                 args.overlap, args.backend)
+                                 args.overlap, args.backend, args.calibration)
     errors: list = []
     files = list_images(args.inputs, errors)
     for e in errors:
@@ -255,22 +276,24 @@ def cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------- profile
-# The challenge timed these 100 images; without ../shared the embedded sample stands in.
-_PROJECT = Path(__file__).resolve().parents[1]
-CHALLENGE_LR_DIR = Path("../shared/data/div2k_test_lr_x4")
-SAMPLE_LR_DIR = Path("data/sample/train")
+# The folder `rlfn profile` times when --input-dir is not given (a user contract; nothing is
+# looked up in the working directory or beside the package).
+PROFILE_INPUT_ENV = "RLFN_PROFILE_INPUT_DIR"
 
 
-def _default_profile_dir() -> Path:
-    for d in (CHALLENGE_LR_DIR, _PROJECT.parent / "shared" / "data" / "div2k_test_lr_x4"):
-        if d.is_dir():
-            return d
-    for d in (SAMPLE_LR_DIR, _PROJECT / SAMPLE_LR_DIR):
-        if d.is_dir():
-            _note(f"{CHALLENGE_LR_DIR} not found: timing the embedded sample {d}")
-            return d
-    raise UsageError("--input-dir", f"not given, and neither {CHALLENGE_LR_DIR} nor "
-                                    f"{SAMPLE_LR_DIR} exists here")
+def _profile_dir(given: str | None) -> Path:
+    """``--input-dir``, else ``$RLFN_PROFILE_INPUT_DIR``; a folder, checked before any work."""
+    if given is None:
+        given = os.environ.get(PROFILE_INPUT_ENV) or None
+        if given is None:
+            raise UsageError("--input-dir", f"not given, and {PROFILE_INPUT_ENV} is not set: "
+                                            f"name the folder of LR images to time")
+        where = f"{PROFILE_INPUT_ENV}={given}"
+    else:
+        where = f"--input-dir {given}"
+    if not Path(given).is_dir():
+        raise UsageError(where, "not a directory")
+    return Path(given)
 
 
 def cmd_profile(args) -> int:
@@ -279,11 +302,9 @@ def cmd_profile(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
-    input_dir = _default_profile_dir() if args.input_dir is None else Path(args.input_dir)
-    if not input_dir.is_dir():
-        raise UsageError(f"--input-dir {input_dir}", "not a directory")
-    loaded = _load(args.model, args.scale)
-    engine, loaded = _engine(args.model, args.scale, device, args.backend, loaded)
+    input_dir = _profile_dir(args.input_dir)
+    engine, loaded = _engine(args.model, args.scale, device, args.backend,
+                             calibration=args.calibration)
     try:
         report = profile_report(loaded.model, engine, input_dir, args.max_images, args.warmup)
     except ValueError as e:
@@ -318,8 +339,7 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if args.int8:
         return _export_int8(args, out)
-    if args.calibration is not None:
-        raise UsageError("--calibration", "is an --int8 option")
+    _calibration(args.calibration, False, "--int8")
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"-o {out}", "the output file must end in .onnx")
     if out.is_dir():
@@ -343,7 +363,6 @@ def cmd_export(args) -> int:
 def _export_int8(args, out: Path) -> int:
     """The int8 OpenVINO IR (rlfn.quant): MODEL.xml + MODEL.bin, copied from the cache."""
     import importlib.util
-    import os
     import shutil
 
     if out.suffix.lower() != ".xml":
@@ -358,10 +377,10 @@ def _export_int8(args, out: Path) -> int:
     if missing:
         raise UsageError("export --int8", f"needs the Python package(s) {', '.join(missing)} "
                                           f"(pip install 'rlfn-pipeline[infer]')")
-    from .quant import calibration_source, int8_model
+    from .quant import int8_model
 
+    calib = _calibration(args.calibration, True)
     loaded = _load(args.model, args.scale)
-    calib = calibration_source(loaded.model.scale, args.calibration)
     xml = int8_model(loaded.model.eval(), calibration=calib)
     out.parent.mkdir(parents=True, exist_ok=True)
     for src, dst in ((xml.with_suffix(".bin"), out.with_suffix(".bin")), (xml, out)):
@@ -400,8 +419,19 @@ def _check_int8(model, xml: Path, calib: Path) -> str:
 # --------------------------------------------------------------------------- lineage
 def cmd_lineage(args) -> int:
     """A registered version's lineage: figures, run, commit, params hash, repro, and each
-    recorded data hash checked against this workspace (present / differs / missing)."""
-    from .lineage import format_report, lineage_report
+    recorded data hash checked against this workspace (present / differs / missing).
+
+    The report is the orchestration layer's (``pipeline.lineage``: MLflow, params.yaml's
+    tracking store): this function is the library's one entry into ``pipeline``, imported
+    only when the command runs (tests/test_layering.py allows exactly this import)."""
+    try:
+        from pipeline.lineage import format_report, lineage_report
+    except ModuleNotFoundError as e:
+        if e.name != "pipeline":
+            raise
+        raise UsageError("lineage", "needs the project's pipeline package, not importable "
+                                    "here: (re)install the project with its [pipeline] extra "
+                                    "(pip install -e '.[pipeline]')") from None
 
     rep = lineage_report(args.model, root=args.root, tracking_uri=args.tracking_uri)
     if args.json:
@@ -436,6 +466,14 @@ def _tile(text: str):
     return v
 
 
+def _calibration_option(parser: argparse.ArgumentParser, option: str = "--backend int8"):
+    from .quant import CALIBRATION_ENV, CALIBRATION_KINDS
+
+    parser.add_argument("--calibration", default=None, metavar="PATH",
+                        help=f"{option} calibration data: {CALIBRATION_KINDS} (required with "
+                             f"{option} unless {CALIBRATION_ENV} names it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlfn", description="RLFN super-resolution: "
                                 "MATLAB-exact bicubic, evaluation and inference.")
@@ -461,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlap", type=int, default=64)
     e.add_argument("--backend", default="eager", choices=None, metavar="NAME",
                    help=f"inference backend: {', '.join(backend_names())} (default eager)")
+    _calibration_option(e)
     e.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("upscale", help="super-resolve image files or folders")
@@ -478,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--batch", type=int, default=1, metavar="N",
                    help="run up to N same-size images (or same-size tiles) per forward pass "
                         "(default 1: one at a time); outputs are the same files")
+    _calibration_option(u)
     u.set_defaults(func=cmd_upscale)
 
     m = sub.add_parser("manifest", help="build or update the validated Parquet manifest of "
@@ -513,9 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "runtime and peak memory")
     pr.add_argument("--model", required=True, help="weights file")
     pr.add_argument("--scale", type=_scale, required=True)
-    pr.add_argument("--input-dir", default=None,
-                    help=f"LR images to time (default: {CHALLENGE_LR_DIR}, the 100 DIV2K test "
-                         f"LR images the challenge timed; without it {SAMPLE_LR_DIR})")
+    pr.add_argument("--input-dir", default=None, metavar="DIR",
+                    help=f"the folder of LR images to time (required unless "
+                         f"{PROFILE_INPUT_ENV} names it; the challenge timed the 100 DIV2K "
+                         f"test LR images)")
     pr.add_argument("--max-images", type=int, default=0, help="time only the first N (0: all)")
     pr.add_argument("--warmup", type=int, default=2)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
@@ -524,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads (0: auto, the cores this process has that other "
                          "processes are not using; see rlfn.threads)")
     pr.add_argument("--json", metavar="OUT.json")
+    _calibration_option(pr)
     pr.set_defaults(func=cmd_profile)
 
     x = sub.add_parser("export", help="export a model to ONNX (dynamic height/width), or "
@@ -535,10 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--int8", action="store_true",
                    help="write the int8 model of the 'int8' backend (OpenVINO IR, MODEL.xml + "
                         "MODEL.bin; NNCF static quantization, cached by the weights' sha256)")
-    x.add_argument("--calibration", default=None, metavar="PATH",
-                   help="--int8 calibration data: a patch store .arrow or a folder of HR "
-                        "training images (default: data/patches/x<scale>.arrow, else "
-                        "data/sample/train)")
+    _calibration_option(x, "--int8")
     x.add_argument("--no-check", action="store_true",
                    help="skip the check of the written file against PyTorch")
     x.set_defaults(func=cmd_export)
@@ -548,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION "
                     "or NAME/VERSION")
     ln.add_argument("--tracking-uri", default=None, metavar="URI",
-                    help="default: MLFLOW_TRACKING_URI, else the project's mlflow.db "
-                         "(params.yaml's mlflow.db)")
+                    help="default: MLFLOW_TRACKING_URI, else the pipeline's SQLite store "
+                         "(params.yaml's mlflow.db under --root)")
     ln.add_argument("--root", default=".", metavar="DIR",
                     help="the workspace whose files are compared (default: .)")
     ln.add_argument("--json", action="store_true", help="print the report as JSON")

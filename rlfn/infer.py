@@ -33,10 +33,11 @@ up to 255, where bf16's 8-bit mantissa steps by 1.0, so a bf16 tail alone costs 
 with it in fp32 the loss is ~0.001 dB (the body, ~93% of the MACs, still runs in bf16).
 
 int8 (``rlfn.quant``) quantizes only the body's 3x3 convs (80-85% of the MACs; SmoothQuant
-scales on their inputs), after static calibration on the project's training data; the head,
-the residual adds, ESA and the tail stay fp32. The quantized model is cached
-by the weights' sha256 (``rlfn.quant.int8_model``). It needs a CPU with int8 dot products
-(AVX512-VNNI, AVX-VNNI or AMX) and the ``nncf`` package.
+scales on their inputs), after static calibration on training data the caller names
+(``make_engine(..., calibration=SOURCE)``, required for int8: a patch store ``.arrow`` or a
+folder of HR training images); the head, the residual adds, ESA and the tail stay fp32. The
+quantized model is cached by the weights' sha256 (``rlfn.quant.int8_model``). It needs a CPU
+with int8 dot products (AVX512-VNNI, AVX-VNNI or AMX) and the ``nncf`` package.
 
 Errors come before any work, as one-line ``BackendError``s: an unknown backend, a backend
 whose package is not installed, a GPU asked for where none exists, a backend that does not
@@ -534,12 +535,15 @@ class Int8Engine(OpenVinoEngine):
 
     name = "int8"
 
-    def __init__(self, model, device):
-        from .quant import int8_model
+    def __init__(self, model, device, calibration=None):
+        from .quant import CALIBRATION_KINDS, int8_model
 
+        if calibration is None:
+            raise BackendError("int8", f"needs calibration data (make_engine(..., "
+                                       f"calibration=...): {CALIBRATION_KINDS})")
         Engine.__init__(self, model, device)
         self.threads = torch.get_num_threads()
-        self.model_path = int8_model(model)
+        self.model_path = int8_model(model, calibration=calibration)
         self._load(self.model_path)
 
 
@@ -551,13 +555,18 @@ assert set(_ENGINES) == set(BACKENDS)
 
 
 def make_engine(model: nn.Module, backend: str = "eager",
-                device: str | torch.device | None = None) -> Engine:
+                device: str | torch.device | None = None, *,
+                calibration: str | Path | None = None) -> Engine:
     """``model`` (fp32, as loaded) ready to run with ``backend`` on ``device`` (default: where
-    the model's weights are). The model is moved/converted; pass a copy to keep the original."""
+    the model's weights are). The model is moved/converted; pass a copy to keep the original.
+    ``calibration``: the int8 backend's calibration data (``rlfn.quant``; required there, a
+    ``BackendError`` before any work without it), unused by the other backends."""
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     check_backend(backend, device)
+    if backend == Int8Engine.name:
+        return Int8Engine(model.to(device).float().eval(), device, calibration)
     return _ENGINES[backend](model.to(device).float().eval(), device)
 
 

@@ -2,7 +2,7 @@
 
 * Y is MATLAB's ``rgb2ycbcr`` luma: ``16 + (65.481 R + 128.553 G + 24.966 B)/255`` of the uint8
   RGB values, kept in float64 (not rounded back to uint8). This is what the official RLFN /
-  BasicSR evaluation does, and it reproduces ../shared/data/reference_metrics.json to 1e-4 dB;
+  BasicSR evaluation does, and it reproduces the reference data's metrics to 1e-4 dB;
   rounding Y to uint8 (MATLAB on uint8 arrays) reads 0.01-0.09 dB lower.
 * ``border`` pixels (the scale, by convention) are cropped from every side.
 * PSNR: ``10 log10(255^2 / MSE)``. SSIM: Wang et al. with an 11x11 Gaussian window

@@ -1,6 +1,6 @@
 """int8 post-training static quantization of RLFN for the CPU (the ``int8`` backend).
 
-``int8_model(model)`` returns the path of an OpenVINO IR (``model.xml`` + ``model.bin``) in
+``int8_model(model, calibration=SOURCE)`` returns the path of an OpenVINO IR (``model.xml`` + ``model.bin``) in
 which the body's 3x3 convolutions (``c1_r``, ``c2_r``, ``c3_r`` of every block: 80-85% of the
 MACs) run in int8 (VNNI/AMX) and everything else in fp32: the head conv, the residual adds
 and the 1x1 ``c5`` (quantizing the residual stream's adds costs 0.15-0.6 dB), ESA,
@@ -8,12 +8,17 @@ and the 1x1 ``c5`` (quantizing the residual stream's adds costs 0.15-0.6 dB), ES
 of the int8 convs get SmoothQuant's per-channel scales (alpha 0.5: half of each channel's
 range moves into the conv's weights), which evens out the residual stream's channels before
 per-tensor int8. The quantizer is NNCF (``nncf.quantize`` on the OpenVINO model of the
-ONNX export), calibrated on LR crops of the project's own training data, never on the
-evaluation sets:
+ONNX export), calibrated on LR crops of training data the caller names (``calibration``,
+required: the library never guesses where a project keeps its data), never on the evaluation
+sets:
 
 * a patch store (``.arrow``, ``rlfn.data.patches``): LR crops of its records, or
-* a folder of HR training images (default ``data/sample/train``): each degraded with the
-  project's MATLAB-exact bicubic (``rlfn.bicubic.downscale``), then cropped.
+* a folder of HR training images: each degraded with the project's MATLAB-exact bicubic
+  (``rlfn.bicubic.downscale``), then cropped.
+
+The pipeline's profile stage passes its patch store (params.yaml ``patches.out``); the
+``rlfn`` command ``--calibration`` or ``$RLFN_INT8_CALIBRATION`` (``CALIBRATION_ENV``, read by
+the command, not here).
 
 Which convs run in int8 is ``INT8_LAYERS`` (module names from the export's scope metadata);
 the other settings are ``SETTINGS``. Measured on Set5/B100 x4 against eager fp32 and on the
@@ -51,10 +56,8 @@ from . import cache_dir
 from .errors import ConfigError, DataError
 
 __all__ = ["SETTINGS", "INT8_LAYERS", "QuantError", "weights_sha256", "cache_dir",
-           "calibration_source", "calibration_crops", "int8_model", "quantize_onnx",
+           "CALIBRATION_ENV", "calibration_source", "calibration_crops", "int8_model", "quantize_onnx",
            "cpu_has_int8_dot"]
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # The convs quantized to int8: the three 3x3 convs of each RLFB.
 INT8_LAYERS = r"^block_\d+\.c[123]_r$"
@@ -76,7 +79,9 @@ SETTINGS = {
     "seed": 0,
 }
 
+# The variable the ``rlfn`` command reads when ``--calibration`` is not given (a user contract).
 CALIBRATION_ENV = "RLFN_INT8_CALIBRATION"
+CALIBRATION_KINDS = "a patch store .arrow or a folder of HR training images"
 EVAL_SET_NAMES = {"set5", "set14", "b100", "bsd100", "urban100", "manga109", "benchmarks"}
 
 
@@ -106,25 +111,18 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- calibration
-def calibration_source(scale: int, source: str | Path | None = None) -> Path:
-    """Where calibration crops come from: ``source``, else ``$RLFN_INT8_CALIBRATION``, else
-    the patch store ``data/patches/x<scale>.arrow``, else ``data/sample/train`` (looked up in
-    the working directory, then in the project). Evaluation sets are refused."""
-    if source is None:
-        source = os.environ.get(CALIBRATION_ENV) or None
-    if source is not None:
-        path = Path(source)
-        if not path.exists():
-            raise QuantError(path, "int8 calibration source not found (a patch store .arrow "
-                                   "or a folder of HR training images)")
-    else:
-        tried = [base / rel for base in (Path.cwd(), PROJECT_ROOT)
-                 for rel in (Path("data/patches") / f"x{scale}.arrow", Path("data/sample/train"))]
-        path = next((p for p in tried if p.exists()), None)
-        if path is None:
-            raise QuantError(tried[-1], f"no int8 calibration data (no patch store, no training "
-                                        f"images); set {CALIBRATION_ENV} to a patch store "
-                                        f".arrow or a folder of HR training images")
+def calibration_source(source: str | Path | None) -> Path:
+    """The calibration source ``source`` (a patch store ``.arrow`` or a folder of HR training
+    images), checked: it must be given (a ``ConfigError`` naming what is missing otherwise:
+    nothing is looked up in the working directory or the environment), exist and not be an
+    evaluation set."""
+    if source is None or str(source) == "":
+        raise ConfigError("int8 calibration", f"none given: the int8 backend is calibrated on "
+                                              f"training data the caller names "
+                                              f"({CALIBRATION_KINDS})")
+    path = Path(source)
+    if not path.exists():
+        raise QuantError(path, f"int8 calibration source not found ({CALIBRATION_KINDS})")
     bad = EVAL_SET_NAMES & {p.lower() for p in path.resolve().parts}
     if bad:
         raise QuantError(path, f"is an evaluation set ({sorted(bad)[0]}); calibrate on "
@@ -139,12 +137,12 @@ def _crop(rng: np.random.Generator, lr: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(lr[y:y + hs, x:x + ws].transpose(2, 0, 1)[None], np.float32)
 
 
-def calibration_crops(scale: int, source: str | Path | None = None, *,
+def calibration_crops(scale: int, source: str | Path | None, *,
                       crops: int = SETTINGS["crops"], size: int = SETTINGS["crop_size"],
                       seed: int = SETTINGS["seed"], min_size: int = 1) -> list[np.ndarray]:
     """``crops`` LR crops, float32 ``(1, 3, h, w)`` in [0, 255], from the calibration source
-    (deterministic for a given source and seed)."""
-    path = calibration_source(scale, source)
+    ``source`` (required; deterministic for a given source and seed)."""
+    path = calibration_source(source)
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
     if path.is_file():
@@ -267,9 +265,11 @@ def _key(model: nn.Module, crops: list[np.ndarray], settings: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def int8_model(model: nn.Module, *, calibration: str | Path | None = None,
+def int8_model(model: nn.Module, *, calibration: str | Path | None,
                settings: dict = SETTINGS, cache: str | Path | None = None) -> Path:
-    """The cached int8 IR of ``model`` (fp32 RLFN): its ``model.xml``, built when absent."""
+    """The cached int8 IR of ``model`` (fp32 RLFN): its ``model.xml``, built when absent.
+    ``calibration`` (required): the training data its crops come from (``calibration_crops``);
+    ``None`` is a ``ConfigError`` before any work."""
     from .models.rlfn import RLFN
 
     if not isinstance(model, RLFN):

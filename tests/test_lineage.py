@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
 import mlflow  # noqa: E402
 
 import imagefiles  # noqa: E402
+from pipeline.lineage import parse_model_ref  # noqa: E402
 from rlfn.cli import main as rlfn_main  # noqa: E402
-from rlfn.lineage import dvc_md5, parse_model_ref  # noqa: E402
+from rlfn.lineage import dvc_md5  # noqa: E402
 from servers import clean_env, free_port  # noqa: E402
 
 NAME = "rlfn-x4"
@@ -305,6 +306,34 @@ def test_rlfn_lineage_errors_are_one_line(registered, capsys, monkeypatch, tmp_p
     code, _, err = _lineage(capsys, "x/1", "--tracking-uri", f"sqlite:///{tmp_path}/none.db")
     assert code == 2 and "no such tracking store" in err
     assert not (tmp_path / "none.db").exists()  # not created by asking
+
+
+def test_rlfn_lineage_default_store_is_the_stages_rule(tmp_path, monkeypatch, capsys):
+    """Without MLFLOW_TRACKING_URI the store is the one the stages use
+    (``pipeline._common.tracking_uri``: params.yaml's ``mlflow.db``), under ``--root``; a
+    missing one is one line, exit 2, and is not created."""
+    from pipeline._common import tracking_uri
+    from pipeline.lineage import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    prm = {"mlflow": {"db": "track/runs.db"}}
+    (ws / "params.yaml").write_text(yaml.safe_dump(prm))
+    want = ws / "track" / "runs.db"
+    code, out, err = _lineage(capsys, "x/1", "--root", str(ws))
+    assert code == 2 and out == "" and err.strip() == (
+        f"error: MLFLOW_TRACKING_URI: not set, and there is no tracking store at {want} (run "
+        "dvc repro, or point MLFLOW_TRACKING_URI at the server)"), err
+    assert not want.exists()
+    want.parent.mkdir()
+    want.touch()
+    assert default_tracking_uri(ws) == tracking_uri(prm, root=ws) == f"sqlite:///{want}"
+    monkeypatch.chdir(ws)  # the stages' own view: the working directory is the project
+    assert tracking_uri(prm) == f"sqlite:///{want}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert default_tracking_uri(ws) == "http://127.0.0.1:1"
 
 
 def test_rlfn_lineage_unreachable_server_fails_fast(tmp_path):

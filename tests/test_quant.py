@@ -1,5 +1,6 @@
-"""The int8 backend's model (rlfn/quant.py): calibration data, the cache keyed by the weights'
-sha256, atomic writes, ``rlfn export --int8``, and one-line errors for bad calibration input.
+"""The int8 backend's model (rlfn/quant.py): calibration data (always the caller's: none given
+is an error, never a guess), the cache keyed by the weights' sha256, atomic writes,
+``rlfn export --int8``, and one-line errors for bad or missing calibration input.
 Its Set5 PSNR delta against eager fp32 is asserted in tests/test_infer.py
 (``test_backend_psnr_delta_on_set5``, bound ``LOSSY_DB[..., "int8", "cpu"]`` <= 0.05 dB)."""
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, require_module
+from prereq import ROOT, require_module
 from rlfn import quant
 from rlfn.cli import main
-from rlfn.infer import make_engine
+from rlfn.errors import ConfigError
+from rlfn.infer import BackendError, make_engine
 from rlfn.models.rlfn import RLFN, RLFNConfig
 from rlfn.quant import QuantError, calibration_crops, calibration_source, int8_model
 
@@ -66,13 +68,30 @@ def test_bad_calibration_source_is_one_line(make, msg, tmp_path):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-def test_calibration_env_and_default(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no data/ here: the project's data/sample/train
-    monkeypatch.delenv(quant.CALIBRATION_ENV, raising=False)
-    assert calibration_source(4) == TRAIN
-    monkeypatch.setenv(quant.CALIBRATION_ENV, str(tmp_path / "nope"))
-    with pytest.raises(QuantError, match="nope: int8 calibration source not found"):
-        calibration_source(4)
+def test_calibration_is_required_and_never_guessed(tmp_path, monkeypatch):
+    """No source: a ConfigError naming what is missing, even where a project's folders or the
+    command's variable would offer one (the library reads neither)."""
+    monkeypatch.chdir(ROOT)  # data/sample/train is right here
+    monkeypatch.setenv(quant.CALIBRATION_ENV, str(TRAIN))
+    for call in (lambda: calibration_source(None), lambda: calibration_crops(4, None),
+                 lambda: int8_model(_tiny(), calibration=None, cache=tmp_path)):
+        with pytest.raises(ConfigError, match=r"^int8 calibration: none given") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(TypeError):
+        int8_model(_tiny(), cache=tmp_path)  # a required argument
+    assert calibration_source(TRAIN) == TRAIN
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_engine_without_calibration_is_refused_before_work(monkeypatch):
+    if not quant.cpu_has_int8_dot():
+        pytest.skip("this CPU has no int8 dot product: the backend is refused before that")
+    require_module("nncf")
+    monkeypatch.setenv(quant.CALIBRATION_ENV, str(TRAIN))  # the command's, not the library's
+    monkeypatch.setattr(quant, "build_int8", lambda *a, **k: pytest.fail("quantized"))
+    with pytest.raises(BackendError, match=r"int8: needs calibration data"):
+        make_engine(_tiny(), "int8", "cpu")
 
 
 def test_int8_model_cached_by_weights_sha256(int8_ready, tmp_path, monkeypatch):
@@ -113,30 +132,74 @@ def test_int8_refuses_other_architectures(int8_ready):
     from rlfn.models import build_model
 
     with pytest.raises(Exception, match="int8: quantizes RLFN models only"):
-        make_engine(build_model("rfdb", 4), "int8", "cpu")
+        make_engine(build_model("rfdb", 4), "int8", "cpu", calibration=TRAIN)
 
 
-def test_cli_export_int8(int8_ready, pretrained, tmp_path, capsys):
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_cli_export_int8(how, int8_ready, pretrained, tmp_path, capsys, monkeypatch):
+    """The calibration source from --calibration, or from RLFN_INT8_CALIBRATION."""
     out = tmp_path / "deploy" / "ntire_int8.xml"
+    if how == "env":
+        monkeypatch.setenv(quant.CALIBRATION_ENV, str(TRAIN))
+        given = []
+    else:
+        monkeypatch.delenv(quant.CALIBRATION_ENV, raising=False)
+        given = ["--calibration", str(TRAIN)]
     rc = main(["export", "--int8", "--model", str(pretrained / "rlfn_ntire_x4.pth"),
-               "--scale", "4", "-o", str(out)])
+               "--scale", "4", "-o", str(out), *given])
     assert rc == 0, capsys.readouterr().err
     assert out.is_file() and out.with_suffix(".bin").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["ntire_int8.bin", "ntire_int8.xml"]
-    assert "checked: mean |int8 - fp32|" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "checked: mean |int8 - fp32|" in printed and f"calibrated on {TRAIN}" in printed
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["-o", "m.onnx", "--int8"], "must end in .xml"),
-    (["-o", "m.onnx", "--calibration", "x"], "--calibration: is an --int8 option"),
-    (["-o", "m.xml", "--int8", "--calibration", "nope"], "nope: int8 calibration source not found"),
+@pytest.mark.parametrize("argv, msg, code", [
+    (["-o", "m.onnx", "--int8"], "must end in .xml", 2),
+    (["-o", "m.onnx", "--calibration", "x"], "--calibration: is an --int8 option", 2),
+    (["-o", "m.xml", "--int8", "--calibration", "nope"],
+     "nope: int8 calibration source not found", 1),
+    (["-o", "m.xml", "--int8"], "error: --calibration: not given, and RLFN_INT8_CALIBRATION "
+                                "is not set", 2),
 ])
-def test_cli_export_int8_refusals(argv, msg, int8_ready, pretrained, tmp_path, capsys,
+def test_cli_export_int8_refusals(argv, msg, code, int8_ready, pretrained, tmp_path, capsys,
                                   monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(quant.CALIBRATION_ENV, raising=False)
     rc = main(["export", "--model", str(pretrained / "rlfn_ntire_x4.pth"), "--scale", "4",
                *argv])
     err = capsys.readouterr().err
-    assert rc in (1, 2) and msg in err, err
+    assert rc == code and msg in err, err
     assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--hr", "HR"],
+    ["upscale", "in.png", "-o", "out"],
+    ["profile", "--input-dir", "."],
+])
+def test_cli_int8_backend_needs_calibration(command, pretrained, tmp_path, capsys,
+                                            monkeypatch):
+    """Every command that can run the int8 backend: no --calibration and no
+    RLFN_INT8_CALIBRATION is one `error: --calibration: ...` line, exit 2, before any work
+    (the weights are not even read); --calibration with another backend is refused too."""
+    if not quant.cpu_has_int8_dot():
+        pytest.skip("this CPU has no int8 dot product: the backend is refused before that")
+    for m in ("openvino", "nncf", "onnx", "onnxscript"):
+        require_module(m)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(quant.CALIBRATION_ENV, raising=False)
+    missing = tmp_path / "no-weights.pth"  # refused before the weights would be read
+    base = [command[0], "--model", str(missing), "--scale", "4", *command[1:]]
+    assert main([*base, "--backend", "int8"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --calibration: not given, and RLFN_INT8_CALIBRATION is "
+                           "not set"), line
+    assert main([*base, "--calibration", str(TRAIN)]) == 2  # eager: nothing to calibrate
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "error: --calibration: is an --backend int8 option", line
+    monkeypatch.setenv(quant.CALIBRATION_ENV, str(tmp_path / "nope"))  # the variable counts
+    assert main([*base, "--backend", "int8"]) == 1
+    assert "nope: int8 calibration source not found" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

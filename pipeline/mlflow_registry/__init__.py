@@ -49,7 +49,7 @@ Tags on a model version
   champion's figures from these tags alone.
 * ``rlfn.scale``, ``rlfn.model`` (architecture name), ``rlfn.weights_sha256``,
   ``rlfn.run_id``, plus the caller's ``tags``.
-* Lineage (``rlfn.lineage`` reads them back: ``rlfn lineage``): ``rlfn.data.<name>.path`` and
+* Lineage (``pipeline.lineage`` reads them back: ``rlfn lineage``): ``rlfn.data.<name>.path`` and
   ``.md5`` (DVC md5) for each ``data`` item and for ``weights``; copied from the run's tags
   (``pipeline._common.stage_run``): ``rlfn.git_commit`` (``-dirty`` when tracked files had
   changes) and ``rlfn.git_dirty``, ``rlfn.params_hash``, ``rlfn.repro_id``,

@@ -2,8 +2,8 @@
 
 A dataset is declared (typically in a YAML params file) as a list of source dicts::
 
-    - {kind: folder,  path: data/my_images, split: train}
-    - {kind: archive, path: data/extra.tar.gz, subdir: extra, split: train}
+    - {kind: folder,  path: my_images, split: train}
+    - {kind: archive, path: extra.tar.gz, subdir: extra, split: train}
     - {kind: url, url: https://host/set.zip, sha256: <64 hex digits>, name: set, split: valid}
 
 Every source may also carry ``name`` (a label; defaults to the file or folder name), ``split``
