@@ -9,7 +9,7 @@
 #      launch gaps, top kernels, achieved GB/s; Chrome traces) for eager and the compiled
 #      backends, at batch 1 and 16;
 #   3. the CUDA tests: every CUDA backend's Set5 PSNR delta (tests/test_infer.py) and batched
-#      vs unbatched outputs on the GPU (tests/test_batch.py).
+#      vs unbatched outputs on the GPU (tests/test_upscale_batch.py).
 # Reference data: $RLFN_SHARED (default ../shared). Results: OUT_DIR (default bench/results),
 # one .txt per step, steps.txt with each step's exit code and seconds.
 #   bash bench/gpu_checks.sh [OUT_DIR]
@@ -49,7 +49,7 @@ step gpu_profile 75 "$py" bench/gpu_profile.py --device cuda --forwards 10 \
 step gpu_profile_b16 45 "$py" bench/gpu_profile.py --device cuda --forwards 5 --batch 16 \
     --backend eager compile_graphs --out "$out/gpu_profile"
 
-step tests_cuda 140 "$py" -m pytest tests/test_infer.py tests/test_batch.py -k cuda -q -s \
+step tests_cuda 140 "$py" -m pytest tests/test_infer.py tests/test_upscale_batch.py -k cuda -q -s \
     -p no:cacheprovider --durations=15
 
 echo "results in $out:"; cat "$out/steps.txt"

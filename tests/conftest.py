@@ -4,7 +4,8 @@
    images and official weights), the optional packages of the ``[infer]`` extra and the
    command-line tools of the ``[dev]`` extra may be missing on a developer's machine: the tests
    that need them skip, saying why. Under ``CI=true`` every one of them must be there, so the
-   same tests fail instead (``unavailable``, ``require_module``, ``require_tool``). Hardware a
+   same tests fail instead (``prereq.py``: ``unavailable``, ``require_module``,
+   ``require_tool``, ``require_shared``). Hardware a
    CI runner cannot have (a CUDA GPU, native bf16) is not covered by this rule: tests that need
    it skip everywhere.
 
@@ -17,8 +18,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -26,77 +25,36 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
-from typing import NoReturn
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RLFN_SHARED", ROOT.parent / "shared"))
+from prereq import SHARED, require_shared
+
 SESSION_VAR = "RLFN_TEST_SESSION"
 _OWN_PREFECT_HOME = "RLFN_TEST_PREFECT_HOME"  # the PREFECT_HOME a session made for itself
 LEAK_GRACE_S = 5.0  # how long stragglers get to exit on their own at session end
 
 
-# --------------------------------------------------------------------------- rule 1
-def under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def unavailable(msg: str) -> NoReturn:
-    """A prerequisite is missing: skip with ``msg`` locally, fail with it under ``CI=true``."""
-    if under_ci():
-        pytest.fail(f"CI=true: {msg}", pytrace=False)
-    pytest.skip(msg)
-
-
-def _require_shared(path: Path) -> Path:
-    if path.exists():
-        return path
-    unavailable(f"reference data not found at {path} (set RLFN_SHARED or put shared/ beside "
-                "the repo)")
-
-
-def require_module(name: str, extra: str = "infer") -> ModuleType:
-    """``import name``, or ``unavailable`` naming the extra that provides it."""
-    if importlib.util.find_spec(name) is None:
-        unavailable(f"Python package {name!r} is not installed (it is in the [{extra}] extra: "
-                    f"pip install -e '.[{extra}]')")
-    return importlib.import_module(name)
-
-
-def require_tool(name: str, extra: str = "dev") -> str:
-    """The path of command ``name`` (this venv's first, then PATH), or ``unavailable``."""
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        unavailable(f"command {name!r} is not installed (it is in the [{extra}] extra: "
-                    f"pip install -e '.[{extra}]')")
-    return found
-
-
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    return _require_shared(SHARED)
+    return require_shared(SHARED)
 
 
 @pytest.fixture(scope="session")
 def benchmarks(shared) -> Path:
-    return _require_shared(shared / "data" / "benchmarks")
+    return require_shared(shared / "data" / "benchmarks")
 
 
 @pytest.fixture(scope="session")
 def pretrained(shared) -> Path:
-    return _require_shared(shared / "pretrained")
+    return require_shared(shared / "pretrained")
 
 
 @pytest.fixture(scope="session")
 def reference_metrics(shared) -> dict:
     import json
 
-    return json.loads(_require_shared(shared / "data" / "reference_metrics.json").read_text())
+    return json.loads(require_shared(shared / "data" / "reference_metrics.json").read_text())
 
 
 # --------------------------------------------------------------------------- rule 2

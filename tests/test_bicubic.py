@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
+from prereq import SHARED
 from rlfn.bicubic import contributions, downscale, imresize, imresize_array, modcrop, output_size
 
 LR_FILES = sorted((SHARED / "data" / "benchmarks").glob("*/x*/LR/*.png"))

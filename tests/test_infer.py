@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_module
+from prereq import ROOT, require_module
 from rlfn import infer
 from rlfn.cli import main
 from rlfn.evaluate import evaluate_folder
@@ -23,6 +23,8 @@ from rlfn.upscale import ModelUpscaler, to_tensor, to_uint8, upscale_array
 from rlfn.weights import load_model
 
 MODELS = ("rlfn_x4.pth", "rlfn_ntire_x4.pth")
+# int8's calibration data (the library takes it from the caller): the embedded training sample
+CALIBRATION = ROOT / "data" / "sample" / "train"
 
 # The largest |Set5 x4 PSNR delta| (dB) against eager fp32 on the CPU that each lossy backend
 # may show: a little above its measured loss, below what a real regression costs (an all-bf16
@@ -122,7 +124,8 @@ def test_backend_psnr_delta_on_set5(fname, name, device, pretrained, benchmarks,
         check_backend(name, device)
     except BackendError as e:  # no GPU here, or no native bf16 on this CPU: hardware
         pytest.skip(str(e))
-    engine = make_engine(load_model(pretrained / fname).model, name, device)
+    engine = make_engine(load_model(pretrained / fname).model, name, device,
+                         calibration=CALIBRATION)
     delta = _psnr(engine, benchmarks) - eager_psnr(fname)
     print(f"\nDELTA {fname} {device} {name}: {delta:+.5f} dB -> {psnr_label(delta)}")
     if BACKENDS[name].exact:
@@ -177,7 +180,7 @@ def test_gpu_asked_where_none(pretrained):
     # exit 2: an option that cannot be used; exit 1: a weights file that does not fit (data)
     (["profile", "--backend", "tensorrt"], 2, "--backend tensorrt: unknown backend 'tensorrt'"),
     (["profile", "--backend", "fp16"], 2, "runs on cuda only"),
-    (["profile", "--scale", "2"], 1, "is a x4 model, but --scale 2"),
+    (["profile", "--scale", "2", "--input-dir", "."], 1, "is a x4 model, but --scale 2"),
     (["export", "--scale", "2", "-o", "m.onnx"], 1, "is a x4 model, but --scale 2"),
     (["export", "--scale", "4", "-o", "m.txt"], 2, "must end in .onnx"),
     (["evaluate", "--backend", "nope", "--hr", "."], 2, "unknown backend 'nope'"),

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED
+from prereq import SHARED
 from rlfn.evaluate import evaluate_folder
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model

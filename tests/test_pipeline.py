@@ -19,6 +19,7 @@ import yaml
 
 from faults import armed_env, release, wait_reached
 from servers import clean_env, mlflow_server
+from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, TRAIN_STAGES, tiny_params
 
 from rlfn.infer import available_backends
 
@@ -29,28 +30,10 @@ COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/c
 
 
 _env = clean_env
-TRAIN_STAGES = ["train_stage@1", "train_stage@2", "train_stage@3"]
-DVC_STAGES = ["prepare", "degrade", "patches", *TRAIN_STAGES, "evaluate", "profile", "promote"]
-FLOW_RUNS = ["prepare", "degrade", "patches", "train-stage1", "train-stage2", "train-stage3",
-             "evaluate", "profile", "promote"]
 # pytest-timeout counts fixture setup: the module's first test pays for the whole `dvc repro`
 # (about 3 min on a 2-core machine); this leaves room for a machine several times slower.
 REPRO_TIMEOUT = 1500
 pytestmark = pytest.mark.timeout(REPRO_TIMEOUT)
-
-PREFECT_RUNS = """
-import asyncio, json
-from prefect.client.orchestration import get_client
-
-async def main():
-    async with get_client() as client:
-        flows = {f.id: f.name for f in await client.read_flows(limit=200)}
-        runs = await client.read_flow_runs(limit=200)
-        print(json.dumps([{"flow": flows.get(r.flow_id), "name": r.name,
-                           "state": r.state_type.value} for r in runs]))
-
-asyncio.run(main())
-"""
 
 
 def _run(cmd, cwd, timeout=900, check=True, **env):
@@ -60,29 +43,6 @@ def _run(cmd, cwd, timeout=900, check=True, **env):
         raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
                              f"{r.stderr[-6000:]}")
     return r
-
-
-def _tiny_params(p: Path, iterations: int = 4, int8: bool = True) -> None:
-    prm = yaml.safe_load(p.read_text())
-    assert prm["profile"]["pareto"]["extra_backends"] == ["int8"]  # the default
-    if not int8:  # its calibration and quantization take ~30 s a model
-        prm["profile"]["pareto"]["extra_backends"] = []
-    prm["data"]["min_size"] = 64
-    prm["train"].update(model="rlfn_ntire", iterations=iterations, batch_size=2, patch_size=64,
-                        val_every=2, checkpoint_every=2, log_every=1, num_workers=0,
-                        epoch_iterations=4, val_max_images=2)
-    prm["profile"]["max_images"] = 2
-    prm["profile"]["warmup"] = 1
-    prm["profile"]["pareto"].update(max_images=1, warmup=1)
-    prm["profile"]["pareto"]["sets"] = {"Set5": "data/sample/Set5",
-                                        "B100": "../shared/data/benchmarks/BSD100/x4/HR"}
-    prm["evaluate"]["sets"] = {"Set5": "data/sample/Set5", "Set14": "data/sample/Set14"}
-    assert list(prm["train_stages"]) == ["1", "2", "3"]
-    for st in prm["train_stages"].values():  # the stages' own lengths give way to the tiny one
-        for k in ("iterations", "lr_step"):
-            st.pop(k, None)
-    assert prm["train_launch"]["ddp"] is True  # the default: each stage under torchrun
-    p.write_text(yaml.safe_dump(prm, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +62,7 @@ def project(tmp_path_factory) -> Path:
     train.mkdir(parents=True)
     for f in sorted((ROOT / "data" / "sample" / "train").glob("*.png"))[:4]:
         shutil.copy2(f, train / f.name)
-    _tiny_params(d / "params.yaml")
+    tiny_params(d / "params.yaml")
     remote = d.parent / "remote"
     cfg = (d / ".dvc" / "config").read_text()
     (d / ".dvc" / "config").write_text(cfg.replace("../../rlfn-dvc-remote", str(remote)))
@@ -115,8 +75,11 @@ def project(tmp_path_factory) -> Path:
 def prefect_flow_runs(project: Path) -> list[dict]:
     """The flow runs Prefect recorded for the project (its PREFECT_HOME), read by Prefect's
     client from Prefect's own database."""
+    # (the 120 s that pipeline/__init__.py gives Prefect's temporary server to start: this
+    # client does not import the pipeline)
     r = _run([sys.executable, "-c", PREFECT_RUNS], project, timeout=300,
-             PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+             PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

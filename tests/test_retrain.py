@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from prereq import ROOT
 from servers import clean_env
 
 MAKE = """import json, pathlib, yaml

@@ -9,7 +9,6 @@ survived."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -18,128 +17,25 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, require_module, require_tool, unavailable
-from servers import _group_alive, clean_env, free_port, processes_with_env
-
-STACK_SH = ROOT / "scripts" / "stack.sh"
-SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
+from prereq import ROOT, require_tool
+from servers import _group_alive, clean_env
+from teamstack import EXPORTS, SERVICES, STACK_SH, http, stack_up
+from tinyproject import tune_project
 
 pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waiting on servers)
-EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-           "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
-           "RLFN_PROJECT_DIR")
-
-
-@dataclass
-class Stack:
-    env: dict          # the environment `scripts/stack.sh` runs with (state dir, ports)
-    state: Path        # RLFN_STACK_DIR
-    clone: Path        # RLFN_PROJECT_DIR
-    ports: dict
-    up_output: str     # what the first `up` printed
-    up_seconds: float
-
-    def sh(self, cmd: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(STACK_SH), cmd], capture_output=True, text=True,
-                              env={**self.env, **env}, timeout=timeout, cwd=ROOT)
-
-    def exports(self) -> dict[str, str]:
-        r = self.sh("env")
-        assert r.returncode == 0, r.stderr
-        assert all(x.startswith("export ") for x in r.stdout.splitlines()), r.stdout
-        return _eval_env(r.stdout)
-
-    def client_env(self, **extra) -> dict:
-        """A client process's environment: the exports of `env`, its own PREFECT_HOME."""
-        home = self.state.parent / "client-prefect-home"
-        return clean_env(**self.exports(), PREFECT_HOME=str(home), **extra)
-
-    def secrets(self) -> dict:
-        return json.loads((self.state / "secrets" / "stack.json").read_text())
-
-
-def _eval_env(script: str) -> dict[str, str]:
-    """The variables a bash shell has after ``eval "$script"``."""
-    r = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", script], capture_output=True,
-                       env={"PATH": os.environ["PATH"]}, timeout=30)
-    assert r.returncode == 0, r.stderr
-    pairs = (item.split(b"=", 1) for item in r.stdout.split(b"\0") if b"=" in item)
-    return {k.decode(): v.decode() for k, v in pairs if k.decode() in EXPORTS}
-
-
-def _prerequisites() -> None:
-    for name in ("psycopg", "asyncpg", "dvc_ssh", "flask_wtf", "optuna", "mlflow", "prefect"):
-        require_module(name, extra="pipeline")
-    for tool in ("initdb", "pg_ctl", "ssh", "ssh-keygen", "git"):
-        if shutil.which(tool) is None:
-            unavailable(f"command {tool!r} is not installed (PostgreSQL's server programs, "
-                        "openssh-client and git are needed for scripts/stack.sh)")
-    if os.geteuid() != 0 and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        unavailable("sshd is not installed and only root can install it (apt-get install "
-                    "openssh-server)")
-
-
-def _http(method: str, url: str, body=None, auth: str | None = None) -> tuple[int, str]:
-    headers = {"Content-Type": "application/json"}
-    if auth is not None:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 @pytest.fixture(scope="module")
 def stack():
-    _prerequisites()
-    # Not pytest's tmp_path: its base is 0700, and as root the postgres OS user must pass.
-    base = Path(tempfile.mkdtemp(prefix="rlfn-stack-test-"))
-    os.chmod(base, 0o711)
-    state, clone = base / "state", base / "clone"
-    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
-    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
-                    RLFN_STACK_PG_PORT=str(ports["pg"]),
-                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
-                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
-                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
-                    RLFN_STACK_WORKER_POLL_S="1")
-    env.pop("RLFN_OPTUNA_STORAGE", None)
-    try:
-        subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
-                       timeout=120)
-        t0 = time.monotonic()
-        r = subprocess.run(["bash", str(STACK_SH), "up"], capture_output=True, text=True,
-                           env=env, timeout=600, cwd=ROOT)
-        took = time.monotonic() - t0
-        print(f"\nstack up (cold): {took:.1f} s\n{r.stdout}{r.stderr}")
-        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
-        yield Stack(env, state, clone, ports, r.stdout + r.stderr, took)
-    finally:
-        d = subprocess.run(["bash", str(STACK_SH), "down"], capture_output=True, text=True,
-                           env=env, timeout=300, cwd=ROOT)
-        left = processes_with_env("RLFN_STACK_DIR", str(state))
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(base, ignore_errors=True)
-        assert d.returncode == 0, d.stdout + d.stderr
-        assert not left, f"processes survived `stack.sh down`: {left}"
+    with stack_up("rlfn-stack-test-") as st:
+        yield st
 
 
 def _status_lines(out: str) -> dict[str, str]:
@@ -277,9 +173,9 @@ def test_mlflow_needs_a_login_and_serves_artifacts(stack, monkeypatch, tmp_path)
 
     exports = stack.exports()
     uri = exports["MLFLOW_TRACKING_URI"]
-    code, body = _http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1})
+    code, body = http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1})
     assert code == 401, (code, body)
-    code, _ = _http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1},
+    code, _ = http("POST", f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1},
                     auth=f"admin:{'x' * 20}")
     assert code == 401
 
@@ -312,13 +208,13 @@ def test_mlflow_needs_a_login_and_serves_artifacts(stack, monkeypatch, tmp_path)
 def test_prefect_needs_the_auth_string_and_has_the_deployments(stack):
     exports = stack.exports()
     api = exports["PREFECT_API_URL"]
-    assert _http("GET", f"{api}/health")[0] == 200  # health stays open for probes
+    assert http("GET", f"{api}/health")[0] == 200  # health stays open for probes
     for method, path, body in (("POST", "/flows/filter", {}),
                                ("GET", "/work_pools/rlfn-pool", None),
                                ("POST", "/deployments/filter", {})):
-        assert _http(method, api + path, body)[0] == 401, path
-        assert _http(method, api + path, body, auth="rlfn:wrong")[0] == 401, path
-    assert _http("POST", f"{api}/flows/filter", {},
+        assert http(method, api + path, body)[0] == 401, path
+        assert http(method, api + path, body, auth="rlfn:wrong")[0] == 401, path
+    assert http("POST", f"{api}/flows/filter", {},
                  auth=exports["PREFECT_API_AUTH_STRING"])[0] == 200
 
     code = """
@@ -437,11 +333,9 @@ def test_two_tune_processes_share_one_study_and_survive_a_kill(stack, tmp_path):
     """Two ``python -m pipeline.tune`` started together on the stack's PostgreSQL study and
     tracking server: while both train, one is SIGKILLed; its trial is failed by the heartbeat
     and the other finishes the study's n_trials, every trial a nested run on the server."""
-    from test_tune import _project
-
     name = f"shared-{uuid.uuid4().hex[:8]}"
     n = 5
-    d = _project(tmp_path / "proj", {
+    d = tune_project(tmp_path / "proj", {
         "study": name, "n_trials": n, "sampler": {"name": "random", "seed": 3},
         "pruner": {"name": "none"},
         "space": {"lr": {"type": "float", "low": 1e-3, "high": 4e-3, "log": True}}},
@@ -519,7 +413,7 @@ def test_worker_runs_a_deployment(stack):
     api, auth = env["PREFECT_API_URL"], env["PREFECT_API_AUTH_STRING"]
     deadline = time.monotonic() + 300
     while True:
-        code, body = _http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
+        code, body = http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
         assert code == 200, body
         fr = json.loads(body)
         if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -529,7 +423,7 @@ def test_worker_runs_a_deployment(stack):
     took = time.monotonic() - t
     print(f"prepare through the worker: {took:.1f} s")
     if fr["state"]["type"] != "COMPLETED":
-        _, logs = _http("POST", f"{api}/logs/filter",
+        _, logs = http("POST", f"{api}/logs/filter",
                         {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
         lines = "\n".join(x["message"] for x in json.loads(logs))
         pytest.fail(f"flow run {fr['state']['type']}: {fr['state'].get('message')}\n{lines}")
@@ -540,7 +434,7 @@ def test_worker_runs_a_deployment(stack):
                         capture_output=True, text=True, cwd=stack.clone, timeout=120,
                         env=clean_env())
     if st.returncode != 0 or json.loads(st.stdout) != {}:
-        _, logs = _http("POST", f"{api}/logs/filter",
+        _, logs = http("POST", f"{api}/logs/filter",
                         {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
         lines = "\n".join(x["message"] for x in json.loads(logs))
         pytest.fail(f"dvc status after the worker's run: {st.stdout}{st.stderr}\n"

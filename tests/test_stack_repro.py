@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,11 +37,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
 from faults import armed_env, release, wait_reached
-from servers import _group_alive, clean_env, free_port, processes_with_env
-from test_pipeline import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, _tiny_params
-from test_stack import STACK_SH, Stack, _http, _prerequisites
+from servers import _group_alive, clean_env, free_port
+from teamstack import Stack, http, stack_up
+from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_params
 
 BIN = Path(sys.executable).parent
 MODEL = "rlfn-x4"
@@ -134,8 +132,8 @@ pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waitin
 
 # --------------------------------------------------------------------------- the stack
 def _tiny_clone(clone: Path) -> None:
-    """test_pipeline's tiny params and 4 training images, committed in the clone."""
-    _tiny_params(clone / "params.yaml", int8=False)
+    """The tiny params (as test_pipeline) and 4 training images, committed in the clone."""
+    tiny_params(clone / "params.yaml", int8=False)
     extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
     if extra:
@@ -146,44 +144,11 @@ def _tiny_clone(clone: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stack():
-    """test_stack's fixture, with the tiny clone made before ``up``."""
-    _prerequisites()
-    base = Path(tempfile.mkdtemp(prefix="rlfn-stack-repro-"))
-    os.chmod(base, 0o711)  # as root, the postgres OS user passes through
-    state, clone = base / "state", base / "clone"
-    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
-    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
-                    RLFN_STACK_PG_PORT=str(ports["pg"]),
-                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
-                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
-                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
-                    RLFN_STACK_WORKER_POLL_S="1", RLFN_STACK_WORKER_LIMIT="2")
-    env.pop("RLFN_OPTUNA_STORAGE", None)
-    try:
-        subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
-                       timeout=120)
-        _tiny_clone(clone)
-        t0 = time.monotonic()
-        r = subprocess.run(["bash", str(STACK_SH), "up"], capture_output=True, text=True,
-                           env=env, timeout=600, cwd=ROOT)
-        took = time.monotonic() - t0
-        TIMES["stack up (cold)"] = took
-        print(f"\nstack up (cold): {took:.1f} s\n{r.stdout}{r.stderr}")
-        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
-        yield Stack(env, state, clone, ports, r.stdout + r.stderr, took)
-    finally:
-        d = subprocess.run(["bash", str(STACK_SH), "down"], capture_output=True, text=True,
-                           env=env, timeout=300, cwd=ROOT)
-        left = processes_with_env("RLFN_STACK_DIR", str(state))
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(base, ignore_errors=True)
-        print("\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
-        assert d.returncode == 0, d.stdout + d.stderr
-        assert not left, f"processes survived `stack.sh down`: {left}"
+    """The team stack (teamstack.stack_up), its clone made tiny before ``up``; the worker
+    runs two flow runs at most."""
+    with stack_up("rlfn-stack-repro-", prepare=_tiny_clone, times=TIMES,
+                  RLFN_STACK_WORKER_LIMIT="2") as st:
+        yield st
 
 
 _EXPORTS: dict[str, dict] = {}
@@ -246,7 +211,7 @@ def _wait_flow_run(env: dict, run_id: str, limit: float) -> dict:
     api, auth = env["PREFECT_API_URL"], env["PREFECT_API_AUTH_STRING"]
     deadline = time.monotonic() + limit
     while True:
-        code, body = _http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
+        code, body = http("GET", f"{api}/flow_runs/{run_id}", auth=auth)
         assert code == 200, body
         fr = json.loads(body)
         if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -256,7 +221,7 @@ def _wait_flow_run(env: dict, run_id: str, limit: float) -> dict:
 
 
 def _flow_run_logs(env: dict, run_id: str) -> list[str]:
-    code, body = _http("POST", f"{env['PREFECT_API_URL']}/logs/filter",
+    code, body = http("POST", f"{env['PREFECT_API_URL']}/logs/filter",
                        {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200,
                         "sort": "TIMESTAMP_ASC"}, auth=env["PREFECT_API_AUTH_STRING"])
     assert code == 200, body
@@ -431,7 +396,7 @@ def _retrain(stack: Stack, label: str, *args: str, ok: bool = True) -> dict:
     m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
     assert m, r.stdout + r.stderr
     env = _env(stack)
-    code, body = _http("POST", f"{env['PREFECT_API_URL']}/artifacts/filter",
+    code, body = http("POST", f"{env['PREFECT_API_URL']}/artifacts/filter",
                        {"artifacts": {"flow_run_id": {"any_": [m.group(1)]},
                                       "key": {"any_": ["retrain-summary"]}}},
                        auth=env["PREFECT_API_AUTH_STRING"])

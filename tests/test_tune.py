@@ -22,16 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
-from imagefiles import rgb
 from servers import processes_with_env
+from tinyproject import tune_project
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-TRAIN = dict(model="rlfn_ntire", scale=4, hr_dir="hr", val_hr_dir="val", iterations=30,
-             batch_size=2, patch_size=64, lr=1e-3, val_every=10, checkpoint_every=10,
-             log_every=5, num_workers=0, threads=1, epoch_iterations=10, amp="off", seed=0)
 GOOD_LR, BAD_LR = 3e-3, 1e-7  # 10 iterations: ~20 dB vs ~7 dB (no learning at all)
 
 
@@ -43,23 +39,6 @@ def _env(project: Path) -> dict:
     env.pop("RLFN_REPRO_ID", None)
     env.pop("RLFN_PARAMS", None)
     return env
-
-
-def _project(d: Path, tune: dict, train: dict | None = None) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    for sub, n, seed in (("hr", 4, 0), ("val", 2, 10)):
-        (d / sub).mkdir(exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rgb(96, 88, seed=seed + i)).save(d / sub / f"img{i}.png")
-    prm = {"train": {**TRAIN, **(train or {})},
-           "mlflow": {"db": "mlflow.db", "artifacts": "mlartifacts", "experiment": "rlfn"},
-           "tune": {"study": "tiny", "storage": "sqlite:///optuna.db", "heartbeat_s": 1,
-                    "grace_s": 2, **tune}}
-    text = yaml.safe_dump(prm, sort_keys=False)
-    # comments that --apply must keep
-    text = "# tiny test params\n" + text.replace("  lr: 0.001\n", "  lr: 0.001    # the lr\n")
-    (d / "params.yaml").write_text(text)
-    return d
 
 
 MARK = "RLFN_TUNE_TEST_MARK"  # in the environment of every process a test starts
@@ -156,7 +135,7 @@ def _mlflow_runs(project: Path):
 def pruned(tmp_path_factory) -> Path:
     """4 trials: the first two enqueued (a good lr, then a hopeless one that the median
     pruner must stop at its first validation), then two sampled ones."""
-    d = _project(tmp_path_factory.mktemp("tune") / "proj", {
+    d = tune_project(tmp_path_factory.mktemp("tune") / "proj", {
         "n_trials": 4, "sampler": {"name": "random", "seed": 0},
         "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
         "space": {"lr": {"type": "categorical", "choices": [GOOD_LR, BAD_LR]},
@@ -285,7 +264,7 @@ def _db_trials(db: Path) -> list[tuple]:
 
 @pytest.mark.timeout(900)  # ~60 s on 2 cores; its own limits: 300 s to the kill, 300 s resumed
 def test_killed_study_resumes(tmp_path):
-    d = _project(tmp_path / "proj", {
+    d = tune_project(tmp_path / "proj", {
         "n_trials": 4, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
         "space": {"lr": {"type": "float", "low": 1e-3, "high": 4e-3, "log": True}}},
         train={"iterations": 40})
@@ -394,7 +373,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch, over, key, 
     from pipeline.tune import TuneError, load_spec, open_storage
     from rlfn.errors import ConfigError
 
-    d = _project(tmp_path / "proj", {"space": GOOD_SPACE, **over})
+    d = tune_project(tmp_path / "proj", {"space": GOOD_SPACE, **over})
     monkeypatch.chdir(d)
     with pytest.raises(TuneError) as e:
         open_storage(load_spec("params.yaml"))
@@ -407,7 +386,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch, over, key, 
 
 @pytest.mark.timeout(300)  # ~5 s; the run's own limit is 120 s
 def test_cli_bad_input_one_line_error_no_work(tmp_path):
-    d = _project(tmp_path / "proj", {"space": GOOD_SPACE,
+    d = tune_project(tmp_path / "proj", {"space": GOOD_SPACE,
                                      "storage": "postgresql://user:s3cret@127.0.0.1:1/db"})
     r = _run(d, check=False, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]

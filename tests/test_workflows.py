@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import require_tool
+from prereq import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -155,6 +155,10 @@ def test_ci_contract():
     assert wf["permissions"] == {"contents": "read"}
     assert all(job.get("timeout-minutes") for job in wf["jobs"].values())
     assert wf["concurrency"]["group"]
+    # the slow checks .ci/run deselects run somewhere: weekly (and by hand)
+    assert on["schedule"] and on["schedule"][0]["cron"] and "workflow_dispatch" in on
+    slow = [s for s in steps(wf) if "pytest -m slow" in str(s.get("run", ""))]
+    assert slow and "schedule" in slow[0]["if"], slow
 
 
 def test_retrain_contract():

@@ -1,0 +1,145 @@
+"""The team stack in tests: ``scripts/stack.sh`` brought up for a test module on reserved
+ports in a temporary state directory, serving a temporary clone of this repository, and what
+its tests share (the ``Stack`` handle, its prerequisites, a plain HTTP client). Used by
+test_stack.py and test_stack_repro.py; a developer's own stack and working tree are left
+alone."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from prereq import ROOT, require_module, unavailable
+from servers import clean_env, free_port, processes_with_env
+
+STACK_SH = ROOT / "scripts" / "stack.sh"
+SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
+
+EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+           "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
+           "RLFN_PROJECT_DIR")
+
+
+@dataclass
+class Stack:
+    env: dict          # the environment `scripts/stack.sh` runs with (state dir, ports)
+    state: Path        # RLFN_STACK_DIR
+    clone: Path        # RLFN_PROJECT_DIR
+    ports: dict
+    up_output: str     # what the first `up` printed
+    up_seconds: float
+
+    def sh(self, cmd: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(STACK_SH), cmd], capture_output=True, text=True,
+                              env={**self.env, **env}, timeout=timeout, cwd=ROOT)
+
+    def exports(self) -> dict[str, str]:
+        r = self.sh("env")
+        assert r.returncode == 0, r.stderr
+        assert all(x.startswith("export ") for x in r.stdout.splitlines()), r.stdout
+        return eval_env(r.stdout)
+
+    def client_env(self, **extra) -> dict:
+        """A client process's environment: the exports of `env`, its own PREFECT_HOME."""
+        home = self.state.parent / "client-prefect-home"
+        return clean_env(**self.exports(), PREFECT_HOME=str(home), **extra)
+
+    def secrets(self) -> dict:
+        return json.loads((self.state / "secrets" / "stack.json").read_text())
+
+
+def eval_env(script: str) -> dict[str, str]:
+    """The variables a bash shell has after ``eval "$script"``."""
+    r = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", script], capture_output=True,
+                       env={"PATH": os.environ["PATH"]}, timeout=30)
+    assert r.returncode == 0, r.stderr
+    pairs = (item.split(b"=", 1) for item in r.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs if k.decode() in EXPORTS}
+
+
+def prerequisites() -> None:
+    for name in ("psycopg", "asyncpg", "dvc_ssh", "flask_wtf", "optuna", "mlflow", "prefect"):
+        require_module(name, extra="pipeline")
+    for tool in ("initdb", "pg_ctl", "ssh", "ssh-keygen", "git"):
+        if shutil.which(tool) is None:
+            unavailable(f"command {tool!r} is not installed (PostgreSQL's server programs, "
+                        "openssh-client and git are needed for scripts/stack.sh)")
+    if os.geteuid() != 0 and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        unavailable("sshd is not installed and only root can install it (apt-get install "
+                    "openssh-server)")
+
+
+def http(method: str, url: str, body=None, auth: str | None = None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+
+@contextlib.contextmanager
+def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
+             times: dict[str, float] | None = None, **extra_env: str) -> Iterator[Stack]:
+    """A whole stack for a test module: a temporary state directory (``RLFN_STACK_DIR``) and
+    a ``git clone`` of this repository (``RLFN_PROJECT_DIR``, passed to ``prepare`` before
+    ``up``), on reserved loopback ports; ``down`` on exit, then a check that none of its
+    processes survived (any that did are killed and named). ``extra_env`` goes to stack.sh."""
+    prerequisites()
+    # Not pytest's tmp_path: its base is 0700, and as root the postgres OS user must pass.
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o711)
+    state, clone = base / "state", base / "clone"
+    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
+    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
+                    RLFN_STACK_PG_PORT=str(ports["pg"]),
+                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
+                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
+                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
+                    RLFN_STACK_WORKER_POLL_S="1", **extra_env)
+    env.pop("RLFN_OPTUNA_STORAGE", None)
+    try:
+        subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True,
+                       timeout=120)
+        if prepare is not None:
+            prepare(clone)
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", str(STACK_SH), "up"], capture_output=True, text=True,
+                           env=env, timeout=600, cwd=ROOT)
+        took = time.monotonic() - t0
+        if times is not None:
+            times["stack up (cold)"] = took
+        print(f"\nstack up (cold): {took:.1f} s\n{r.stdout}{r.stderr}")
+        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
+        yield Stack(env, state, clone, ports, r.stdout + r.stderr, took)
+    finally:
+        d = subprocess.run(["bash", str(STACK_SH), "down"], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=ROOT)
+        left = processes_with_env("RLFN_STACK_DIR", str(state))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
+        if times:
+            print("\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in times.items()))
+        assert d.returncode == 0, d.stdout + d.stderr
+        assert not left, f"processes survived `stack.sh down`: {left}"
