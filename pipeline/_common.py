@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.services import check_services, describe_failure
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import MlflowSettings, Settings, load_settings
 from pipeline.settings import read_params as params
 from rlfn.errors import RLFNError
 from rlfn.log import get_logger
@@ -46,10 +46,11 @@ log = get_logger("pipeline")
 _LOADED = time.monotonic()
 
 
-def _mlflow_section(prm: Any) -> dict:
+def _mlflow_section(prm: Any) -> MlflowSettings:
+    """params' ``mlflow`` section (settings or a raw params mapping), defaults filled in."""
     if isinstance(prm, Settings):
-        return prm.mlflow.model_dump()
-    return dict((prm or {}).get("mlflow") or {})
+        return prm.mlflow
+    return MlflowSettings.model_validate(dict((prm or {}).get("mlflow") or {}))
 
 
 def tracking_uri(prm: Any = None, root: str | Path = ".") -> str:
@@ -59,7 +60,7 @@ def tracking_uri(prm: Any = None, root: str | Path = ".") -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    db = _mlflow_section(prm).get("db", "mlflow.db")
+    db = _mlflow_section(prm).db
     return f"sqlite:///{(Path(root) / db).resolve()}"
 
 
@@ -157,13 +158,13 @@ def experiment_id(mlflow, prm: Any) -> str:
     """The id of the project's MLflow experiment (params.yaml's mlflow.experiment), created
     on first use (with a local artifact location when tracking to SQLite)."""
     m = _mlflow_section(prm)
-    name = m.get("experiment", "rlfn")
+    name = m.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if tracking_uri(prm).startswith("sqlite:"):
-        art = Path(m.get("artifacts", "mlartifacts")).resolve()
+        art = Path(m.artifacts).resolve()
         location = art.as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)

@@ -34,14 +34,12 @@ from typing import Any
 from pipeline._common import tracking_uri as stages_tracking_uri
 from pipeline.settings import read_params
 from rlfn.errors import DataError, UsageError
+from pipeline.mlflow_registry.versions import DATA_PREFIX
 from rlfn.lineage import dvc_md5
 
 __all__ = ["workspace_state", "parse_model_ref", "default_tracking_uri", "lineage_report",
-           "format_report", "DATA_PREFIX", "LINEAGE_TAGS"]
+           "format_report", "DATA_PREFIX"]
 
-DATA_PREFIX = "rlfn.data."
-LINEAGE_TAGS = ("rlfn.git_commit", "rlfn.git_dirty", "rlfn.params_hash", "rlfn.repro_id",
-                "rlfn.repro_run_id", "rlfn.dvc_stage")
 
 
 def workspace_state(path: str | Path, md5: str | None, root: str | Path = ".") -> str:

@@ -35,7 +35,7 @@ ENV = "RLFN_FAILPOINTS"
 DIR_ENV = "RLFN_FAILPOINT_DIR"
 TIMEOUT_ENV = "RLFN_FAILPOINT_TIMEOUT_S"
 
-__all__ = ["hit", "FailpointTimeout", "ENV", "DIR_ENV", "TIMEOUT_ENV", "armed"]
+__all__ = ["hit", "FailpointTimeout", "ENV", "DIR_ENV", "TIMEOUT_ENV"]
 
 
 class FailpointTimeout(RuntimeError):
@@ -51,11 +51,6 @@ def _parse(spec: str) -> dict[str, set[str | None]]:
 
 
 _ARMED: dict[str, set[str | None]] = _parse(os.environ.get(ENV, ""))
-
-
-def armed() -> dict[str, set[str | None]]:
-    """The armed points, ``{name: {value or None}}`` (read once, from the environment)."""
-    return {k: set(v) for k, v in _ARMED.items()}
 
 
 def hit(name: str, value: object = None) -> None:

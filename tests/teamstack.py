@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +40,7 @@ class Stack:
     ports: dict
     up_output: str     # what the first `up` printed
     up_seconds: float
+    _exports: dict | None = field(default=None, repr=False)
 
     def sh(self, cmd: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(STACK_SH), cmd], capture_output=True, text=True,
@@ -52,9 +53,14 @@ class Stack:
         return eval_env(r.stdout)
 
     def client_env(self, **extra) -> dict:
-        """A client process's environment: the exports of `env`, its own PREFECT_HOME."""
+        """A client process's environment: the exports of `stack.sh env` (read once), its
+        own PREFECT_HOME (fresh: none of the developer's profiles), no inherited settings;
+        ``extra`` overrides any of them."""
+        if self._exports is None:
+            self._exports = self.exports()
         home = self.state.parent / "client-prefect-home"
-        return clean_env(**self.exports(), PREFECT_HOME=str(home), **extra)
+        return clean_env(**{**self._exports, "PREFECT_HOME": str(home),
+                            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
 
     def secrets(self) -> dict:
         return json.loads((self.state / "secrets" / "stack.json").read_text())

@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from faults import armed_env, release, wait_reached
-from servers import _group_alive, clean_env, free_port
+from servers import _group_alive, free_port
 from teamstack import Stack, http, stack_up
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_params
 
@@ -151,24 +151,11 @@ def stack():
         yield st
 
 
-_EXPORTS: dict[str, dict] = {}
-
-
-def _env(stack: Stack, **extra) -> dict:
-    """A client's environment: the exports of `stack.sh env` (read once), its own
-    PREFECT_HOME (fresh: none of the developer's profiles), no inherited settings."""
-    key = str(stack.state)
-    if key not in _EXPORTS:
-        _EXPORTS[key] = stack.exports()
-    home = stack.state.parent / "client-prefect-home"
-    return clean_env(**{**_EXPORTS[key], "PREFECT_HOME": str(home),
-                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
-
-
 def _run(stack: Stack, cmd: list[str], timeout: float = 600, check: bool = True,
          env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=env or _env(stack), cwd=cwd or stack.clone, stdin=subprocess.DEVNULL)
+                       env=env or stack.client_env(), cwd=cwd or stack.clone,
+                       stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
                              f"{r.stderr[-6000:]}")
@@ -334,7 +321,7 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert cmdline[cmdline.index(b"--limit") + 1] == b"2", cmdline
     assert b"RLFN_PROCESSES=2" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    env = _env(stack)
+    env = stack.client_env()
     runs_before = {r["run_id"] for r in _registry(stack)["runs"]}
     t = time.monotonic()
     r = _run(stack, [str(BIN / "prefect"), "deployment", "run", "rlfn-repro/repro"],
@@ -395,7 +382,7 @@ def _retrain(stack: Stack, label: str, *args: str, ok: bool = True) -> dict:
     took = time.monotonic() - t
     m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
     assert m, r.stdout + r.stderr
-    env = _env(stack)
+    env = stack.client_env()
     code, body = http("POST", f"{env['PREFECT_API_URL']}/artifacts/filter",
                        {"artifacts": {"flow_run_id": {"any_": [m.group(1)]},
                                       "key": {"any_": ["retrain-summary"]}}},
@@ -515,10 +502,10 @@ def test_a_stage_refuses_a_server_it_cannot_use(stack, fault):
     if fault == "prefect-down":
         port = free_port()  # nothing listens there
         url = f"http://127.0.0.1:{port}/api"
-        env = _env(stack, PREFECT_API_URL=url)
+        env = stack.client_env(PREFECT_API_URL=url)
         service = "Prefect server"
     else:
-        env = _env(stack, MLFLOW_TRACKING_PASSWORD="wrong-password")
+        env = stack.client_env(MLFLOW_TRACKING_PASSWORD="wrong-password")
         url = env["MLFLOW_TRACKING_URI"]
         service = "MLflow tracking server"
     t = time.monotonic()
@@ -557,7 +544,7 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
     only complete versions and the champion has not moved."""
     before = _registry(stack)
     assert before["aliases"] and "champion" in before["aliases"], before["aliases"]
-    uri = _env(stack)["MLFLOW_TRACKING_URI"]
+    uri = stack.client_env()["MLFLOW_TRACKING_URI"]
     weights_glob = "*/*/artifacts/weights/model.safetensors"
     old_weights = set((stack.state / "mlartifacts").glob(weights_glob))
     lines: list[str] = []
@@ -566,8 +553,8 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
     # the stage pauses where the fault must land (failpoint register.weights_logged: its
     # weights uploaded, the pyfunc and the version not yet) until the server is dead
     fp = stack.state.parent / "failpoints-tracking-lost"
-    env = _env(stack, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
-               **armed_env(fp, "register.weights_logged"))
+    env = stack.client_env(MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+                           **armed_env(fp, "register.weights_logged"))
     t0 = time.monotonic()
     stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item",
                               "train_stage@1"], cwd=stack.clone, env=env,

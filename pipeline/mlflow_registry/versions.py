@@ -17,8 +17,9 @@ from rlfn import failpoints
 from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_image
 
 __all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of",
-           "FIGURE_PREFIX", "RUNTIME_FIGURE", "MODEL_ARTIFACT"]
+           "FIGURE_PREFIX", "RUNTIME_FIGURE", "MODEL_ARTIFACT", "DATA_PREFIX"]
 
+DATA_PREFIX = "rlfn.data."  # version tags rlfn.data.<item>.{path,md5}; read by pipeline.lineage
 FIGURE_PREFIX = "rlfn.figure."
 RUNTIME_FIGURE = "runtime_ms_cpu"
 MODEL_ARTIFACT = "model"
@@ -227,7 +228,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
         "rlfn.weights_sha256": sha256_file(weights),
         "rlfn.run_id": run.info.run_id,
         **{k: v for k, v in lineage.items() if v},
-        **{f"rlfn.data.{k}.{f}": v for k, d in hashed.items() for f, v in d.items()},
+        **{f"{DATA_PREFIX}{k}.{f}": v for k, d in hashed.items() for f, v in d.items()},
         **fig_tags,
         **{str(k): str(v) for k, v in (tags or {}).items()},
     }
