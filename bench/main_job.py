@@ -10,7 +10,7 @@ official weights then join evaluate and the Pareto chart; ``--no-shared`` leaves
 instead, to time the pipeline alone), then ``dvc repro`` with the venv active, reading its
 output as it comes: each stage's wall time from DVC's "Running stage" lines, and how much of
 it went on start-up (interpreter, imports, Prefect, the MLflow run) from the stage's own
-"ready after N s" line (``pipeline._common.stage_run``). Prints the phase table against the
+"ready after N s" line (``pipeline.tracking.stage_run``). Prints the phase table against the
 15-minute target and writes it to ``bench/results/main_job.json`` (with the machine) unless
 ``--no-save``. Then, from another process, ``mlflow.pyfunc.load_model(
 "models:/rlfn-x4@champion")`` upscales an image, and the sha256 of every stage's weights is

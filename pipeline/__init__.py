@@ -1,6 +1,7 @@
 """The pipeline: one Prefect flow per DVC stage (``python -m pipeline.<stage>``), settings from
-``params.yaml`` (``pipeline.settings``), runs and models in MLflow (``pipeline._common``,
-``pipeline.mlflow_registry``)."""
+``params.yaml`` (``pipeline.settings``), one entry contract for every command
+(``pipeline.entry``), runs and models in MLflow (``pipeline.tracking``, ``pipeline.tags``,
+``pipeline.mlflow_registry``), DVC from inside a stage (``pipeline.dvcops``)."""
 
 import os as _os
 from pathlib import Path as _Path

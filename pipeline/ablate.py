@@ -42,10 +42,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from pipeline._common import log, params, stage_run, write_json
+from pipeline import tags as T
+from pipeline.entry import log, run_entry
 from pipeline.settings import load_settings
+from pipeline.settings import read_params as params
+from pipeline.tracking import stage_run
 from rlfn.errors import ConfigError, RLFNError
-from rlfn.log import setup as setup_logging
+from rlfn.io import write_json
 
 __all__ = ["AblationError", "SCHEDULES", "variant_names", "resolve", "stage_overrides",
            "stage_configs", "check", "ablate"]
@@ -190,7 +193,7 @@ def ablate(params_file: str = "params.yaml") -> dict:
     """Train, score and time the variant ``ablation.name``; write ``ablation.out``."""
     import mlflow
 
-    from pipeline._common import log_dict_metrics
+    from pipeline.tracking import log_dict_metrics
     from rlfn.complexity import count_complexity
     from rlfn.evaluate import evaluate_folder
     from rlfn.profile import profile_runtime
@@ -207,7 +210,7 @@ def ablate(params_file: str = "params.yaml") -> dict:
     section = {"ablation": a, "train": prm.get("train"), "evaluate": prm.get("evaluate")}
     t0 = time.perf_counter()
     with stage_run("ablate", prm, section):
-        mlflow.set_tag("rlfn.ablation", name)
+        mlflow.set_tag(T.ABLATION, name)
         mlflow.log_params({"ablation": name, "model": spec["model"],
                            "schedule": spec["schedule"], "contrastive": spec["contrastive"],
                            "runs": len(cfgs)})
@@ -270,14 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        check(args.params)  # before the flow (and any training) starts
-        ablate(args.params)
-    except RLFNError as e:
-        log.error(str(e))
-        return e.exit_code
-    return 0
+    # checked before the flow (and any training) starts; the entry contract of pipeline.entry
+    return run_entry(lambda: ablate(args.params) and None, check=lambda: check(args.params),
+                     load_aware_threads=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline._common import params
+from pipeline.entry import run_entry
+from pipeline.settings import read_params as params
+from rlfn.errors import ConfigError, RLFNError
 
 __all__ = ["GROUPS", "collect", "render", "chart", "main"]
 
@@ -100,7 +102,8 @@ def dvc_exp_show() -> Any:
     r = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True,
                        text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"dvc exp show --json failed: {r.stderr.strip()[-2000:]}")
+        raise RLFNError("dvc exp show --json --all-commits",
+                        f"exit code {r.returncode}: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout or "[]")
 
 
@@ -226,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports/ablations.md")
     ap.add_argument("--png", default=None, help="default: the --out path with .png")
     args = ap.parse_args(argv)
-    try:
-        show = json.loads(Path(args.input).read_text()) if args.input else dvc_exp_show()
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_entry(lambda: _report(args), services=False)
+
+
+def _report(args: argparse.Namespace) -> None:
+    if args.input:
+        try:
+            show = json.loads(Path(args.input).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(args.input, f"not a readable `dvc exp show --json` output ({e})")
+    else:
+        show = dvc_exp_show()
     prm = params(args.params)
     rows = collect(show)
     out = Path(args.out)
@@ -238,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(render(rows, prm))
     png = chart(rows, prm, Path(args.png) if args.png else out.with_suffix(".png"))
     print(f"{out}: {len(rows)} ablation(s) from the experiments; chart {png}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
+from pipeline.entry import log, main
 from pipeline.settings import Settings, load_settings
+from pipeline.tracking import log_dict_metrics, stage_run
 from rlfn.errors import DataError
 from rlfn.evaluate import evaluate_folder
 from rlfn.infer import check_backend, make_engine
+from rlfn.io import write_json
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model
 

@@ -5,7 +5,7 @@
   recorded data hash against the workspace (:func:`workspace_state`: ``present``, ``differs``
   or ``missing``, by ``rlfn.lineage.dvc_md5``, DVC's md5 computed without DVC). MLflow is
   imported only there. The tracking store is the stages' own: ``MLFLOW_TRACKING_URI``, else
-  the SQLite store of the workspace's ``params.yaml`` (``pipeline._common.tracking_uri``, the
+  the SQLite store of the workspace's ``params.yaml`` (``pipeline.tracking.tracking_uri``, the
   one rule), which must exist.
 * :func:`format_report`: the report as the lines ``rlfn lineage`` prints.
 
@@ -31,14 +31,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline._common import tracking_uri as stages_tracking_uri
+from pipeline import tags as T
 from pipeline.settings import read_params
+from pipeline.tracking import tracking_uri as stages_tracking_uri
 from rlfn.errors import DataError, UsageError
-from pipeline.mlflow_registry.versions import DATA_PREFIX
 from rlfn.lineage import dvc_md5
 
 __all__ = ["workspace_state", "parse_model_ref", "default_tracking_uri", "lineage_report",
-           "format_report", "DATA_PREFIX"]
+           "format_report"]
 
 
 
@@ -71,7 +71,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
 def default_tracking_uri(root: str | Path = ".") -> str:
     """The store the stages of the workspace ``root`` log to: ``MLFLOW_TRACKING_URI``, else
     the SQLite store its ``params.yaml`` names (``mlflow.db``), which must exist. The rule is
-    ``pipeline._common.tracking_uri``'s, with ``root`` for the project folder."""
+    ``pipeline.tracking.tracking_uri``'s, with ``root`` for the project folder."""
     root = Path(root)
     prm = read_params(root / "params.yaml") if (root / "params.yaml").is_file() else {}
     uri = stages_tracking_uri(prm, root=root)
@@ -167,22 +167,22 @@ def _report(name: str, alias: str | None, version: str | None, root: Path,
             run["error"] = _one_line(e)
     data = {}
     for key, value in sorted(tags.items()):
-        if key.startswith(DATA_PREFIX) and key.endswith(".path"):
-            item = key[len(DATA_PREFIX):-len(".path")]
-            md5 = tags.get(f"{DATA_PREFIX}{item}.md5")
+        if key.startswith(T.DATA_PREFIX) and key.endswith(".path"):
+            item = key[len(T.DATA_PREFIX):-len(".path")]
+            md5 = tags.get(f"{T.DATA_PREFIX}{item}.md5")
             data[item] = {"path": value, "md5": md5,
                           "workspace": workspace_state(value, md5, root)}
-    figures = {k[len("rlfn.figure."):]: v for k, v in sorted(tags.items())
-               if k.startswith("rlfn.figure.")}
+    figures = {k[len(T.FIGURE_PREFIX):]: v for k, v in sorted(tags.items())
+               if k.startswith(T.FIGURE_PREFIX)}
     return {
         "name": mv.name, "version": int(mv.version), "aliases": aliases,
         "description": mv.description or "", "tracking_uri": uri,
         "figures": figures, "run": run,
-        "git_commit": tags.get("rlfn.git_commit"), "git_dirty": tags.get("rlfn.git_dirty"),
-        "params_hash": tags.get("rlfn.params_hash"), "repro_id": tags.get("rlfn.repro_id"),
-        "repro_run_id": tags.get("rlfn.repro_run_id"), "dvc_stage": tags.get("rlfn.dvc_stage"),
-        "stage": tags.get("rlfn.stage"), "model": tags.get("rlfn.model"),
-        "scale": tags.get("rlfn.scale"), "weights_sha256": tags.get("rlfn.weights_sha256"),
+        "git_commit": tags.get(T.V_GIT_COMMIT), "git_dirty": tags.get(T.V_GIT_DIRTY),
+        "params_hash": tags.get(T.V_PARAMS_HASH), "repro_id": tags.get(T.V_REPRO_ID),
+        "repro_run_id": tags.get(T.V_REPRO_RUN_ID), "dvc_stage": tags.get(T.V_DVC_STAGE),
+        "stage": tags.get(T.V_STAGE), "model": tags.get(T.V_MODEL),
+        "scale": tags.get(T.V_SCALE), "weights_sha256": tags.get(T.V_WEIGHTS_SHA256),
         "data": data,
     }
 
@@ -212,8 +212,8 @@ def format_report(rep: dict[str, Any]) -> list[str]:
         lines.append("  run metrics " + ", ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
     for d in run.get("inputs") or []:
         t = d["tags"]
-        counts = ", ".join(f"{k[len('rlfn.'):]} {v}" for k, v in sorted(t.items())
-                           if k.startswith("rlfn.rows"))
+        counts = ", ".join(f"{k[len(T.DATASET_PREFIX):]} {v}" for k, v in sorted(t.items())
+                           if k.startswith(f"{T.DATASET_PREFIX}rows"))
         lines.append(f"  dataset     {d['name']} digest {d['digest']}"
                      + (f" ({counts})" if counts else ""))
     if rep["data"]:

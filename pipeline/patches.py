@@ -10,8 +10,9 @@ import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, main, stage_run
+from pipeline.entry import log, main
 from pipeline.settings import Settings, load_settings
+from pipeline.tracking import stage_run
 from rlfn.data.degrade import items_from_manifest, lr_path
 from rlfn.data.manifest import read_manifest
 from rlfn.data.patches import build_patch_store

@@ -9,8 +9,9 @@ import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, main, stage_run
+from pipeline.entry import log, main
 from pipeline.settings import Settings, load_settings
+from pipeline.tracking import stage_run
 from rlfn.data.manifest import build_manifest, summary_path
 from rlfn.data.sources import Source, SourceError, resolve
 from rlfn.errors import ConfigError, DataError

@@ -33,11 +33,13 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
+from pipeline.entry import log, main
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
+from pipeline.tracking import log_dict_metrics, stage_run
 from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
 from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
+from rlfn.io import write_json
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto

@@ -23,10 +23,13 @@ import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, main, stage_run, tracking_uri, write_json
+from pipeline import tags as T
+from pipeline.entry import log, main
 from pipeline.settings import Settings, load_settings
 from pipeline.stage_config import stage_data, train_config
+from pipeline.tracking import stage_run, tracking_uri
 from rlfn.errors import DataError
+from rlfn.io import write_json
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -47,9 +50,9 @@ def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict,
             version = None
     if version is None:
         version = log_and_register(stage_dir / "model.safetensors", scale,
-                                   registered_name=name, tags={"rlfn.stage": stage}, data=data)
+                                   registered_name=name, tags={T.V_STAGE: stage}, data=data)
     for k, v in figures.items():
-        client.set_model_version_tag(name, version.version, f"rlfn.figure.{k}", str(v))
+        client.set_model_version_tag(name, version.version, f"{T.FIGURE_PREFIX}{k}", str(v))
     return version
 
 

@@ -6,7 +6,7 @@ them anyway; ``push`` ends with ``dvc push`` to the default remote (team mode: `
 
 The single-stage deployments (``prepare`` ... ``promote``) run one stage's flow directly; run
 outside ``dvc repro`` they end with ``dvc commit`` of their stage, so ``dvc status`` agrees
-with what they wrote (``pipeline._common.stage_run``)."""
+with what they wrote (``pipeline.tracking.stage_run``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 
 from prefect import flow
 
-from pipeline._common import main, run_dvc
+from pipeline.dvcops import run_dvc
+from pipeline.entry import main
 
 __all__ = ["repro", "run_dvc"]
 

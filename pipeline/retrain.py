@@ -36,7 +36,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import ROOT, log, run_dvc
+from pipeline import tags as T
+from pipeline.dvcops import ROOT, run_dvc
+from pipeline.entry import log, run_entry
 from rlfn.errors import RLFNError
 
 __all__ = ["retrain", "RetrainError"]
@@ -118,7 +120,7 @@ def checkout(repo: str, ref: str, work: Path) -> dict:
 
 def _metrics(work: Path) -> dict[str, float]:
     """Every number of ``metrics/*.json``, flattened as ``file:key.sub``."""
-    from pipeline._common import flatten_numbers
+    from pipeline.tracking import flatten_numbers
 
     out: dict[str, float] = {}
     for f in sorted((work / "metrics").glob("*.json")):
@@ -216,7 +218,7 @@ def _to_mlflow(work: Path, s: dict) -> str:
     sets ``s["mlflow_run"]`` and returns the summary's markdown, rendered once with it."""
     import mlflow
 
-    from pipeline._common import experiment_id, tracking_uri
+    from pipeline.tracking import experiment_id, tracking_uri
     from pipeline.settings import read_params
 
     with contextlib.chdir(work):  # without a server: the checkout's own mlflow.db, as its stages
@@ -224,7 +226,7 @@ def _to_mlflow(work: Path, s: dict) -> str:
         mlflow.set_tracking_uri(tracking_uri(prm))
         exp = experiment_id(mlflow, prm)
     dec = s.get("decision") or {}
-    tags = {"rlfn.kind": "retrain", "rlfn.retrain.ref": s["ref"], "git_commit": s["sha"],
+    tags = {T.KIND: "retrain", T.RETRAIN_REF: s["ref"], T.GIT_COMMIT: s["sha"],
             "rlfn.retrain.stages": ",".join(s["ran"]) or "none",
             "rlfn.retrain.branch": s.get("branch") or "",
             "promotion.promoted": str(bool(dec.get("promoted"))) if s["ran"] else "n/a",
@@ -328,9 +330,8 @@ def summary_of(flow_run_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.services import check_services
-    from rlfn.log import setup as setup_logging
-
+    """The command line, under the pipeline's entry contract (``pipeline.entry``). Its
+    settings are the ref's own ``params.yaml``, checked by the stages it runs."""
     p = argparse.ArgumentParser(prog="python -m pipeline.retrain", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", default=None, help="git URL or path (default: origin)")
@@ -341,19 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-of", metavar="FLOW_RUN_ID", default=None,
                    help="print the summary of a finished retrain flow run (from Prefect)")
     args = p.parse_args(argv)
-    setup_logging()
-    try:
-        check_services()
+
+    def work() -> None:
         if args.summary_of:
             print(summary_of(args.summary_of), end="")
-            return 0
+            return
         s = retrain(repo=args.repo, ref=args.ref, force=args.force, workdir=args.workdir)
-    except RLFNError as e:
-        log.error(str(e))
-        return e.exit_code
-    print(json.dumps({k: s.get(k) for k in ("ref", "sha", "ran", "branch", "decision",
-                                             "mlflow_run")}))
-    return 0
+        print(json.dumps({k: s.get(k) for k in ("ref", "sha", "ran", "branch", "decision",
+                                                 "mlflow_run")}))
+
+    return run_entry(work)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline._common import log, main, stage_run, write_json
+from pipeline import tags as T
+from pipeline.entry import log, main
 from pipeline.settings import Settings, load_settings
 from pipeline.stage_config import stage_data, train_config
+from pipeline.tracking import stage_run
+from rlfn.io import write_json
 from rlfn.train.checkpoint import find_checkpoint
 from rlfn.train.config import TrainConfig
 from rlfn.train.engine import run_key, train
@@ -80,7 +83,7 @@ def register(weights: Path, scale: int, stage: str, result: dict, data: dict):
     from pipeline.mlflow_registry import log_and_register
 
     figures = {"val_psnr_y": result["final_psnr"]} if result.get("final_psnr") else {}
-    return log_and_register(weights, scale, tags={"rlfn.stage": str(stage)}, figures=figures,
+    return log_and_register(weights, scale, tags={T.V_STAGE: str(stage)}, figures=figures,
                             data=data)
 
 

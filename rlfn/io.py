@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -21,8 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "encode_png",
-           "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "write_json",
+           "encode_png", "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # 8K x 8K: far above any SR benchmark or DIV2K image (2K), far below a decompression bomb.
@@ -187,6 +188,23 @@ def write_png(path: str | Path, arr: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: object) -> Path:
+    """Write ``data`` as indented, key-sorted JSON, atomically (temp file + rename): a reader
+    (DVC, a dashboard) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

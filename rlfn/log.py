@@ -5,7 +5,7 @@ mapped to ``rlfn.pipeline.train``). ``setup()`` (called by the commands' entry p
 it to stderr as plain lines: ``note: ...`` for warnings, ``error: ...`` for errors and the
 message alone for info, which is what the CLI always printed. Inside a Prefect flow run the
 same records also reach Prefect (``PREFECT_LOGGING_EXTRA_LOGGERS=rlfn``, set by
-``pipeline._common``).
+``pipeline/__init__.py``).
 """
 
 from __future__ import annotations

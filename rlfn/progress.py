@@ -22,7 +22,7 @@ use as a context manager. The mode:
 Where the lines go: each is an INFO record of the ``rlfn.progress`` logger (whose level is set
 to INFO, unless someone set another, so that the lines do not depend on the level of
 ``rlfn`` or of the root logger). Through ``rlfn.log.setup()`` (every command's entry point,
-``pipeline._common.main``) it is a plain line on stderr; inside a Prefect flow run the same
+``pipeline.entry.main``) it is a plain line on stderr; inside a Prefect flow run the same
 record also reaches the flow run's log, through the handler Prefect puts on the ``rlfn``
 logger (``PREFECT_LOGGING_EXTRA_LOGGERS=rlfn``); without ``setup()`` it reaches whatever
 handlers the application configured. Where no handler at all would see it (a bare

@@ -210,7 +210,7 @@ def processes_with_env(var: str, value: str) -> dict[int, str]:
 
 def restore_tracking_uri():
     """A fixture's body (``yield from restore_tracking_uri()``): ``mlflow.set_tracking_uri``
-    also sets ``MLFLOW_TRACKING_URI`` in os.environ (which ``pipeline._common.tracking_uri``
+    also sets ``MLFLOW_TRACKING_URI`` in os.environ (which ``pipeline.tracking.tracking_uri``
     reads): both are put back afterwards, for the modules run later in the session."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils

@@ -5,6 +5,7 @@ capture, and one real tiny ablation end to end (Prefect + MLflow, no mocks)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ FIXTURE = Path(__file__).parent / "data" / "ablation_exp_show.json"
 
 from pipeline import ablate as abl  # noqa: E402
 from pipeline import ablation_report as rep  # noqa: E402
-from pipeline._common import params  # noqa: E402
+from pipeline.settings import read_params as params  # noqa: E402
 
 
 _env = clean_env
@@ -168,6 +169,23 @@ def test_report_from_dvc_exp_show_fixture(tmp_path):
 # module fixture (a project copy) and the checks, so the subprocess's error (with its output)
 # is what a too-slow run reports.
 @pytest.mark.timeout(ABLATE_TIMEOUT_S + 60)
+def test_report_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """The report's entry contract (pipeline.entry.run_entry): an unreadable --input is exit 2,
+    a failing `dvc exp show` exit 1, each one `error:` line naming it, and nothing written."""
+    out = tmp_path / "reports" / "ablations.md"
+    bad = tmp_path / "show.json"
+    bad.write_text("{not json")
+    assert rep.main(["--input", str(bad), "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: not a readable"), err
+    monkeypatch.chdir(tmp_path)  # no DVC repository here: `dvc exp show` fails
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    assert rep.main(["--out", str(out)]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err[0].startswith("error: dvc exp show --json --all-commits: exit code "), err
+    assert not out.exists() and not out.parent.exists()
+
+
 def test_real_tiny_ablation(project):
     _set_name(project, "ws_1")  # an alias: rlfb_no_cl's recipe under the name ws_1
     r = _ablate(project)

@@ -2,7 +2,7 @@
 real DVC (its own hashes) and the real ``rlfn lineage`` command.
 
 * ``rlfn.lineage.dvc_md5`` equals the md5 ``dvc add`` records, for a file and a folder;
-* ``log_and_register`` inside ``pipeline._common.stage_run`` (the stages' own run) records on
+* ``log_and_register`` inside ``pipeline.tracking.stage_run`` (the stages' own run) records on
   the version: the DVC md5s of the manifest, patch store, validation set, init and weights,
   the git commit and dirty flag, the params hash, the repro and its parent run; logs the
   manifest as the run's MLflow dataset input (digest and row counts); writes a description;
@@ -131,7 +131,7 @@ DATA = {"manifest": "data/manifest.parquet", "patches": "data/patches",
 @pytest.fixture(scope="module")
 def registered(workspace, tmp_path_factory) -> dict:
     """``log_and_register`` as ``train_stage@2`` calls it, inside ``stage_run``."""
-    from pipeline._common import stage_run
+    from pipeline.tracking import stage_run
     from pipeline.mlflow_registry import log_and_register
 
     store = tmp_path_factory.mktemp("mlflow")
@@ -156,7 +156,7 @@ def registered(workspace, tmp_path_factory) -> dict:
 
 
 def test_version_carries_its_lineage(registered, workspace):
-    from pipeline._common import git_commit
+    from pipeline.tracking import git_commit
 
     mv, run = registered["version"], registered["run"]
     tags = mv.tags
@@ -310,9 +310,9 @@ def test_rlfn_lineage_errors_are_one_line(registered, capsys, monkeypatch, tmp_p
 
 def test_rlfn_lineage_default_store_is_the_stages_rule(tmp_path, monkeypatch, capsys):
     """Without MLFLOW_TRACKING_URI the store is the one the stages use
-    (``pipeline._common.tracking_uri``: params.yaml's ``mlflow.db``), under ``--root``; a
+    (``pipeline.tracking.tracking_uri``: params.yaml's ``mlflow.db``), under ``--root``; a
     missing one is one line, exit 2, and is not created."""
-    from pipeline._common import tracking_uri
+    from pipeline.tracking import tracking_uri
     from pipeline.lineage import default_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -300,7 +300,7 @@ PREFECT_CHECK = """
 import logging, sys
 import pipeline  # sets PREFECT_LOGGING_EXTRA_LOGGERS=rlfn, as every stage does
 from rlfn.log import setup
-setup()  # pipeline._common.main does this first
+setup()  # pipeline.entry.main does this first
 from prefect.logging.configuration import setup_logging
 from prefect.logging.handlers import APILogHandler
 setup_logging()

@@ -51,7 +51,7 @@ Tags on a model version
   ``rlfn.run_id``, plus the caller's ``tags``.
 * Lineage (``pipeline.lineage`` reads them back: ``rlfn lineage``): ``rlfn.data.<name>.path`` and
   ``.md5`` (DVC md5) for each ``data`` item and for ``weights``; copied from the run's tags
-  (``pipeline._common.stage_run``): ``rlfn.git_commit`` (``-dirty`` when tracked files had
+  (``pipeline.tracking.stage_run``): ``rlfn.git_commit`` (``-dirty`` when tracked files had
   changes) and ``rlfn.git_dirty``, ``rlfn.params_hash``, ``rlfn.repro_id``,
   ``rlfn.repro_run_id`` (the repro's parent run), ``rlfn.dvc_stage``.
 * Written by ``promote`` on the candidate: ``rlfn.promotion.decision`` (``promoted`` or

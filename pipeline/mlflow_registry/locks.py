@@ -17,9 +17,11 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow import MlflowClient
 
+from pipeline.tags import LEASE
+
 __all__ = ["LeaseLost", "LEASE_TAG", "LEASE_TTL_S", "LEASE_SETTLE_S", "LEASE_GUARD_S"]
 
-LEASE_TAG = "rlfn.promotion.lease"
+LEASE_TAG = LEASE
 LEASE_TTL_S = 60.0
 LEASE_SETTLE_S = 0.5
 LEASE_GUARD_S = 5.0

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from pipeline.tags import PROMOTION_PREFIX
 from rlfn import failpoints
 
 from .locks import _lock
@@ -19,7 +20,6 @@ from .versions import RUNTIME_FIGURE, _client, figures_of
 __all__ = ["promote", "champion", "CHAMPION_ALIAS", "PROMOTION_PREFIX", "LOCK_TIMEOUT_S"]
 
 CHAMPION_ALIAS = "champion"
-PROMOTION_PREFIX = "rlfn.promotion."
 LOCK_TIMEOUT_S = 120.0
 
 

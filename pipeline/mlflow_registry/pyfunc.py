@@ -202,8 +202,8 @@ def _stage_code(dest: Path) -> list[str]:
     """Copy this package (as ``pipeline/mlflow_registry`` under a minimal ``pipeline``) and the
     ``rlfn`` library into ``dest`` for ``code_paths``: the model's code (``model_code.py``)
     imports ``pipeline.mlflow_registry.pyfunc.RLFNPyfunc``, which must import wherever the
-    model is loaded. Nothing else of ``pipeline`` is shipped (this package imports none of
-    it)."""
+    model is loaded. Of the rest of ``pipeline`` only the tag vocabulary ``pipeline/tags.py``
+    (a module that imports nothing) is shipped: this package imports nothing else of it."""
     import rlfn
 
     pkg = dest / "pipeline"
@@ -212,6 +212,7 @@ def _stage_code(dest: Path) -> list[str]:
                                      'RLFN pyfunc."""\n')
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(PACKAGE_DIR, pkg / PACKAGE_DIR.name, ignore=ignore)
+    shutil.copy2(PACKAGE_DIR.parent / "tags.py", pkg / "tags.py")
     lib = dest / "rlfn"
     shutil.copytree(Path(rlfn.__file__).parent, lib, ignore=ignore)
     return [str(pkg), str(lib)]

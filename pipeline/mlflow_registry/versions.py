@@ -12,6 +12,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from pipeline import tags as T
+from pipeline.tags import DATA_PREFIX, FIGURE_PREFIX
 from rlfn import failpoints
 
 from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_image
@@ -19,8 +21,6 @@ from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_
 __all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of",
            "FIGURE_PREFIX", "RUNTIME_FIGURE", "MODEL_ARTIFACT", "DATA_PREFIX"]
 
-DATA_PREFIX = "rlfn.data."  # version tags rlfn.data.<item>.{path,md5}; read by pipeline.lineage
-FIGURE_PREFIX = "rlfn.figure."
 RUNTIME_FIGURE = "runtime_ms_cpu"
 MODEL_ARTIFACT = "model"
 
@@ -150,15 +150,15 @@ def _description(name: str, version_tags: Mapping[str, str], hashed: Mapping[str
                  counts: Mapping[str, int], figures: Mapping[str, str]) -> str:
     """A few Markdown lines for the MLflow UI: what, from which run, commit and data."""
     t = version_tags
-    stage = t.get("rlfn.dvc_stage") or t.get("rlfn.stage") or "-"
-    lines = [f"**{t['rlfn.model']} x{t['rlfn.scale']}** from `{stage}`, run "
-             f"`{t['rlfn.run_id']}`"
-             + (f" of repro `{t['rlfn.repro_id']}` (parent run `{t['rlfn.repro_run_id']}`)"
-                if t.get("rlfn.repro_id") else "") + ".",
-             f"- commit `{t.get('rlfn.git_commit', 'unknown')}`"
+    stage = t.get(T.V_DVC_STAGE) or t.get(T.V_STAGE) or "-"
+    lines = [f"**{t[T.V_MODEL]} x{t[T.V_SCALE]}** from `{stage}`, run "
+             f"`{t[T.V_RUN_ID]}`"
+             + (f" of repro `{t[T.V_REPRO_ID]}` (parent run `{t[T.V_REPRO_RUN_ID]}`)"
+                if t.get(T.V_REPRO_ID) else "") + ".",
+             f"- commit `{t.get(T.V_GIT_COMMIT, 'unknown')}`"
              + {"true": " (dirty: uncommitted changes)", "false": " (clean)"}.get(
-                 t.get("rlfn.git_dirty", ""), "")
-             + f"; params hash `{t.get('rlfn.params_hash', '-')}`"]
+                 t.get(T.V_GIT_DIRTY, ""), "")
+             + f"; params hash `{t.get(T.V_PARAMS_HASH, '-')}`"]
     for item, d in hashed.items():
         extra = ""
         if item == "manifest" and counts.get("rows") is not None:
@@ -188,7 +188,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     Lineage: ``data`` (``{name: path}``, e.g. ``manifest``, ``patches``, ``val``, ``init``:
     what the stage consumed) and the weights themselves are recorded with their DVC md5s as
     ``rlfn.data.<name>.path``/``.md5``; the run's ``git_commit``, ``params_hash``,
-    ``rlfn.repro_id``, parent run and ``dvc_stage`` (``pipeline._common.stage_run``'s tags)
+    ``rlfn.repro_id``, parent run and ``dvc_stage`` (``pipeline.tracking.stage_run``'s tags)
     are copied as ``rlfn.git_commit`` (``rlfn.git_dirty``), ``rlfn.params_hash``,
     ``rlfn.repro_id``, ``rlfn.repro_run_id``, ``rlfn.dvc_stage``. A ``manifest`` is also
     logged as the run's MLflow dataset input (context ``training``; digest: its DVC md5;
@@ -204,7 +204,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run (mlflow.start_run() or "
-                           "pipeline._common.stage_run())")
+                           "pipeline.tracking.stage_run())")
     weights = Path(weights)
     loaded = load_model(weights, scale=int(scale))  # WeightsError names the file and reason
     name = registered_name or f"rlfn-x{int(scale)}"
@@ -212,21 +212,21 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
     hashed = _hash_data({**(data or {}), "weights": weights})
     client = _client()
     run_tags = client.get_run(run.info.run_id).data.tags
-    commit = run_tags.get("git_commit", "unknown")
+    commit = run_tags.get(T.GIT_COMMIT, "unknown")
     lineage = {
-        "rlfn.git_commit": commit,
-        "rlfn.git_dirty": ("unknown" if commit == "unknown"
-                           else "true" if commit.endswith("-dirty") else "false"),
-        "rlfn.params_hash": run_tags.get("params_hash"),
-        "rlfn.repro_id": run_tags.get("rlfn.repro_id"),
-        "rlfn.repro_run_id": run_tags.get("mlflow.parentRunId"),
-        "rlfn.dvc_stage": run_tags.get("dvc_stage"),
+        T.V_GIT_COMMIT: commit,
+        T.V_GIT_DIRTY: ("unknown" if commit == "unknown"
+                        else "true" if commit.endswith("-dirty") else "false"),
+        T.V_PARAMS_HASH: run_tags.get(T.PARAMS_HASH),
+        T.V_REPRO_ID: run_tags.get(T.REPRO_ID),
+        T.V_REPRO_RUN_ID: run_tags.get(T.PARENT_RUN),
+        T.V_DVC_STAGE: run_tags.get(T.DVC_STAGE),
     }
     version_tags = {
-        "rlfn.scale": str(int(scale)),
-        "rlfn.model": loaded.name,
-        "rlfn.weights_sha256": sha256_file(weights),
-        "rlfn.run_id": run.info.run_id,
+        T.V_SCALE: str(int(scale)),
+        T.V_MODEL: loaded.name,
+        T.V_WEIGHTS_SHA256: sha256_file(weights),
+        T.V_RUN_ID: run.info.run_id,
         **{k: v for k, v in lineage.items() if v},
         **{f"{DATA_PREFIX}{k}.{f}": v for k, d in hashed.items() for f, v in d.items()},
         **fig_tags,
@@ -239,7 +239,7 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
         dataset, rows = _manifest_dataset(Path(data["manifest"]), hashed["manifest"]["md5"])
         counts.update(rows)
         mlflow.log_input(dataset, context="training",
-                         tags={f"rlfn.{k}": str(v) for k, v in counts.items()})
+                         tags={f"{T.DATASET_PREFIX}{k}": str(v) for k, v in counts.items()})
     description = _description(name, version_tags, hashed, counts,
                                {k[len(FIGURE_PREFIX):]: v for k, v in fig_tags.items()})
 
@@ -291,8 +291,8 @@ def version_weights(registered_name: str, dest: str | Path) -> list[dict[str, An
     out = []
     for mv in sorted(versions, key=lambda m: int(m.version)):
         tags = mv.tags or {}
-        row = {"version": int(mv.version), "sha256": tags.get("rlfn.weights_sha256"),
-               "stage": tags.get("rlfn.stage"), "aliases": by_version.get(str(mv.version), [])}
+        row = {"version": int(mv.version), "sha256": tags.get(T.V_WEIGHTS_SHA256),
+               "stage": tags.get(T.V_STAGE), "aliases": by_version.get(str(mv.version), [])}
         try:
             target = Path(dest) / f"v{mv.version}"
             row["path"] = str(Path(mlflow.artifacts.download_artifacts(

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from pipeline._common import params
+from pipeline.settings import read_params as params
 
 from .spec import DEFAULTS, TRAIN_KEYS, TuneError
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline._common import params
+from pipeline.settings import read_params as params
 from rlfn.errors import ConfigError
 from rlfn.train.config import TrainConfig, stage_config
 

@@ -12,7 +12,10 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
-from pipeline._common import params, stage_run, write_json
+from pipeline import tags as T
+from pipeline.settings import read_params as params
+from pipeline.tracking import stage_run
+from rlfn.io import write_json
 
 from .spec import TuneError, TuneSpec, hide_password, load_spec, mask_url, optuna_class
 
@@ -203,7 +206,7 @@ def tune(params_file: str = "params.yaml") -> dict:
             shutil.rmtree(out, ignore_errors=True)  # trial numbers are never reused
             run = mlflow.start_run(run_name=f"trial {trial.number}", nested=True,
                                    experiment_id=mlflow.active_run().info.experiment_id, tags={
-                "rlfn.kind": "trial", "dvc_stage": "tune", "optuna.study": spec.study,
+                T.KIND: "trial", T.DVC_STAGE: "tune", "optuna.study": spec.study,
                 "optuna.trial": str(trial.number), "optuna.state": "RUNNING"})
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             trial.set_user_attr("out_dir", str(out))

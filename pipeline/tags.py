@@ -1,0 +1,39 @@
+"""The project's MLflow tag vocabulary, each key written once: what the stages, trials and
+retrains tag their runs with (``pipeline.tracking``), what a registered model and its versions
+are tagged with (``pipeline.mlflow_registry``), and the tags of a version's training dataset.
+Run tags keep their historical names (users' ``search_runs`` filters name them); version and
+model tags are all ``rlfn.*``. This module imports nothing: it ships with the model's code."""
+
+from __future__ import annotations
+
+# -- run tags ---------------------------------------------------------------------------------
+REPRO_ID = "rlfn.repro_id"      # every run of one `dvc repro` (its parent run's too)
+KIND = "rlfn.kind"              # repro | stage | trial | retrain
+DVC_STAGE = "dvc_stage"         # the DVC stage a run belongs to
+GIT_COMMIT = "git_commit"       # HEAD, "-dirty" when tracked files had changes
+PARAMS_HASH = "params_hash"     # sha256 (16 hex) of the params section the run read
+PARENT_RUN = "mlflow.parentRunId"
+ABLATION = "rlfn.ablation"      # an ablation's name (pipeline.ablate)
+RETRAIN_REF = "rlfn.retrain.ref"
+
+# -- model version tags -------------------------------------------------------------------------
+V_SCALE = "rlfn.scale"
+V_MODEL = "rlfn.model"
+V_STAGE = "rlfn.stage"                  # the training stage (1-3) the weights came from
+V_WEIGHTS_SHA256 = "rlfn.weights_sha256"
+V_RUN_ID = "rlfn.run_id"
+V_GIT_COMMIT = "rlfn.git_commit"
+V_GIT_DIRTY = "rlfn.git_dirty"
+V_PARAMS_HASH = "rlfn.params_hash"
+V_REPRO_ID = "rlfn.repro_id"
+V_REPRO_RUN_ID = "rlfn.repro_run_id"
+V_DVC_STAGE = "rlfn.dvc_stage"
+FIGURE_PREFIX = "rlfn.figure."          # rlfn.figure.<metric>: what `promote` compares
+DATA_PREFIX = "rlfn.data."              # rlfn.data.<item>.{path,md5}: the data it saw
+
+# -- registered-model tags ----------------------------------------------------------------------
+PROMOTION_PREFIX = "rlfn.promotion."    # rlfn.promotion.<field>: the last promotion decision
+LEASE = "rlfn.promotion.lease"          # the promotion lock's lease (holder, expiry)
+
+# -- dataset-input tags (the manifest logged as the training dataset) --------------------------
+DATASET_PREFIX = "rlfn."                # rlfn.rows, rlfn.rows.usable, rlfn.patches.images, ...

@@ -1,0 +1,201 @@
+"""MLflow for the stages: the one tracking-URI rule, the project's experiment, and each
+stage's run (``stage_run``) nested under one parent run per ``dvc repro``, tagged with the
+vocabulary of ``pipeline.tags``.
+
+* ``tracking_uri()``: ``MLFLOW_TRACKING_URI`` when set (a real server), else the project's
+  SQLite store ``sqlite:///mlflow.db`` with artefacts in ``mlartifacts/`` beside it.
+* ``stage_run(stage, params)``: stages of one repro find their parent by the tag
+  ``rlfn.repro_id``: ``RLFN_REPRO_ID`` when set, else the pid and start time of the ``dvc``
+  process that launched the stage (so a plain ``dvc repro`` groups its stages), else a fresh
+  id (a stage run by hand gets its own parent). Each stage run is tagged with the git commit,
+  the DVC stage name and a hash of the params it read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline import tags as T
+from pipeline.dvcops import ROOT, commit_stage, deployed_outside_dvc, dvc_ancestor
+from pipeline.services import describe_failure
+from pipeline.settings import MlflowSettings, Settings
+from rlfn.log import get_logger
+
+__all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit",
+           "params_hash", "process_age_s", "flatten_numbers", "log_dict_metrics"]
+
+log = get_logger("pipeline")
+_LOADED = time.monotonic()
+
+
+def _mlflow_section(prm: Any) -> MlflowSettings:
+    """params' ``mlflow`` section (settings or a raw params mapping), defaults filled in."""
+    if isinstance(prm, Settings):
+        return prm.mlflow
+    return MlflowSettings.model_validate(dict((prm or {}).get("mlflow") or {}))
+
+
+def tracking_uri(prm: Any = None, root: str | Path = ".") -> str:
+    """The one tracking-URI rule (the stages, ``rlfn lineage`` through ``pipeline.lineage``):
+    ``MLFLOW_TRACKING_URI``, else the SQLite store ``mlflow.db`` of params (``prm``), a path
+    relative to the project folder ``root`` (the working directory, where stages run)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = _mlflow_section(prm).db
+    return f"sqlite:///{(Path(root) / db).resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(section: Any) -> str:
+    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def repro_id() -> str:
+    rid = os.environ.get("RLFN_REPRO_ID") or dvc_ancestor()
+    if not rid:
+        rid = f"manual-{uuid.uuid4().hex[:12]}"
+        os.environ["RLFN_REPRO_ID"] = rid  # later runs in this process share it
+    return rid
+
+
+def experiment_id(mlflow, prm: Any) -> str:
+    """The id of the project's MLflow experiment (params.yaml's mlflow.experiment), created
+    on first use (with a local artifact location when tracking to SQLite)."""
+    m = _mlflow_section(prm)
+    name = m.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(prm).startswith("sqlite:"):
+        art = Path(m.artifacts).resolve()
+        location = art.as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
+    """The stage's MLflow run (nested under the repro's parent run), tagged and ready."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(prm))
+    exp_id = experiment_id(mlflow, prm)
+    rid = repro_id()
+    commit = git_commit()
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.`{T.REPRO_ID}` = '{rid}' and "
+                               f"tags.`{T.KIND}` = 'repro'", max_results=1, output_format="list")
+    if found:
+        parent_id = found[0].info.run_id
+    else:
+        parent = mlflow.MlflowClient().create_run(
+            exp_id, run_name=f"repro {rid}", tags={T.REPRO_ID: rid, T.KIND: "repro",
+                                                   T.GIT_COMMIT: commit})
+        parent_id = parent.info.run_id
+    client = mlflow.MlflowClient()
+    tags = {T.REPRO_ID: rid, T.KIND: "stage", T.DVC_STAGE: stage,
+            T.GIT_COMMIT: commit, T.PARAMS_HASH: params_hash(
+                section if section is not None else
+                prm.raw if isinstance(prm, Settings) else prm),
+            T.PARENT_RUN: parent_id}
+    run = client.create_run(exp_id, run_name=stage, tags=tags)
+    status = "FAILED"
+    startup = process_age_s()
+    log.info(f"{stage}: ready after {startup:.1f} s (interpreter, imports, Prefect, MLflow)")
+    t0 = time.monotonic()
+    try:
+        with mlflow.start_run(run_id=run.info.run_id):
+            try:
+                mlflow.log_metric("startup_s", round(startup, 2))
+                yield run
+            except BaseException as e:
+                if describe_failure(e) is not None:  # a server lost, after the retries:
+                    _fail_fast()                     # the clean-up below gives up at once
+                raise
+        status = "FINISHED"
+        log.info(f"{stage}: work done in {time.monotonic() - t0:.1f} s")
+        if deployed_outside_dvc():
+            commit_stage(stage)
+    finally:
+        _terminate(client, run.info.run_id, status)
+        _terminate(client, parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+_LOST = False  # set once a server was lost mid-stage (after the clients' retries)
+
+
+def _fail_fast() -> None:
+    """The tracking server is gone (its client already retried): later requests of this
+    process (ending the runs) fail at once instead of retrying for another half minute each."""
+    global _LOST
+    _LOST = True
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+
+
+def _terminate(client: Any, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        if not _LOST:
+            raise
+        log.warning(f"MLflow run {run_id} left {status!r} unrecorded: the tracking server "
+                    f"is unreachable ({type(e).__name__})")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; elsewhere since this module loaded)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start / ticks)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _LOADED
+
+
+def flatten_numbers(nested: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict (booleans and strings left out) as ``{"prefix.a.b": x}``."""
+    flat: dict[str, float] = {}
+
+    def walk(p: str, d: Any) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                walk(f"{p}.{k}" if p else str(k), v)
+        elif isinstance(d, (int, float)) and not isinstance(d, bool):
+            flat[p] = float(d)
+
+    walk(prefix, nested)
+    return flat
+
+
+def log_dict_metrics(prefix: str, nested: dict, step: int | None = None) -> None:
+    """Log a nested dict of numbers as MLflow metrics named ``prefix.a.b.c``."""
+    import mlflow
+
+    flat = flatten_numbers(nested, prefix)
+    if flat:
+        mlflow.log_metrics(flat, step=step)
