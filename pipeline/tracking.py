@@ -27,6 +27,7 @@ from pipeline import tags as T
 from pipeline.dvcops import ROOT, commit_stage, deployed_outside_dvc, dvc_ancestor
 from pipeline.services import describe_failure
 from pipeline.settings import MlflowSettings, Settings
+from rlfn.io import write_text_atomic
 from rlfn.log import get_logger
 
 __all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit",
@@ -115,6 +116,7 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
                                                    T.GIT_COMMIT: commit})
         parent_id = parent.info.run_id
     client = mlflow.MlflowClient()
+    settle_unterminated(client, mlflow.get_tracking_uri())
     tags = {T.REPRO_ID: rid, T.KIND: "stage", T.DVC_STAGE: stage,
             T.GIT_COMMIT: commit, T.PARAMS_HASH: params_hash(
                 section if section is not None else
@@ -162,8 +164,74 @@ def _terminate(client: Any, run_id: str, status: str) -> None:
     except Exception as e:
         if not _LOST:
             raise
+        import mlflow
+
+        _journal_append({"run_id": run_id, "status": status, "uri": mlflow.get_tracking_uri()})
         log.warning(f"MLflow run {run_id} left {status!r} unrecorded: the tracking server "
-                    f"is unreachable ({type(e).__name__})")
+                    f"is unreachable ({type(e).__name__}); the next stage records it "
+                    f"({UNTERMINATED})")
+
+
+# A run whose end could not be recorded (the server was lost) is journaled here and recorded
+# by the next stage that reaches the same server: no run stays RUNNING for ever.
+UNTERMINATED = ROOT / ".rlfn" / "unterminated-runs.jsonl"
+
+
+@contextlib.contextmanager
+def _journal_locked() -> Iterator[None]:
+    """The journal's lock (appends and the settling rewrite exclude each other)."""
+    import fcntl
+
+    UNTERMINATED.parent.mkdir(parents=True, exist_ok=True)
+    with open(UNTERMINATED.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _journal_append(entry: dict) -> None:
+    with _journal_locked(), open(UNTERMINATED, "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def settle_unterminated(client: Any, uri: str) -> list[str]:
+    """Record the end of every journaled run of the server at ``uri`` (one that is still
+    ``RUNNING`` there); keep the others' entries. Returns the run ids recorded."""
+    if not UNTERMINATED.exists():
+        return []
+    with _journal_locked():
+        return _settle(client, uri)
+
+
+def _settle(client: Any, uri: str) -> list[str]:
+    try:
+        lines = UNTERMINATED.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    done, keep = [], []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a process killed mid-append
+        if e.get("uri") != uri:
+            keep.append(line)
+            continue
+        try:
+            if client.get_run(e["run_id"]).info.status == "RUNNING":
+                client.set_terminated(e["run_id"], e["status"])
+                done.append(e["run_id"])
+        except Exception as err:  # noqa: BLE001 - a run deleted meanwhile, or the server again
+            if "RESOURCE_DOES_NOT_EXIST" not in str(err):
+                keep.append(line)
+    if keep:
+        write_text_atomic(UNTERMINATED, "".join(x + "\n" for x in keep))
+    else:
+        UNTERMINATED.unlink(missing_ok=True)
+    for rid in done:
+        log.info(f"MLflow run {rid}: its end, lost with the tracking server, recorded now")
+    return done
 
 
 def process_age_s() -> float:

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DataError
 
 __all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "write_json",
-           "encode_png", "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+           "write_text_atomic", "encode_png", "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # 8K x 8K: far above any SR benchmark or DIV2K image (2K), far below a decompression bomb.
@@ -195,21 +195,27 @@ def write_png(path: str | Path, arr: np.ndarray) -> Path:
     return path
 
 
-def write_json(path: str | Path, data: object) -> Path:
-    """Write ``data`` as indented, key-sorted JSON, atomically (temp file + rename): a reader
-    (DVC, a dashboard) sees the old file or the new one, never half of one."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename): a
+    reader (DVC, a dashboard, the next stage) sees the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | Path, data: object) -> Path:
+    """Write ``data`` as indented, key-sorted JSON, atomically (``write_text_atomic``)."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def list_images(inputs, errors: list | None = None) -> list[Path]:

@@ -618,8 +618,26 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
         assert v["status"] == "READY", v
         assert v.get("downloaded_sha256") == v["sha256"], v
         assert v.get("mlmodel") is True, v
-    failed = [r for r in after["runs"] if r["tags"].get("dvc_stage") == "train_stage@1"
-              and r["run_id"] not in {x["run_id"] for x in before["runs"]}]
-    print(f"the killed stage's run(s): {[(r['run_id'], r['status']) for r in failed]}")
+    new_runs = [r for r in after["runs"] if r["run_id"] not in {x["run_id"] for x in before["runs"]}]
+    killed = [r for r in new_runs if r["tags"].get("dvc_stage") == "train_stage@1"]
+    parents = [r for r in new_runs if r["tags"].get("rlfn.kind") == "repro"]
+    print(f"the killed stage's run(s): {[(r['run_id'], r['status']) for r in killed]}; "
+          f"parent(s): {[(r['run_id'], r['status']) for r in parents]}")
+    assert len(killed) == 1 and len(parents) == 1, new_runs
+    # their ends were lost with the server: journaled in the project, still RUNNING there ...
+    journal = stack.clone / ".rlfn" / "unterminated-runs.jsonl"
+    entries = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert {(e["run_id"], e["status"]) for e in entries} == {
+        (killed[0]["run_id"], "FAILED"), (parents[0]["run_id"], "FAILED")}, entries
+    assert killed[0]["status"] == parents[0]["status"] == "RUNNING"
+    # ... and DVC records nothing of the stage: its outputs differ from dvc.lock
+    status = json.loads(_dvc(stack, "status", "--json").stdout)
+    assert "train_stage@1" in status, status
+    # the next stage that reaches the server records their ends: FAILED, the journal empty
+    _dvc(stack, "repro", "--force", "--single-item", "prepare", timeout=600)
+    runs = {r["run_id"]: r for r in _registry(stack)["runs"]}
+    assert runs[killed[0]["run_id"]]["status"] == "FAILED", runs[killed[0]["run_id"]]
+    assert runs[parents[0]["run_id"]]["status"] == "FAILED", runs[parents[0]["run_id"]]
+    assert not journal.exists(), journal.read_text()
     st = stack.sh("status")
     assert st.returncode == 0, st.stdout + st.stderr
