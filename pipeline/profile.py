@@ -37,7 +37,8 @@ from pipeline._common import log, log_dict_metrics, main, stage_run, write_json
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
 from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
+from rlfn.backends import BACKENDS, check_backend, make_engine
+from rlfn.engine import BackendError
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto

@@ -9,6 +9,7 @@ resumed from), writes ``curves.csv`` at each checkpoint and, at the end, ``curve
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
 from .config import TrainConfig
 
 __all__ = ["TrainResult", "RunLog", "CURVE_FIELDS", "plot_curves", "read_curves",
@@ -53,12 +55,11 @@ def read_curves(path: Path, upto: int) -> list[dict]:
 
 
 def write_curves(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=CURVE_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> Path | None:
