@@ -1,26 +1,14 @@
 """Inference backends behind one interface: ``make_engine(model, backend, device)``.
 
 Every backend is an ``rlfn.engine.Engine`` subclass carrying its own ``BackendInfo`` (name,
-devices, required packages, exact or not, description), registered by ``@register`` where it
-is defined:
-
-=====================  ==================================================================
-module                 backends
-=====================  ==================================================================
-``rlfn.engine``        ``eager`` (the baseline; registered by ``backends.pytorch``)
-``backends.pytorch``   PyTorch on CPU or GPU: ``channels_last``, ``compile``, ``bf16``,
-                       ``compile_bf16``
-``backends.onnx``      the ONNX export (``backends.export``) in ONNX Runtime or OpenVINO:
-                       ``onnxruntime``, ``openvino``, ``openvino_bf16``
-``backends.int8``      ``int8``: OpenVINO, NNCF int8 body 3x3 convs, the rest fp32; the int8
-                       model's quantization, cache, export and check
-``backends.cuda``      CUDA only: ``fp16``, ``cuda_graphs``, ``compile_graphs``,
-                       ``compile_fp16``
-=====================  ==================================================================
-
-``python -m rlfn.backends`` prints the table of the backends themselves (name, devices,
-exact, description), read from the registry. The backends are listed exact ones first, then
-the lossy ones, each group in the modules' order above.
+devices, required packages, exact or not, description) and its own hardware check
+(``check_hardware``), registered by ``@register`` where it is defined. The modules, one a
+family: ``rlfn.engine`` (the eager baseline, registered by ``pytorch``), ``pytorch`` (PyTorch
+on CPU or GPU), ``onnx`` (the ONNX export, ``export``, in ONNX Runtime or OpenVINO), ``int8``
+(OpenVINO with NNCF int8 convs: the engine, the quantization and its cache, the int8 export
+and its check), ``cuda`` (CUDA only). ``python -m rlfn.backends`` prints the backends
+themselves (name, devices, exact, description), read from the registry: exact ones first,
+then the lossy ones, each group in the modules' order above.
 
 The backend modules import their heavy packages (onnxruntime, openvino, nncf, ``torch.onnx``
 through ``backends.export``) only when an engine is built or a model exported: listing the

@@ -14,7 +14,8 @@ __all__ = ["Fp16Engine", "CudaGraphsEngine", "CompileGraphsEngine", "CompileFp16
 
 @register
 class Fp16Engine(Engine):
-    info = BackendInfo("fp16", ("cuda",), (), False, "fp16 weights and activations + channels_last")
+    info = BackendInfo("fp16", ("cuda",), (), False,
+                       "fp16 weights and activations + channels_last")
     cudnn_benchmark = True
 
     def __init__(self, model, device):
@@ -30,7 +31,8 @@ class CudaGraphsEngine(Fp16Engine):
     """fp16 forward captured once per input shape as a CUDA graph, then replayed: no Python or
     kernel-launch overhead per layer. Input and output live in static buffers."""
 
-    info = BackendInfo("cuda_graphs", ("cuda",), (), False, "fp16 + CUDA graph per input shape")
+    info = BackendInfo("cuda_graphs", ("cuda",), (), False,
+                       "fp16 + CUDA graph per input shape")
     supports_grid = False
     per_sample_exact = False
 

@@ -21,7 +21,7 @@ __all__ = ["OnnxRuntimeEngine", "OpenVinoEngine", "OpenVinoBf16Engine"]
 
 
 class _OnnxEngine(Engine):
-    """Runs the model's ONNX export (dynamic H/W; see ``rlfn.export``) on the CPU."""
+    """Runs the model's ONNX export (dynamic H/W; see ``rlfn.backends.export``) on the CPU."""
 
     supports_grid = False
     per_sample_exact = False

@@ -95,8 +95,10 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -133,7 +135,7 @@ class RunLog:
         self.write_curves()
         plot_curves(self.rows, self.out_dir / "curves.png",
                     f"{cfg.model} x{cfg.scale}, stage {cfg.stage}")
-        (self.out_dir / "result.json").write_text(json.dumps({
+        atomic_write(self.out_dir / "result.json", json.dumps({
             "model": cfg.model, "scale": cfg.scale, "stage": cfg.stage,
             "iterations": result.iterations, "init": str(init) if init else None,
             "config_digest": digest, "final_psnr": result.final_psnr,
