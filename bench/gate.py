@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 MEASURE = """
 import json, sys, torch
-from rlfn.infer import make_engine
+from rlfn.backends import make_engine
 from rlfn.models import build_model
 from rlfn.profile import profile_runtime
 

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlfn.infer import make_engine  # noqa: E402
+from rlfn.backends import make_engine  # noqa: E402
 from rlfn.models.rlfn import RLFN  # noqa: E402
 from rlfn.profile import peak_bandwidth, traffic_bytes  # noqa: E402
 

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rlfn.evaluate import evaluate_folder  # noqa: E402
-from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine, psnr_label  # noqa: E402
+from rlfn.backends import BACKENDS, check_backend, make_engine  # noqa: E402
+from rlfn.engine import BackendError, psnr_label  # noqa: E402
 from rlfn.io import list_images  # noqa: E402
 from rlfn.io import read_image  # noqa: E402
 from rlfn.profile import peak_bandwidth, profile_runtime, traffic_bytes  # noqa: E402

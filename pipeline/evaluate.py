@@ -7,7 +7,7 @@ plus ``mean_psnr_y`` over ``evaluate.sets`` (the promotion gate's figure).
 ``evaluate.stages_out`` (metrics/evaluate_stages.json): ``<model>/<set>/{psnr_y, ssim_y}`` of
 bicubic and every stage on ``evaluate.stage_sets``. ``evaluate.plot``
 (plots/psnr_by_stage.csv): a DVC plot of both. Models run through ``evaluate.backend``, an
-exact inference backend (``rlfn.infer``: within 0.01 dB of eager fp32).
+exact inference backend (``rlfn.backends``: within 0.01 dB of eager fp32).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipeline.settings import Settings, load_settings
 from pipeline.tracking import log_dict_metrics, stage_run
 from rlfn.errors import DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import check_backend, make_engine
+from rlfn.backends import check_backend, make_engine
 from rlfn.io import write_json
 from rlfn.upscale import BicubicUpscaler, ModelUpscaler
 from rlfn.weights import load_model

@@ -38,7 +38,8 @@ from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_se
 from pipeline.tracking import log_dict_metrics, stage_run
 from rlfn.errors import ConfigError, DataError
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import BACKENDS, BackendError, check_backend, make_engine
+from rlfn.backends import BACKENDS, check_backend, make_engine
+from rlfn.engine import BackendError
 from rlfn.io import write_json
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names

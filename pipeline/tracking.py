@@ -27,7 +27,7 @@ from pipeline import tags as T
 from pipeline.dvcops import ROOT, commit_stage, deployed_outside_dvc, dvc_ancestor
 from pipeline.services import describe_failure
 from pipeline.settings import MlflowSettings, Settings
-from rlfn.io import write_text_atomic
+from rlfn.io import atomic_write
 from rlfn.log import get_logger
 
 __all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit",
@@ -226,7 +226,7 @@ def _settle(client: Any, uri: str) -> list[str]:
             if "RESOURCE_DOES_NOT_EXIST" not in str(err):
                 keep.append(line)
     if keep:
-        write_text_atomic(UNTERMINATED, "".join(x + "\n" for x in keep))
+        atomic_write(UNTERMINATED, "".join(x + "\n" for x in keep))
     else:
         UNTERMINATED.unlink(missing_ok=True)
     for rid in done:

@@ -32,14 +32,14 @@ per pass (``_resize_first_dim``). ``reference=True`` is the plain float64 tap lo
 from __future__ import annotations
 
 import math
-import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+from .threads import shared_pool
 
 __all__ = ["imresize", "imresize_array", "downscale", "modcrop", "output_size", "cubic", "contributions"]
 
@@ -317,7 +317,7 @@ def _native_planes(planes: np.ndarray, out_hw: tuple[int, int], scales: tuple[fl
 
     n = min(torch.get_num_threads(), k)
     if n > 1:
-        list(_executor(n).map(one, range(k)))
+        list(shared_pool(n).map(one, range(k)))
     else:
         for i in range(k):
             one(i)
@@ -526,15 +526,6 @@ def _exact_rows(w64: np.ndarray, vals: np.ndarray) -> np.ndarray:
 _BAND_ELEMS = 1 << 20  # big images go in bands of output rows (~4 MB of pass-1 output
 # each): their buffers stay cache-sized, 1.2-1.3x faster on a 2040x1356 image
 _BAND_MIN_ROWS = 128  # output rows per thread, at least: below that threads cost more
-_pool: tuple | None = None  # (pid, workers, executor): never reused across a fork
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] < n:
-        _pool = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="imresize"))
-    return _pool[2]
-
 
 def _downscale_periodic(src, out_hw: tuple[int, int], p1, p2) -> np.ndarray:
     """MATLAB's two uint8 passes (height, then width) for integer factors, on CPU.
@@ -560,7 +551,7 @@ def _downscale_periodic(src, out_hw: tuple[int, int], p1, p2) -> np.ndarray:
         for i0, i1 in bands[t::n]:
             _downscale_band(src, out, i0, i1, p1, p2)
 
-    for job in [_executor(n).submit(work, t) for t in range(n)]:
+    for job in [shared_pool(n).submit(work, t) for t in range(n)]:
         job.result()
     return out
 

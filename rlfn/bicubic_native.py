@@ -21,11 +21,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from .io import atomic_target
+from .threads import shared_pool
 
 __all__ = ["available", "resize_hwk", "library_path", "NativeError"]
 
@@ -72,18 +74,11 @@ def _build(path: Path) -> None:
     cc = _compiler()
     if cc is None:
         raise NativeError("no C compiler (cc, gcc, clang or $CC) on this machine")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                           text=True, timeout=120)
+    with atomic_target(path, mode=0o777) as tmp:
+        r = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
+                           capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise NativeError(f"{cc} failed on {SOURCE}: {r.stderr.strip()[-500:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -139,11 +134,10 @@ def _pass(src: np.ndarray, n_in: int, m: int, k: int, n_out: int, w: np.ndarray,
         codes = [band(0, n_out)]
     else:
         cuts = [n_out * b // n for b in range(n + 1)]
-        # rlfn.bicubic's pool (one pool for both paths); bands are submitted only with
-        # threads > 1, never from a plane worker (those pass threads=1), so it cannot deadlock
-        from .bicubic import _executor
-
-        codes = list(_executor(n).map(band, cuts[:-1], cuts[1:]))
+        # the one imresize pool (rlfn.threads, shared with rlfn.bicubic's NumPy path); bands
+        # are submitted only with threads > 1, never from a plane worker (those pass
+        # threads=1), so it cannot deadlock
+        codes = list(shared_pool(n).map(band, cuts[:-1], cuts[1:]))
     bad = [c for c in codes if c != 0]
     if bad:
         raise NativeError(f"rlfn_bicubic_pass refused its input (code {bad[0]})")

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from .device import parse_device  # noqa: E402
 from .errors import DataError, RLFNError, UsageError  # noqa: E402
-from .infer import backend_names  # noqa: E402
+from .io import atomic_write  # noqa: E402
+from .backends import backend_names  # noqa: E402
 from .log import get_logger  # noqa: E402
 from .log import setup as setup_logging  # noqa: E402
 from .progress import progress  # noqa: E402
@@ -57,7 +58,7 @@ def _scale(text: str) -> int:
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
-    from .infer import check_backend
+    from .backends import check_backend
 
     check_backend(backend, device, where=f"--backend {backend}")
 
@@ -73,7 +74,7 @@ def _calibration(given: str | None, int8: bool, option: str = "--backend int8") 
     """The int8 calibration source: ``--calibration``, else ``$RLFN_INT8_CALIBRATION``; checked
     (given, present, not an evaluation set) before any work. ``None`` when int8 is not run
     (``--calibration`` is then refused: it would do nothing)."""
-    from .quant import CALIBRATION_ENV, CALIBRATION_KINDS, calibration_source
+    from .backends.int8 import CALIBRATION_ENV, CALIBRATION_KINDS, calibration_source
 
     if not int8:
         if given is not None:
@@ -89,7 +90,8 @@ def _calibration(given: str | None, int8: bool, option: str = "--backend int8") 
 def _engine(model: str, scale: int, device: torch.device, backend: str, loaded=None,
             calibration: str | None = None):
     """``model`` (or the already ``loaded`` one) in an inference engine; errors first."""
-    from .infer import BackendError, make_engine
+    from .backends import make_engine
+    from .engine import BackendError
 
     _check_backend(backend, device)
     calib = _calibration(calibration, backend == "int8")
@@ -166,8 +168,7 @@ def cmd_evaluate(args) -> int:
         out = {"model": str(args.model), "model_name": name, "scale": args.scale,
                "backend": args.backend, "device": args.device, "hr": str(args.hr), "lr": None if args.lr is None else str(args.lr),
                **report.to_dict()}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(out, indent=2) + "\n")
     return 1 if report.errors or not report.images else 0
 
 
@@ -325,16 +326,15 @@ def cmd_profile(args) -> int:
     else:
         print(f"  peak RSS    {mem['peak_rss']:.0f} MB ({mem['peak_rss_scope']})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 
 # --------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     """ONNX file with dynamic N/H/W; checked against PyTorch in ONNX Runtime unless told not."""
-    from .infer import check_backend
-    from .export import OPSET, export_onnx
+    from .backends import check_backend
+    from .backends.export import OPSET, export_onnx
 
     out = Path(args.out)
     if args.int8:
@@ -361,10 +361,7 @@ def cmd_export(args) -> int:
 
 
 def _export_int8(args, out: Path) -> int:
-    """The int8 OpenVINO IR (rlfn.quant): MODEL.xml + MODEL.bin, copied from the cache."""
-    import importlib.util
-    import shutil
-
+    """The int8 OpenVINO IR (``rlfn.backends.int8``): MODEL.xml + MODEL.bin."""
     if out.suffix.lower() != ".xml":
         raise UsageError(f"-o {out}", "--int8 writes an OpenVINO IR: the output file must end "
                                       "in .xml (the weights go beside it, .bin)")
@@ -372,48 +369,22 @@ def _export_int8(args, out: Path) -> int:
         raise UsageError(f"-o {out}", "is a directory")
     if args.opset is not None:
         raise UsageError("--opset", "is an ONNX option; --int8 writes an OpenVINO IR")
-    missing = [m for m in ("openvino", "nncf", "onnx", "onnxscript")
-               if importlib.util.find_spec(m) is None]
+    from .backends.int8 import check_int8, export_int8, missing_packages
+
+    missing = missing_packages()
     if missing:
         raise UsageError("export --int8", f"needs the Python package(s) {', '.join(missing)} "
                                           f"(pip install 'rlfn-pipeline[infer]')")
-    from .quant import int8_model
-
     calib = _calibration(args.calibration, True)
     loaded = _load(args.model, args.scale)
-    xml = int8_model(loaded.model.eval(), calibration=calib)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for src, dst in ((xml.with_suffix(".bin"), out.with_suffix(".bin")), (xml, out)):
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    note = "" if args.no_check else _check_int8(loaded.model, out, calib)
+    export_int8(loaded.model, out, calib)
+    note = "" if args.no_check else (f"; checked: mean |int8 - fp32| "
+                                     f"{check_int8(loaded.model, out, calib):.2f} grey levels")
     size = (out.stat().st_size + out.with_suffix(".bin").stat().st_size) / 1e6
     print(f"{loaded.name} x{args.scale} -> {out} + {out.with_suffix('.bin').name} ({size:.2f} "
           f"MB, OpenVINO IR, int8 body convs, calibrated on {calib}; input 'lr' (N, 3, H, W) "
           f"float32 0-255, dynamic N/H/W{note})")
     return 0
-
-
-def _check_int8(model, xml: Path, calib: Path) -> str:
-    """Run the written IR on a calibration crop; compare with PyTorch fp32."""
-    import numpy as np
-    import openvino as ov
-
-    from .quant import calibration_crops
-
-    x = calibration_crops(model.scale, calib, crops=1, seed=1,
-                          min_size=int(getattr(model, "min_input_size", 1)))[0]
-    out = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
-    with torch.inference_mode():
-        ref = model.eval()(torch.from_numpy(x)).numpy()
-    if out.shape != ref.shape:
-        raise DataError(xml, f"int8 output shape {out.shape}, PyTorch {ref.shape}")
-    diff = float(np.abs(np.clip(out, 0, 255).round() - np.clip(ref, 0, 255).round()).mean())
-    if diff > 2.0:
-        raise DataError(xml, f"int8 output differs from PyTorch fp32 by {diff:.2f} grey levels "
-                             "on average (> 2)")
-    return f"; checked: mean |int8 - fp32| {diff:.2f} grey levels"
 
 
 # --------------------------------------------------------------------------- lineage
@@ -467,7 +438,7 @@ def _tile(text: str):
 
 
 def _calibration_option(parser: argparse.ArgumentParser, option: str = "--backend int8"):
-    from .quant import CALIBRATION_ENV, CALIBRATION_KINDS
+    from .backends.int8 import CALIBRATION_ENV, CALIBRATION_KINDS
 
     parser.add_argument("--calibration", default=None, metavar="PATH",
                         help=f"{option} calibration data: {CALIBRATION_KINDS} (required with "

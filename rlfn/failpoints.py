@@ -71,9 +71,10 @@ def hit(name: str, value: object = None) -> None:
     folder = Path(d)
     folder.mkdir(parents=True, exist_ok=True)
     release = folder / f"{name}.release"
-    tmp = folder / f".{name}.reached.{os.getpid()}"
-    tmp.write_text(f"{os.getpid()} {name}{'' if key is None else '@' + key}\n")
-    tmp.replace(folder / f"{name}.reached")
+    from .io import atomic_write  # reached only when armed: rlfn.failpoints stays light
+
+    atomic_write(folder / f"{name}.reached",
+                 f"{os.getpid()} {name}{'' if key is None else '@' + key}\n")
     limit = float(os.environ.get(TIMEOUT_ENV, "900"))
     deadline = time.monotonic() + limit
     while not release.exists():

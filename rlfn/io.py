@@ -4,16 +4,25 @@
 the file and the reason. Inputs that can be used after a lossless-enough conversion
 (grayscale, palette, RGBA, 16-bit, CMYK, EXIF-rotated) are converted and each conversion is
 reported in ``ImageInfo.notes`` so callers can tell the user.
+
+``atomic_write(path, data)`` publishes a file whole or not at all (every file the library
+publishes goes through it): the data go to a temporary file in the same folder, are flushed
+to disk (fsync), and the temporary file is renamed over ``path`` (``os.replace``, atomic on
+one file system); on any error the temporary file is removed and ``path`` is left as it was.
+``atomic_target(path)`` is the same for writers that want a file name (a compiler, an
+exporter): it yields the temporary path and publishes it when the block ends without error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DataError
 
 __all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "write_json",
-           "write_text_atomic", "encode_png", "list_images", "sha256_file", "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+           "encode_png", "list_images", "sha256_file", "atomic_write", "atomic_target", "publish",
+           "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # 8K x 8K: far above any SR benchmark or DIV2K image (2K), far below a decompression bomb.
@@ -183,39 +193,13 @@ def write_png(path: str | Path, arr: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if arr.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8, got {arr.dtype}")
-    data = encode_png(arr)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename): a
-    reader (DVC, a dashboard, the next stage) sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, encode_png(arr))
 
 
 def write_json(path: str | Path, data: object) -> Path:
-    """Write ``data`` as indented, key-sorted JSON, atomically (``write_text_atomic``)."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write ``data`` as indented, key-sorted JSON, atomically (``atomic_write``): a reader
+    (DVC, a dashboard, the next stage) sees the old file or the new one, never half."""
+    return atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def list_images(inputs, errors: list | None = None) -> list[Path]:
@@ -239,3 +223,63 @@ def list_images(inputs, errors: list | None = None) -> list[Path]:
                 raise err
             errors.append(err)
     return out
+
+
+# --------------------------------------------------------------------------- atomic writes
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Flush the finished file ``tmp`` to disk (fsync) and rename it over ``path`` (same
+    folder: atomic). For a file built in place beside ``path`` (a resumable download)."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _temp_beside(path: Path, mode: int) -> tuple[int, Path]:
+    """A new, empty temporary file in ``path``'s folder: (open descriptor, its path). Created
+    with ``mode`` less the umask, as ``open`` would create ``path`` itself."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (an empty file) for a writer that wants a file
+    name; when the block ends without error, the file is fsynced and renamed over ``path``.
+    On an error it is removed. The folder is created when missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(path, mode)
+    os.close(fd)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable, *,
+                 mode: int = 0o666) -> Path:
+    """Publish ``path`` whole or not at all; returns it. ``data``: bytes, a str (written as
+    UTF-8), or a writer ``f(file)`` called with the temporary file open for binary writing.
+    ``mode``: the new file's permissions before the umask (``0o600``: private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(path, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

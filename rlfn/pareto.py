@@ -31,6 +31,8 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, *, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .io import atomic_write
+
     sets = list(dict.fromkeys(r["set"] for r in rows))
     if not sets:
         return None
@@ -57,9 +59,8 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, *, title: str,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

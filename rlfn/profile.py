@@ -2,7 +2,7 @@
 
 Runtime follows the NTIRE Efficient-SR practice: warm-up runs first, then each image timed
 on its own (``perf_counter`` on CPU, CUDA events on GPU); median, mean and spread reported,
-with the thread count. The model runs through an inference engine (``rlfn.infer``), so every
+with the thread count. The model runs through an inference engine (``rlfn.backends``), so every
 backend is timed the same way. Peak memory: the GPU's max allocated, or on CPU the process's
 peak resident set during the timed runs alone (Linux resets the high-water mark through
 ``/proc/self/clear_refs``; elsewhere the process's lifetime peak is reported and says so).
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .infer import Engine, as_engine
+from .engine import Engine, as_engine
 from .io import list_images, read_image
 from .upscale import to_tensor
 
@@ -147,7 +147,7 @@ def profile_runtime(model: nn.Module | Engine, input_dir: str | Path, max_images
                     reference: nn.Module | Engine | None = None,
                     clock: Callable[[], float] | None = None) -> dict:
     """Runtime over the LR images of ``input_dir`` (first ``max_images``, sorted by name) of a
-    module (run eagerly) or an engine (``rlfn.infer.make_engine``); with a ``reference``,
+    module (run eagerly) or an engine (``rlfn.backends.make_engine``); with a ``reference``,
     also the runtime relative to it; ``clock`` as in ``time_inference``."""
     files = list_images([input_dir])
     if max_images:

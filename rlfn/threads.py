@@ -29,6 +29,9 @@ thread per process (the main job's training) it changes nothing.
 ``Governor`` re-applies the load-aware count every few seconds inside long inference loops,
 so a job that started on an idle machine gives cores back when another arrives, and takes
 them again when it leaves.
+
+``shared_pool(n)`` is the process's one pool of worker threads for the bicubic resize (its
+NumPy bands in ``rlfn.bicubic``, its compiled bands in ``rlfn.bicubic_native``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ThreadChoice", "available_cores", "sibling_processes", "busy_cores_of_others",
            "choose_threads", "configure_threads", "Governor", "WAIT_POLICY",
-           "set_wait_policy_default"]
+           "set_wait_policy_default", "shared_pool"]
 
 WAIT_POLICY = "PASSIVE"
 
@@ -206,3 +210,15 @@ class Governor:
         if self.log is not None:
             self.log(f"threads: now {choice}")
         return choice.threads
+
+
+_pool: tuple | None = None  # (pid, workers, executor): never reused across a fork
+
+
+def shared_pool(n: int) -> ThreadPoolExecutor:
+    """The process's pool of at least ``n`` worker threads (named ``imresize``), made anew
+    when more are asked for or after a fork."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < n:
+        _pool = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="imresize"))
+    return _pool[2]

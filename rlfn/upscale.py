@@ -4,7 +4,7 @@ Batched mode (``upscale_batch``, ``upscale_files``; ``rlfn upscale --batch N``):
 of one size, and tiles of one size (of one image or of several), run N at a time through the
 engine. Tiles keep their own ESA grid (a sequence of ``ESAGrid``, one per sample), and on the
 CPU the eager engines make a batch's outputs bit-identical to unbatched runs (see
-``rlfn.infer``), so batched PNGs equal unbatched ones byte for byte there.
+``rlfn.engine``), so batched PNGs equal unbatched ones byte for byte there.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bicubic import imresize_array
-from .infer import Engine, as_engine
+from .engine import Engine, as_engine
 from .models.rlfn import ESA_STRIDE, RLFN, ESAGrid
 
 __all__ = ["to_tensor", "to_uint8", "upscale_array", "upscale_batch", "upscale_files",
@@ -71,7 +71,7 @@ def upscale_array(model: nn.Module | Engine, img: np.ndarray, tile: int | None =
                   overlap: int = 64, device: str | torch.device | None = None) -> np.ndarray:
     """Super-resolve one uint8 RGB image; returns uint8 ``(H*s, W*s, 3)``.
 
-    ``model`` is a module (run eagerly, as it is) or an inference ``Engine`` (``rlfn.infer``).
+    ``model`` is a module (run eagerly, as it is) or an inference ``Engine`` (``rlfn.engine``).
 
     With ``tile`` (LR pixels), the image is processed in pieces of about ``tile x tile`` that
     overlap by at least ``overlap`` pixels; each output pixel is taken from the tile in which it

@@ -31,6 +31,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from .errors import DataError
+from .io import atomic_write
 from .models import (ARCHITECTURES, EDSRConfig, RFDNConfig, RLFNConfig, arch_name,
                      build_from_config, name_for)
 
@@ -277,9 +278,7 @@ def save_model(model: nn.Module, path: str | Path,
         "provenance": json.dumps(dict(provenance or {}), sort_keys=True, default=str),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(_sorted_header(save_bytes(tensors, metadata=meta)))
-    tmp.replace(path)
+    atomic_write(path, _sorted_header(save_bytes(tensors, metadata=meta)))
     return path
 
 

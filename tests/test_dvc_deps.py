@@ -63,7 +63,7 @@ def test_closure_follows_imports_inside_functions_and_packages():
     for f in ("pipeline/__init__.py", "pipeline/train.py", "pipeline/entry.py",
               "pipeline/tracking.py", "pipeline/dvcops.py", "pipeline/tags.py",
               "rlfn/__init__.py", "rlfn/train/__init__.py", "rlfn/train/engine.py",
-              "rlfn/infer.py", "rlfn/errors.py"):
+              "rlfn/engine.py", "rlfn/errors.py"):
         assert Path(f) in files, f
     # pipeline/train.py imports the registry package inside a task function
     assert any(str(f).startswith("pipeline/mlflow_registry/") for f in files)
@@ -82,6 +82,24 @@ def test_generated_deps_add_read_files_and_use_a_folder_only_when_exact():
     assert "pipeline/mlflow_registry" in train
 
 
+# What only inference needs: the ONNX/OpenVINO/int8 backends, the exporter, the quantizer, and
+# the registry and compatibility modules that import them all.
+INFERENCE_ONLY = re.compile(r"^rlfn/(backends(/|$)|infer\.py$)|onnx|openvino|export|int8|quant")
+
+
+def test_training_stages_depend_on_no_inference_backend():
+    """Training validates with the eager engine of rlfn/engine.py: editing the ONNX, OpenVINO,
+    export or int8 code must not rerun a training stage (each train_stage@K's deps, as DVC
+    reads them, and the generated closure behind them)."""
+    train = [st for st in stage_deps.stages(ROOT) if st.group == "train_stage"]
+    assert len(train) == 3, [st.addressing for st in stage_deps.stages(ROOT)]
+    for st in train:
+        bad = [d.as_posix() for d in st.deps if INFERENCE_ONLY.search(d.as_posix())]
+        assert not bad, f"{st.addressing} depends on inference-only code: {bad}"
+    bad = [p for p in stage_deps.code_deps(ROOT, "pipeline.train") if INFERENCE_ONLY.search(p)]
+    assert not bad, f"python -m pipeline.train imports inference-only code: {bad}"
+
+
 def test_check_passes_on_the_real_tree():
     r = subprocess.run([sys.executable, str(SCRIPT), "--check"], cwd=ROOT,
                        capture_output=True, text=True)
@@ -92,13 +110,13 @@ def test_check_passes_on_the_real_tree():
 def test_a_planted_missing_dep_is_found(project):
     assert stage_deps.missing_deps(project) == {}
     dvc_yaml = project / "dvc.yaml"
-    text, n = re.subn(r"(?m)^ *- rlfn/infer\.py\n", "", dvc_yaml.read_text(), count=1)
+    text, n = re.subn(r"(?m)^ *- rlfn/engine\.py\n", "", dvc_yaml.read_text(), count=1)
     assert n == 1
     dvc_yaml.write_text(text)  # the first stage that lists it: the training stages' template
     missing = stage_deps.missing_deps(project)
     assert sorted(name.rsplit(":", 1)[-1] for name in missing) == [
         "train_stage@1", "train_stage@2", "train_stage@3"], missing
-    assert all(files == ["rlfn/infer.py"] for files in missing.values()), missing
+    assert all(files == ["rlfn/engine.py"] for files in missing.values()), missing
 
 
 @pytest.mark.timeout(120)
@@ -106,7 +124,7 @@ def test_check_names_planted_drift_and_write_mends_it(project, capsys):
     dvc_yaml = project / "dvc.yaml"
     original = dvc_yaml.read_text()
     # a dep removed (from the training stages' template) and a stale one added to evaluate
-    text, n = re.subn(r"(?m)^ *- rlfn/infer\.py\n", "", original, count=1)
+    text, n = re.subn(r"(?m)^ *- rlfn/engine\.py\n", "", original, count=1)
     text, m = re.subn(r"(?m)^(  evaluate:\n(?:    .*\n)*?(?P<i> *)- pipeline/evaluate\.py\n)",
                       r"\g<1>\g<i>- rlfn/cli.py\n", text, count=1)
     assert n == m == 1
@@ -118,9 +136,9 @@ def test_check_names_planted_drift_and_write_mends_it(project, capsys):
     lines = sorted(out.splitlines())
     assert lines == [
         "dvc.yaml:evaluate: no longer imported rlfn/cli.py;",
-        "dvc.yaml:train_stage@1: missing rlfn/infer.py;",
-        "dvc.yaml:train_stage@2: missing rlfn/infer.py;",
-        "dvc.yaml:train_stage@3: missing rlfn/infer.py;",
+        "dvc.yaml:train_stage@1: missing rlfn/engine.py;",
+        "dvc.yaml:train_stage@2: missing rlfn/engine.py;",
+        "dvc.yaml:train_stage@3: missing rlfn/engine.py;",
     ], out
 
     assert stage_deps.main(["--write", "--root", str(project)]) == 0

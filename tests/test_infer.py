@@ -1,4 +1,4 @@
-"""Inference backends (rlfn/infer.py) and ONNX export (rlfn/export.py), against eager fp32 on
+"""Inference backends (rlfn/backends/) and ONNX export (rlfn/backends/export.py), against eager fp32 on
 the real Set5 x4 (MATLAB LR) with the official weights.
 
 A backend whose package (onnxruntime, openvino, onnx: the ``[infer]`` extra) is missing skips
@@ -8,16 +8,19 @@ machine lacks (a CUDA GPU, native bf16) skips everywhere."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from prereq import ROOT, require_module
-from rlfn import infer
+from rlfn import backends
 from rlfn.cli import main
 from rlfn.evaluate import evaluate_folder
-from rlfn.infer import BACKENDS, EXACT_DB, BackendError, check_backend, make_engine, psnr_label
+from rlfn.backends import BACKENDS, check_backend, make_engine
+from rlfn.engine import EXACT_DB, BackendError, psnr_label
 from rlfn.io import list_images, read_image
 from rlfn.upscale import ModelUpscaler, to_tensor, to_uint8, upscale_array
 from rlfn.weights import load_model
@@ -148,6 +151,36 @@ def test_psnr_label():
     assert psnr_label(-0.0312) == "lossy (-0.031 dB)"
 
 
+# --------------------------------------------------------------------------- the registry
+HEAVY = ("onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "rlfn.backends.export")
+LOADS = """
+import json, sys
+import rlfn.train.validation, rlfn.upscale
+training = sorted(m for m in sys.modules if m.startswith(("rlfn.backends", "rlfn.infer")))
+import torch
+from rlfn.backends import available_backends, backend_names, make_engine
+from rlfn.models import build_model
+names = backend_names()
+available_backends("cpu")
+make_engine(build_model("rlfn", scale=2), "channels_last", "cpu")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r[:5] or m in %r)
+print(json.dumps({"training": training, "names": names, "heavy": heavy}))
+""" % (HEAVY, HEAVY)
+
+
+def test_training_loads_no_backend_and_the_registry_no_heavy_module():
+    """Training (its validation, rlfn.upscale) loads none of rlfn.backends; listing and
+    checking the backends and building a PyTorch engine load no ONNX/OpenVINO/NNCF package
+    and not the exporter: those come with an engine that needs them."""
+    r = subprocess.run([sys.executable, "-c", LOADS], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["training"] == [], got["training"]
+    assert got["names"] == list(BACKENDS) and len(got["names"]) == 13
+    assert got["heavy"] == [], got["heavy"]
+
+
 # --------------------------------------------------------------------------- bad input
 def test_unknown_backend():
     with pytest.raises(BackendError, match=r"unknown backend 'tensorrt'; known: eager"):
@@ -155,13 +188,13 @@ def test_unknown_backend():
 
 
 def test_backend_not_installed(monkeypatch):
-    real = infer.importlib.util.find_spec
-    monkeypatch.setattr(infer.importlib.util, "find_spec",
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda m: None if m == "openvino" else real(m))
     with pytest.raises(BackendError, match=r"needs the Python package\(s\) openvino, not "
                                            r"installed \(pip install 'rlfn-pipeline\[infer\]'\)"):
         check_backend("openvino", "cpu")
-    assert "openvino" not in infer.available_backends("cpu")
+    assert "openvino" not in backends.available_backends("cpu")
 
 
 def test_cuda_only_backend_on_cpu():

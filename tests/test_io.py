@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from imagefiles import make, rgb
-from rlfn.io import ImageError, list_images, read_image, write_png
+from rlfn.io import (ImageError, atomic_target, atomic_write, list_images, read_image,
+                     write_png)
 
 CONVERTED = {"gray": "grayscale", "palette": "palette", "rgba": "alpha", "png16": "16-bit",
              "gray16": "16-bit", "cmyk": "CMYK"}
@@ -86,3 +87,41 @@ def test_list_images(tmp_path):
     files = list_images([tmp_path, tmp_path / "missing.png"], errs)
     assert [f.name for f in files] == ["a.png", "b.png"]
     assert len(errs) == 1 and "missing.png" in str(errs[0])
+
+
+def test_atomic_write_publishes_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    assert atomic_write(path, "one\n") == path  # the folder is made
+    assert path.read_text() == "one\n"
+    atomic_write(path, b"two")
+    atomic_write(path, lambda f: f.write(b"three"))  # a writer gets the binary file
+    assert path.read_bytes() == b"three"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
+    atomic_write(tmp_path / "secret", "x", mode=0o600)
+    assert (tmp_path / "secret").stat().st_mode & 0o077 == 0
+
+    def half(f):
+        f.write(b"partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(path, half)
+    assert path.read_bytes() == b"three"  # the old file kept
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]  # no temp left
+
+
+def test_atomic_target_for_writers_that_want_a_name(tmp_path):
+    path = tmp_path / "model.bin"
+    with atomic_target(path) as tmp:
+        assert tmp.parent == tmp_path and tmp != path and not path.exists()
+        tmp.write_bytes(b"built")
+    assert path.read_bytes() == b"built"
+    with pytest.raises(ValueError):
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError("compiler failed")
+    assert path.read_bytes() == b"built"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+

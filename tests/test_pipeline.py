@@ -21,7 +21,7 @@ from faults import armed_env, release, wait_reached
 from servers import clean_env, mlflow_server
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, TRAIN_STAGES, tiny_params
 
-from rlfn.infer import available_backends
+from rlfn.backends import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["rlfn", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",

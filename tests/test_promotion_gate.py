@@ -21,7 +21,7 @@ from pipeline.mlflow_registry.promotion import _decide
 from pipeline.mlflow_registry.versions import figure_tags
 from pipeline.settings import PromoteSettings
 from rlfn.complexity import count_complexity
-from rlfn.infer import make_engine
+from rlfn.backends import make_engine
 from rlfn.io import write_png
 from rlfn.models import build_model
 from rlfn.profile import profile_runtime

@@ -1,4 +1,4 @@
-"""The int8 backend's model (rlfn/quant.py): calibration data (always the caller's: none given
+"""The int8 backend's model (rlfn/backends/int8.py): calibration data (always the caller's: none given
 is an error, never a guess), the cache keyed by the weights' sha256, atomic writes,
 ``rlfn export --int8``, and one-line errors for bad or missing calibration input.
 Its Set5 PSNR delta against eager fp32 is asserted in tests/test_infer.py
@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from prereq import ROOT, require_module
-from rlfn import quant
+from rlfn.backends import int8 as quant
 from rlfn.cli import main
 from rlfn.errors import ConfigError
-from rlfn.infer import BackendError, make_engine
+from rlfn.backends import make_engine
+from rlfn.engine import BackendError
 from rlfn.models.rlfn import RLFN, RLFNConfig
-from rlfn.quant import QuantError, calibration_crops, calibration_source, int8_model
+from rlfn.backends.int8 import QuantError, calibration_crops, calibration_source, int8_model
 
 TRAIN = ROOT / "data" / "sample" / "train"
 

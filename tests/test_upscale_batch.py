@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from rlfn.cli import main
-from rlfn.infer import BACKENDS, BackendError, Engine, check_backend, make_engine
+from rlfn.backends import BACKENDS, check_backend, make_engine
+from rlfn.engine import BackendError, Engine
 from rlfn.io import read_image, write_png
 from rlfn.profile import traffic_bytes
 from rlfn.upscale import ModelUpscaler, upscale_array, upscale_batch, upscale_files

@@ -27,7 +27,7 @@ import pyarrow as pa
 from ..progress import progress as progress_bar
 
 from ..bicubic import downscale
-from ..io import ImageError, read_image, write_png
+from ..io import ImageError, atomic_write, read_image, write_png
 from ..threads import configure_threads
 
 __all__ = ["DegradeItem", "DegradeSummary", "image_key", "items_from_manifest", "degrade",
@@ -159,7 +159,5 @@ def degrade(items: list[DegradeItem], scales: list[int], out_dir: str | Path, wo
     index = {"scales": scales,
              "images": {it.key: {"hr": it.hr_path, "sha256": it.sha256, "split": it.split}
                         for it in sorted(items, key=lambda i: i.key) if it.key in keep}}
-    tmp = out_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / INDEX)
+    atomic_write(out_dir / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
     return summary

@@ -71,7 +71,6 @@ import json
 import multiprocessing
 import os
 import stat
-import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -85,7 +84,7 @@ import pyarrow.parquet as pq
 from ..progress import progress as progress_bar
 
 from ..errors import DataError
-from ..io import IMAGE_EXTENSIONS, ImageError, read_image
+from ..io import IMAGE_EXTENSIONS, ImageError, atomic_write, read_image
 from .sources import ResolvedSource, sha256_file
 
 __all__ = ["MANIFEST_VERSION", "SCHEMA", "STATUSES", "ManifestError", "ManifestSummary",
@@ -300,15 +299,7 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return True
 
 

@@ -30,8 +30,6 @@ atomically (temporary file + rename).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -42,7 +40,7 @@ from ..progress import progress as progress_bar
 
 from rlfn.bicubic import downscale, modcrop
 from rlfn.errors import DataError
-from rlfn.io import read_image
+from rlfn.io import atomic_target, atomic_write, read_image
 
 __all__ = ["FORMAT", "VERSION", "SCHEMA", "StoreInfo", "PatchStore", "PatchStoreError",
            "build_patch_store", "sub_image_grid", "sidecar_path"]
@@ -160,20 +158,6 @@ def _image_batch(key: str, hr: np.ndarray, lr: np.ndarray, scale: int,
     ], schema=SCHEMA)
 
 
-def _atomic_target(path: Path) -> str:
-    """A temporary file beside ``path`` (same file system, so the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # a data file, not a secret (mkstemp makes it 0600)
-    return tmp
-
-
-def _fsync_replace(tmp: str, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def build_patch_store(pairs: Iterable, scale: int, out_path: str | Path,
                       sub_image: tuple[int, int] | None = None,
                       progress: bool = True) -> StoreInfo:
@@ -214,37 +198,25 @@ def build_patch_store(pairs: Iterable, scale: int, out_path: str | Path,
     schema = SCHEMA.with_metadata(meta)
     records = hr_bytes = lr_bytes = 0
     min_hw, max_hw = [2**31, 2**31], [0, 0]
-    tmp = _atomic_target(out_path)
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for key, hr_path, lr_path in progress_bar(items, desc=f"packing {out_path.name}",
-                                                      unit="img", enabled=progress):
-                hr, lr = _read_pair(hr_path, lr_path, scale)
-                batch = _image_batch(key, hr, lr, scale, sub)
-                writer.write_batch(batch)
-                hs, ws = batch.column("height").to_numpy(), batch.column("width").to_numpy()
-                min_hw = [min(min_hw[0], int(hs.min())), min(min_hw[1], int(ws.min()))]
-                max_hw = [max(max_hw[0], int(hs.max())), max(max_hw[1], int(ws.max()))]
-                records += batch.num_rows
-                hr_bytes += int((hs * ws).sum()) * 3
-                lr_bytes += int((hs // scale * (ws // scale)).sum()) * 3
-        _fsync_replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(out_path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_file(sink, schema) as writer:
+        for key, hr_path, lr_path in progress_bar(items, desc=f"packing {out_path.name}",
+                                                  unit="img", enabled=progress):
+            hr, lr = _read_pair(hr_path, lr_path, scale)
+            batch = _image_batch(key, hr, lr, scale, sub)
+            writer.write_batch(batch)
+            hs, ws = batch.column("height").to_numpy(), batch.column("width").to_numpy()
+            min_hw = [min(min_hw[0], int(hs.min())), min(min_hw[1], int(ws.min()))]
+            max_hw = [max(max_hw[0], int(hs.max())), max(max_hw[1], int(ws.max()))]
+            records += batch.num_rows
+            hr_bytes += int((hs * ws).sum()) * 3
+            lr_bytes += int((hs // scale * (ws // scale)).sum()) * 3
 
     info = StoreInfo(path=out_path.name, format=FORMAT, version=VERSION, scale=scale,
                      sub_image=list(sub) if sub else None, images=len(items), records=records,
                      min_record_hw=min_hw, max_record_hw=max_hw, hr_bytes=hr_bytes,
                      lr_bytes=lr_bytes, file_bytes=out_path.stat().st_size)
-    side = sidecar_path(out_path)
-    tmp = _atomic_target(side)
-    try:
-        Path(tmp).write_text(json.dumps(asdict(info), indent=2) + "\n")
-        _fsync_replace(tmp, side)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(sidecar_path(out_path), json.dumps(asdict(info), indent=2) + "\n")
     return info
 
 

@@ -54,7 +54,7 @@ from ..progress import progress as progress_bar
 
 from ..errors import DataError
 
-from ..io import sha256_file
+from ..io import atomic_write, publish, sha256_file
 
 __all__ = ["DIV2K", "KINDS", "ResolvedSource", "Source", "SourceError", "download", "resolve",
            "sha256_file", "unpack"]
@@ -210,9 +210,7 @@ class ResolvedSource:
 
 
 def _write_marker(marker: Path, size: int) -> None:
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(f"{size}\n")
-    os.replace(tmp, marker)
+    atomic_write(marker, f"{size}\n")
 
 
 def _cached(final: Path, marker: Path, sha256: str) -> bool:
@@ -328,7 +326,7 @@ def download(url: str, sha256: str, cache_dir: str | Path, progress: bool = True
             folder.rmdir()
         raise SourceError(f"sha256 mismatch for {url}: expected {digest}, got {actual}; "
                           "the downloaded data was deleted")
-    os.replace(part, final)
+    publish(part, final)
     _write_marker(marker, final.stat().st_size)
     return final
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import PatchDataset
 from ..data.patches import build_patch_store
 from ..errors import DataError
-from ..io import ImageError, list_images, read_image
+from ..io import ImageError, atomic_write, list_images, read_image
 from .config import TrainConfig
 
 __all__ = ["open_training_data", "IterationBatches", "store_from_folder", "TrainDataError"]
@@ -56,8 +56,8 @@ def store_from_folder(hr_dir: str | Path, scale: int, min_size: int, data_dir: s
                              + (f"; {len(skipped)} skipped)" if skipped else ")"))
     data_dir.mkdir(parents=True, exist_ok=True)
     build_patch_store(pairs, scale, store, progress=progress)
-    stamp.write_text(json.dumps({"sig": sig, "hr_dir": str(hr_dir), "images": len(pairs),
-                                 "skipped": skipped}, indent=1))
+    atomic_write(stamp, json.dumps({"sig": sig, "hr_dir": str(hr_dir), "images": len(pairs),
+                                    "skipped": skipped}, indent=1))
     return store
 
 

@@ -9,6 +9,7 @@ resumed from), writes ``curves.csv`` at each checkpoint and, at the end, ``curve
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
 from .config import TrainConfig
 
 __all__ = ["TrainResult", "RunLog", "CURVE_FIELDS", "plot_curves", "read_curves",
@@ -53,12 +55,11 @@ def read_curves(path: Path, upto: int) -> list[dict]:
 
 
 def write_curves(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=CURVE_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -94,8 +95,10 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -132,7 +135,7 @@ class RunLog:
         self.write_curves()
         plot_curves(self.rows, self.out_dir / "curves.png",
                     f"{cfg.model} x{cfg.scale}, stage {cfg.stage}")
-        (self.out_dir / "result.json").write_text(json.dumps({
+        atomic_write(self.out_dir / "result.json", json.dumps({
             "model": cfg.model, "scale": cfg.scale, "stage": cfg.stage,
             "iterations": result.iterations, "init": str(init) if init else None,
             "config_digest": digest, "final_psnr": result.final_psnr,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from rlfn.io import atomic_write
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 PY = sys.executable
@@ -70,12 +72,7 @@ def read_json(p: Path) -> dict:
 
 def write_private(p: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` to ``p`` atomically, the file never readable by others."""
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, p)
+    atomic_write(p, text, mode=mode)
 
 
 _print_lock = threading.Lock()

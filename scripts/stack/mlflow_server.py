@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from rlfn.io import atomic_write
 from stack import postgresql
 from stack.core import HOST, PY, STACK, Ctx, base_env
 from stack.web import HttpServer, request
@@ -31,12 +32,12 @@ def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
     os.chmod(auth_dir, 0o700)
     (STACK / "mlartifacts").mkdir(exist_ok=True)
     ini = auth_dir / "basic_auth.ini"
-    ini.write_text("[mlflow]\n"
-                   "default_permission = READ\n"
-                   f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
-                   f"admin_username = {ADMIN}\n"
-                   "# admin_password: MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    atomic_write(ini, "[mlflow]\n"
+                      "default_permission = READ\n"
+                      f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
+                      f"admin_username = {ADMIN}\n"
+                      "# admin_password: MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = base_env(
         MLFLOW_BACKEND_STORE_URI=postgresql.dsn(ctx, "mlflow"),
         MLFLOW_AUTH_CONFIG_PATH=str(ini),

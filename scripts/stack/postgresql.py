@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from rlfn.io import atomic_write
 from stack.core import (HOST, PG_DATA, PG_DIR, PY, RUN, STACK, Ctx, StackError, base_env,
                         log_path, open_log, read_json, rel, timeout_s, write_private)
 from stack.procs import alive, require_free, run_logged
@@ -143,7 +144,7 @@ def start(ctx: Ctx) -> str:
                    cwd="/", timeout=timeout_s() + 10, **_as_pg())
     if r.returncode != 0 or not running():
         raise StackError(f"postgresql: did not start on {HOST}:{port}; read {rel(log)}")
-    (RUN / "postgresql.json").write_text(json.dumps({"port": port}) + "\n")
+    atomic_write(RUN / "postgresql.json", json.dumps({"port": port}) + "\n")
     _provision(ctx)
     return f"started at {url(ctx)}"
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from rlfn.io import atomic_write
 from stack import postgresql
 from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
                         rel, timeout_s)
@@ -122,7 +123,7 @@ def start_deployments(ctx: Ctx) -> str:
         raise StackError(f"prefect deployments: `prefect deploy --all` in {project} failed "
                          f"(missing: {', '.join(missing) or 'none'}); read "
                          f"{rel(log_path('deploy'))}")
-    (RUN / "deployed.json").write_text(json.dumps(stamp) + "\n")
+    atomic_write(RUN / "deployed.json", json.dumps(stamp) + "\n")
     return f"{len(want)} deployments on {POOL} (prefect deploy --all)"
 
 

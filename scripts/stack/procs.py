@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rlfn.io import atomic_write
 from stack.core import HOST, RUN, Ctx, StackError, log_path, open_log, rel, timeout_s
 
 
@@ -118,7 +119,7 @@ def spawn(service: str, cmd: list[str], env: dict, cwd: Path | str) -> subproces
         log.flush()
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                              env=env, cwd=cwd, start_new_session=True)
-    _pid_file(service).write_text(f"{p.pid} {_start_time(p.pid)}\n")
+    atomic_write(_pid_file(service), f"{p.pid} {_start_time(p.pid)}\n")
     return p
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from rlfn.io import atomic_write
 from stack.core import (CLIENT_KEY, HOST, KNOWN_HOSTS, SSH, STACK, VENV_BIN, Ctx, StackError,
                         base_env, log_path, rel, write_private)
 from stack.procs import pid_of, require_free, run_logged, spawn, wait_until
@@ -100,7 +101,7 @@ def start(ctx: Ctx) -> str:
     pub = CLIENT_KEY.with_suffix(".pub").read_text().strip()
     write_private(SSH / "authorized_keys", f"restrict {pub}\n")
     host_pub = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
-    KNOWN_HOSTS.write_text(f"[{HOST}]:{port} {host_pub}\n")
+    atomic_write(KNOWN_HOSTS, f"[{HOST}]:{port} {host_pub}\n")
     dvc_msg = _dvc_remote(ctx)
     if pid_of(NAME) is not None and _answers(ctx):
         return f"already up at {where}; {dvc_msg}"
@@ -109,7 +110,8 @@ def start(ctx: Ctx) -> str:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # Debian's privilege separation dir
     strict = "yes" if _secure_path(SSH / "authorized_keys") else "no"
     conf = SSH / "sshd_config"
-    conf.write_text(
+    atomic_write(
+        conf,
         "# scripts/stack/sshd.py: the DVC remote's private sshd (key only, loopback)\n"
         f"Port {port}\nListenAddress {HOST}\n"
         f'HostKey "{host_key}"\nAuthorizedKeysFile "{SSH / "authorized_keys"}"\n'

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import RLFNError
+from ..errors import RLFNError
+from ..io import atomic_target
 
 __all__ = ["export_onnx", "ExportError", "OPSET"]
 
@@ -47,9 +46,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET,
     h, w = (max(s, min_size + 7) for s in sample_hw)  # unequal sides: keep H and W apart
     x = torch.rand(1, 3, h, w) * 255
     dim = torch.export.Dim.DYNAMIC
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 _quiet("torch.onnx"):
             warnings.simplefilter("ignore")
@@ -64,13 +61,9 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET,
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(proto)
-        onnx.save_model(proto, tmp)
+        onnx.save_model(proto, str(tmp))
         if check:
             _check(model, tmp, scale)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -1,4 +1,5 @@
-"""int8 post-training static quantization of RLFN for the CPU (the ``int8`` backend).
+"""The ``int8`` backend: post-training static quantization of RLFN for the CPU, its engine,
+and the int8 model's export and check (``rlfn export --int8``).
 
 ``int8_model(model, calibration=SOURCE)`` returns the path of an OpenVINO IR (``model.xml`` + ``model.bin``) in
 which the body's 3x3 convolutions (``c1_r``, ``c2_r``, ``c3_r`` of every block: 80-85% of the
@@ -33,6 +34,12 @@ state_dict's names, shapes and bytes), the settings, the calibration crops and t
 OpenVINO versions: new weights, settings or calibration data build a new model; the same
 ones load it (no NNCF run). A build is written to a temporary folder and renamed into place,
 so a cache entry is complete or absent.
+
+``Int8Engine`` runs the cached IR in OpenVINO (it needs a CPU with int8 dot products:
+AVX512-VNNI, AVX-VNNI or AMX, and the ``nncf`` package). ``export_int8`` copies the IR out of
+the cache (``.bin`` then ``.xml``, each published atomically); ``check_int8`` runs a written
+IR on a calibration crop against PyTorch fp32. openvino, nncf and the ONNX exporter are
+imported when a model is quantized or run, not before.
 """
 
 from __future__ import annotations
@@ -52,12 +59,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cache_dir
-from .errors import ConfigError, DataError
+from .. import cache_dir
+from ..engine import BackendError, BackendInfo, Engine
+from ..errors import ConfigError, DataError
+from . import register
+from .onnx import OpenVinoEngine
 
 __all__ = ["SETTINGS", "INT8_LAYERS", "QuantError", "weights_sha256", "cache_dir",
            "CALIBRATION_ENV", "calibration_source", "calibration_crops", "int8_model", "quantize_onnx",
-           "cpu_has_int8_dot"]
+           "cpu_has_int8_dot", "Int8Engine", "missing_packages", "export_int8", "check_int8"]
 
 # The convs quantized to int8: the three 3x3 convs of each RLFB.
 INT8_LAYERS = r"^block_\d+\.c[123]_r$"
@@ -146,7 +156,7 @@ def calibration_crops(scale: int, source: str | Path | None, *,
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
     if path.is_file():
-        from .data.patches import PatchStore
+        from ..data.patches import PatchStore
 
         if path.suffix != ".arrow":
             raise QuantError(path, "int8 calibration source must be a patch store (.arrow) or "
@@ -166,8 +176,8 @@ def calibration_crops(scale: int, source: str | Path | None, *,
         finally:
             store.close()
         return out
-    from .bicubic import downscale
-    from .io import list_images, read_image
+    from ..bicubic import downscale
+    from ..io import list_images, read_image
 
     files = sorted(list_images([path]))
     if not files:
@@ -270,7 +280,7 @@ def int8_model(model: nn.Module, *, calibration: str | Path | None,
     """The cached int8 IR of ``model`` (fp32 RLFN): its ``model.xml``, built when absent.
     ``calibration`` (required): the training data its crops come from (``calibration_crops``);
     ``None`` is a ``ConfigError`` before any work."""
-    from .models.rlfn import RLFN
+    from ..models.rlfn import RLFN
 
     if not isinstance(model, RLFN):
         raise ConfigError("int8", f"quantizes RLFN models only, not {type(model).__name__}")
@@ -284,7 +294,7 @@ def int8_model(model: nn.Module, *, calibration: str | Path | None,
     xml = final / "model.xml"
     if xml.is_file() and (final / "model.bin").is_file():
         return xml
-    from .log import get_logger
+    from ..log import get_logger
 
     get_logger(__name__).info(f"int8: quantizing {type(model).__name__} x{scale} (NNCF, "
                               f"{len(crops)} calibration crops); cached in {final}")
@@ -326,3 +336,76 @@ def build_int8(model: nn.Module, out_dir: Path, crops: list[np.ndarray], setting
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "model.xml"
+
+
+# --------------------------------------------------------------------------- the backend
+@register
+class Int8Engine(OpenVinoEngine):
+    """The cached int8 OpenVINO IR of the model (``int8_model``: built by NNCF on first use,
+    then loaded by the weights' sha256); the fp32 layers run in fp32."""
+
+    info = BackendInfo("int8", ("cpu",), ("openvino", "onnx", "onnxscript", "nncf"), False,
+                       "OpenVINO, NNCF int8 body 3x3 convs (static PTQ + SmoothQuant), rest fp32")
+
+    @classmethod
+    def check_hardware(cls, device):
+        if not cpu_has_int8_dot():
+            raise BackendError("backend 'int8': this CPU has no int8 dot product (AVX512-VNNI, "
+                               "AVX-VNNI or AMX); int8 would be slow and could saturate")
+
+    @classmethod
+    def build(cls, model, device, *, calibration=None, **options):
+        return cls(model, device, calibration)
+
+    def __init__(self, model, device, calibration=None):
+        if calibration is None:
+            raise BackendError("int8", f"needs calibration data (make_engine(..., "
+                                       f"calibration=...): {CALIBRATION_KINDS})")
+        Engine.__init__(self, model, device)
+        self.threads = torch.get_num_threads()
+        self.model_path = int8_model(model, calibration=calibration)
+        self._load(self.model_path)
+
+
+# --------------------------------------------------------------------------- export and check
+def missing_packages() -> list[str]:
+    """The packages the int8 model needs (the backend's) that are not installed."""
+    import importlib.util
+
+    return [m for m in Int8Engine.info.requires if importlib.util.find_spec(m) is None]
+
+
+def export_int8(model: nn.Module, out: str | Path, calibration: str | Path) -> Path:
+    """The int8 OpenVINO IR of ``model`` written to ``out`` (``.xml``, weights beside it in
+    ``.bin``), copied from the cache (``int8_model``): the ``.bin`` first, each file published
+    atomically, so a present ``.xml`` always has its weights."""
+    from ..io import atomic_write
+
+    out = Path(out)
+    xml = int8_model(model.eval(), calibration=calibration)
+    for src, dst in ((xml.with_suffix(".bin"), out.with_suffix(".bin")), (xml, out)):
+        def copy(f, src=src):
+            with open(src, "rb") as r:
+                shutil.copyfileobj(r, f)
+        atomic_write(dst, copy)
+    return out
+
+
+def check_int8(model: nn.Module, xml: str | Path, calibration: str | Path) -> float:
+    """Run the written IR on a calibration crop and compare with PyTorch fp32: the mean
+    absolute difference in grey levels (rounded, clipped 0-255 outputs); a ``DataError``
+    above 2."""
+    import openvino as ov
+
+    x = calibration_crops(model.scale, calibration, crops=1, seed=1,
+                          min_size=int(getattr(model, "min_input_size", 1)))[0]
+    out = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    with torch.inference_mode():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    if out.shape != ref.shape:
+        raise DataError(xml, f"int8 output shape {out.shape}, PyTorch {ref.shape}")
+    diff = float(np.abs(np.clip(out, 0, 255).round() - np.clip(ref, 0, 255).round()).mean())
+    if diff > 2.0:
+        raise DataError(xml, f"int8 output differs from PyTorch fp32 by {diff:.2f} grey levels "
+                             "on average (> 2)")
+    return diff
