@@ -93,8 +93,7 @@ def train_stage(stage: str, settings: Settings | None = None) -> dict:
     out, init = s.stage_dir(key), st.warm_start
     _fresh_out(out, run_key(cfg, init))
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), "stages": {cfg.stage: {}}},
-                                                  sort_keys=True))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     section = {"train": s.train, f"train_stages.{key}": st.model_dump()}
     with stage_run(f"train_stage@{key}", s, section) as run:
         mlflow.log_params({k: v for k, v in cfg.to_dict().items() if v is not None})

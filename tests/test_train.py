@@ -43,8 +43,8 @@ def hr_dir(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, hr_dir: Path, **kw) -> Path:
-    """A standalone config file (its top level holds the keys; the params.yaml layout, a
-    ``train:`` section, is load_config's ``section="train"``: test_train_units)."""
+    """A stage config file (its top level holds the keys; the params.yaml layout, ``train:`` +
+    ``train_stages``, is tested in test_train_units)."""
     p = tmp_path / "train.yaml"
     p.write_text(yaml.safe_dump({**TINY, "hr_dir": str(hr_dir), **kw}))
     return p
@@ -170,7 +170,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     res2 = train(load_config(cfg, stage=2), s2, progress=False)
     seen = _spy_on_setup(monkeypatch)
     s3 = tmp_path / "s3"
-    res3 = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    res3 = train(load_config(cfg, ["contrastive=true"], stage=3), s3, init=res2.weights, progress=False)
     # warm start: stage 3's first step starts from stage 2's final weights, exactly, with a
     # fresh optimizer (no Adam moments) and a fresh schedule
     stage2 = _weights(s2)
@@ -183,7 +183,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     assert not _same(_weights(s3), stage2)  # and then trained
     # the same stage from scratch starts from the seeded weights and ends elsewhere
     scratch = tmp_path / "s3_scratch"
-    train(load_config(cfg, stage=3), scratch, progress=False)
+    train(load_config(cfg, ["contrastive=true"], stage=3), scratch, progress=False)
     assert len(seen) == 2 and not _same(seen[1]["weights"], stage2)
     assert not _same(_weights(scratch), _weights(s3))
     contrastive = [float(r.split(",")[header.index("contrastive")]) for r in rows[1:]]
@@ -200,7 +200,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     assert (result["world_size"], result["per_rank_batch"]) == (1, TINY["batch_size"])
     assert (res3.world_size, res3.per_rank_batch) == (1, TINY["batch_size"])
     # a finished stage is not redone (and says what it recorded)
-    again = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    again = train(load_config(cfg, ["contrastive=true"], stage=3), s3, init=res2.weights, progress=False)
     assert again.already_complete and len(seen) == 2
     assert (again.iterations, again.world_size, again.per_rank_batch) == (6, 1, 4)
 
