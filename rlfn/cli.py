@@ -243,13 +243,14 @@ def cmd_train(args) -> int:
     ``--config`` is a stage config or a params file (``train:`` + ``train_stages``: ``--stage
     K`` is then the pipeline's stage K, the same merged values); see ``rlfn.train.config``."""
     from .train.config import load_config
-    from .train.engine import train
+    from .train.launch import launch
 
     cfg = load_config(args.config, args.set, stage=args.stage)
     if args.init is not None and not Path(args.init).exists():
         raise UsageError(f"--init {args.init}", "no such file")
     try:
-        res = train(cfg, args.out, init=args.init, progress=not args.quiet)
+        res = launch(cfg, args.out, init=args.init, nproc=args.nproc_per_node,
+                     progress=not args.quiet)
     except FloatingPointError as e:  # a diverged loss
         raise DataError(args.out, str(e)) from None
     except ValueError as e:  # data problems: no usable images, patch too large, ...
@@ -537,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "model.safetensors (fresh optimizer and schedule)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
+    t.add_argument("--nproc-per-node", type=_positive, default=1, metavar="N",
+                   help="train on N local processes (DDP, each with 1/N of every batch; "
+                        "rlfn.train.launch); default 1: this process")
     t.add_argument("--out", required=True, metavar="DIR")
     t.set_defaults(func=cmd_train)
 
