@@ -44,8 +44,9 @@ from prefect import flow
 
 from pipeline import tags as T
 from pipeline.entry import log, run_entry
-from pipeline.settings import load_settings
-from pipeline.settings import read_params as params
+from pipeline.settings import (ABLATION_SCHEDULES, AblationError, AblationSettings, Settings,
+                               load_settings)
+from pipeline.stage_config import train_config
 from pipeline.tracking import stage_run
 from rlfn.errors import ConfigError, RLFNError
 from rlfn.io import write_json
@@ -53,31 +54,23 @@ from rlfn.io import write_json
 __all__ = ["AblationError", "SCHEDULES", "variant_names", "resolve", "stage_overrides",
            "stage_configs", "check", "ablate"]
 
-SCHEDULES = ("ws", "e2000", "clr")
+SCHEDULES = ABLATION_SCHEDULES
 SPEC_KEYS = {"model", "schedule", "contrastive", "same_as", "note"}
 
 
-class AblationError(ConfigError):
-    """A bad ``ablation:`` setting; the message names it (exit code 2)."""
+def _section(s: Settings) -> AblationSettings:
+    if s.ablation is None:
+        raise AblationError(f"{s.params_file}: no ablation: section")
+    return s.ablation
 
 
-def _section(prm: dict) -> dict:
-    a = prm.get("ablation")
-    if not isinstance(a, dict):
-        raise AblationError("params.yaml: no ablation: section")
-    if not isinstance(a.get("variants"), dict) or not a["variants"]:
-        raise AblationError("ablation.variants: expected a mapping name -> {model, schedule, "
-                            "contrastive}")
-    return a
+def variant_names(s: Settings) -> list[str]:
+    return list(_section(s).variants)
 
 
-def variant_names(prm: dict) -> list[str]:
-    return list(_section(prm)["variants"])
-
-
-def resolve(prm: dict, name: str) -> dict:
+def resolve(s: Settings, name: str) -> dict:
     """The variant's spec ``{model, schedule, contrastive, runs_as}`` (aliases followed)."""
-    variants = _section(prm)["variants"]
+    variants = _section(s).variants
     if name not in variants:
         raise AblationError(f"ablation.name: unknown ablation {name!r}; known: "
                             f"{', '.join(variants)}")
@@ -109,18 +102,14 @@ def resolve(prm: dict, name: str) -> dict:
             "runs_as": seen[-1]}
 
 
-def stage_overrides(prm: dict, name: str) -> list[tuple[int, dict]]:
+def stage_overrides(s: Settings, name: str) -> list[tuple[int, dict]]:
     """``[(stage k, train overrides)]`` of the variant's runs, in order (warm start chains
     them)."""
-    a = _section(prm)
-    spec = resolve(prm, name)
-    base = dict(a.get("base") or {})
-    n = int(a.get("stages", 3))
-    if n < 1:
-        raise AblationError(f"ablation.stages: must be >= 1, got {n}")
-    train = prm.get("train") or {}
-    iters = int(base.get("iterations", train.get("iterations", 1)))
-    step = int(base.get("lr_step", train.get("lr_step", iters)))
+    a = _section(s)
+    spec = resolve(s, name)
+    base, n = dict(a.base), a.stages
+    iters = int(base.get("iterations", s.train.get("iterations", 1)))
+    step = int(base.get("lr_step", s.train.get("lr_step", iters)))
     common = {**base, "model": spec["model"]}
     if spec["schedule"] == "ws":
         return [(k, {**common, "contrastive": spec["contrastive"] and k == n})
@@ -136,56 +125,45 @@ def stage_overrides(prm: dict, name: str) -> list[tuple[int, dict]]:
     return [(1, long)]
 
 
-def _data(prm: dict) -> dict:
-    train = prm.get("train") or {}
-    base = (prm.get("ablation") or {}).get("base") or {}
-    scale = base.get("scale", train.get("scale", 4))
-    store = Path((prm.get("patches") or {}).get("out", "data/patches")) / f"x{scale}.arrow"
+def _data(s: Settings) -> dict:
+    base = _section(s).base
+    store = s.patches.store(base.get("scale", s.scale))
     if store.exists():
         return {"patch_store": str(store)}
-    hr = base.get("hr_dir", train.get("hr_dir"))
+    hr = base.get("hr_dir", s.train.get("hr_dir"))
     if not hr or not Path(hr).is_dir():
         raise AblationError(f"ablation: no training data: neither {store} (the patches stage) "
                             f"nor train.hr_dir ({hr}) exists")
     return {"hr_dir": str(hr)}
 
 
-def stage_configs(prm: dict, name: str, params_file: str = "params.yaml",
-                  data: dict | None = None) -> list:
+def stage_configs(s: Settings, name: str, data: dict | None = None) -> list:
     """The checked ``TrainConfig`` of every run of the variant: ``train`` + the warm-start
     stage's keys (``train_stages.<k>``, when defined) + the run's settings + ``data``."""
-    from rlfn.train.config import stage_config
-
-    settings = load_settings(params_file)
     data = data if data is not None else {"patch_store": "-"}
     out = []
-    for k, sets in stage_overrides(prm, name):
+    for k, sets in stage_overrides(s, name):
         sets = {**sets, **data}
         if "patch_store" in data:
             sets.pop("hr_dir", None)
-        st = settings.train_stages.get(str(k))
         try:
-            out.append(stage_config(settings.train, st.overrides if st else {}, k, extra=sets,
-                                    where=params_file, stage_where=f"train_stages.{k}"))
+            out.append(train_config(s, k, extra=sets, required=False))
         except ConfigError as e:
             raise AblationError(f"ablation {name}: {e}") from None
     return out
 
 
-def check(params_file: str = "params.yaml") -> tuple[dict, str]:
-    """(params, name) after every check that needs no training; raises AblationError."""
-    prm = params(params_file)
-    a = _section(prm)
-    for n in a["variants"]:  # every variant must expand (a typo anywhere is caught early)
-        stage_overrides(prm, n)
-    name = a.get("name")
-    if not isinstance(name, str) or not name:
-        raise AblationError(f"ablation.name: give one of {', '.join(a['variants'])}")
-    resolve(prm, name)
-    stage_configs(prm, name, params_file)
-    if not (prm.get("evaluate") or {}).get("sets"):
-        raise AblationError("evaluate.sets: no validation set to score the ablation on")
-    return prm, name
+def check(params_file: str = "params.yaml") -> tuple[Settings, str]:
+    """(settings, name) after every check that needs no training; raises AblationError."""
+    s = load_settings(params_file)
+    a = _section(s)
+    for n in a.variants:  # every variant must expand (a typo anywhere is caught early)
+        stage_overrides(s, n)
+    if not a.name:
+        raise AblationError(f"ablation.name: give one of {', '.join(a.variants)}")
+    resolve(s, a.name)
+    stage_configs(s, a.name)
+    return s, a.name
 
 
 @flow(name="rlfn-ablate", flow_run_name="ablate")
@@ -201,15 +179,16 @@ def ablate(params_file: str = "params.yaml") -> dict:
     from rlfn.upscale import ModelUpscaler
     from rlfn.weights import load_model
 
-    prm, name = check(params_file)
-    a = prm["ablation"]
-    spec = resolve(prm, name)
-    cfgs = stage_configs(prm, name, params_file, _data(prm))
-    root = Path(a.get("dir", "ablations")) / name
+    s, name = check(params_file)
+    a = _section(s)
+    spec = resolve(s, name)
+    cfgs = stage_configs(s, name, _data(s))
+    root = Path(a.dir) / name
     shutil.rmtree(root, ignore_errors=True)  # DVC reruns this only when something changed
-    section = {"ablation": a, "train": prm.get("train"), "evaluate": prm.get("evaluate")}
+    section = {"ablation": s.raw.get("ablation"), "train": s.raw.get("train"),
+               "evaluate": s.raw.get("evaluate")}
     t0 = time.perf_counter()
-    with stage_run("ablate", prm, section):
+    with stage_run("ablate", s, section):
         mlflow.set_tag(T.ABLATION, name)
         mlflow.log_params({"ablation": name, "model": spec["model"],
                            "schedule": spec["schedule"], "contrastive": spec["contrastive"],
@@ -227,7 +206,7 @@ def ablate(params_file: str = "params.yaml") -> dict:
         scale = cfgs[-1].scale
         model = load_model(results[-1].weights, scale=scale).model.eval()
         sets = {}
-        for set_name, hr_dir in prm["evaluate"]["sets"].items():
+        for set_name, hr_dir in s.evaluate.sets.items():
             rep = evaluate_folder(ModelUpscaler(model), hr_dir)
             if rep.errors:
                 raise RLFNError(hr_dir, f"ablation {name}: evaluate {set_name}: "
@@ -235,9 +214,8 @@ def ablate(params_file: str = "params.yaml") -> dict:
             sets[set_name] = {k: round(v, 4) for k, v in rep.mean.items()}
         first = sets.get("Set5") or next(iter(sets.values()))
         cx = count_complexity(model)
-        rt_cfg = {"max_images": 3, "warmup": 1, **(a.get("runtime") or {})}
-        prof = prm.get("profile") or {}
-        rt = profile_runtime(model, prof.get("input_dir", "data/sample/train"),
+        rt_cfg = a.runtime
+        rt = profile_runtime(model, s.profile.input_dir,
                              max_images=int(rt_cfg["max_images"]),
                              warmup=int(rt_cfg["warmup"]), device="cpu")
         metrics = {
@@ -250,15 +228,14 @@ def ablate(params_file: str = "params.yaml") -> dict:
             "runtime_input_hw": rt["input_hw"], "runtime_threads": rt["threads"],
             "iterations": sum(c.iterations for c in cfgs), "runs": len(cfgs),
             "iterations_per_run": [c.iterations for c in cfgs],
-            "iterations_per_stage": int((a.get("base") or {}).get(
-                "iterations", cfgs[0].iterations)),
+            "iterations_per_stage": int(a.base.get("iterations", cfgs[0].iterations)),
             "batch_size": cfgs[0].batch_size, "patch_size": cfgs[0].patch_size,
             "val_psnr_by_run": [round(r.final_psnr, 4) if r.final_psnr is not None else None
                                 for r in results],
             "train_seconds": round(sum(r.seconds for r in results), 1),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        write_json(a.get("out", "metrics/ablation.json"), metrics)
+        write_json(a.out, metrics)
         log_dict_metrics("", {k: v for k, v in metrics.items() if k != "iterations_per_run"})
         log.info(f"ablation {name}: Set5 {metrics['psnr_y']:.3f} dB / {metrics['ssim_y']:.4f}, "
                  f"{metrics['params'] / 1e3:.1f}K params, {metrics['flops'] / 1e9:.2f} G "

@@ -10,12 +10,20 @@ default here is the one default in the project). A value that cannot be used is 
 Flows take a ``Settings`` as their parameter (``None``: read ``params.yaml`` in the working
 directory, as a Prefect deployment does). The paths in it are the ones ``dvc.yaml`` uses
 (``${data.manifest}``, ``${train_launch.out}``, ...): moving an output is one edit of
-params.yaml. The ``tune:`` and ``ablation:`` sections (stages outside the default pipeline)
-are checked by their own modules, which read them from here.
+params.yaml.
+
+The ``tune:`` and ``ablation:`` sections (stages outside the default pipeline) are typed
+sections here too (``TuneSettings``, ``AblationSettings``: their keys, defaults and the checks
+that need nothing but the section); a problem in one is a ``TuneError`` / ``AblationError``
+naming the key without the file (``tune.n_trials: must be >= 1, got 0``), as those stages
+always said it. What needs more (a search space's training values, an Optuna class's
+options, a variant's runs) is checked by the stage's module. ``load_section(name)`` reads one
+section alone (a tune or ablation project need not hold the default pipeline's sections).
 
 The library (``rlfn``) never sees this layout: stages hand it plain values, and
 ``pipeline.stage_config.train_config`` builds a stage's ``TrainConfig``. This module imports
-nothing of the library but its errors, so that a stage's DVC deps stay its own.
+nothing of the library but its errors and its YAML number rule (``rlfn.yamlnum``, no torch),
+so that a stage's DVC deps stay its own.
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
 from rlfn.errors import ConfigError
+from rlfn.yamlnum import yaml_number
 
-__all__ = ["Settings", "load_settings", "read_params", "params_path", "DataSettings", "DegradeSettings",
-           "PatchesSettings", "TrainLaunch", "StageSettings", "EvaluateSettings",
-           "ParetoSettings", "ProfileSettings", "PromoteSettings", "MlflowSettings"]
+__all__ = ["Settings", "load_settings", "load_section", "read_params", "params_path",
+           "DataSettings", "DegradeSettings", "PatchesSettings", "TrainLaunch", "StageSettings",
+           "EvaluateSettings", "ParetoSettings", "ProfileSettings", "PromoteSettings",
+           "MlflowSettings", "TuneSettings", "AblationSettings", "TuneError", "AblationError",
+           "TUNE_METRICS"]
 
 
 def params_path(path: str | Path | None = None) -> Path:
@@ -186,6 +197,124 @@ class MlflowSettings(_Section):
     experiment: str = "rlfn"
 
 
+class TuneError(ConfigError):
+    """A ``tune:`` setting that cannot be used: ``TuneError(key, reason)``, e.g.
+    ``TuneError("tune.space.lr", "empty search space ...")`` (exit 2, bad configuration)."""
+
+
+class AblationError(ConfigError):
+    """A bad ``ablation:`` setting; the message names it (exit code 2)."""
+
+
+def _known_keys(cls: type[BaseModel], v: Any, name: str, err: type[ConfigError]) -> dict:
+    if not isinstance(v, dict):
+        raise err(name, f"expected a mapping of settings, got {type(v).__name__}")
+    unknown = sorted(set(map(str, v)) - set(cls.model_fields))
+    if unknown:
+        raise err(name, f"unknown key(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(cls.model_fields)}")
+    return dict(v)
+
+
+TUNE_METRICS = ("val_psnr", "best_val_psnr")
+
+
+class TuneSettings(_Section):
+    """``tune:`` (``python -m pipeline.tune``; the search itself is checked by
+    ``pipeline.tune.spec``)."""
+
+    study: str = "rlfn-tune"
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int = 8
+    timeout_s: float = 0
+    stage: int = 1
+    sampler: dict[str, Any] | str = {"name": "tpe", "seed": 0}
+    pruner: dict[str, Any] | str = {"name": "median"}
+    metric: str = "val_psnr"
+    base: dict[str, Any] = {}
+    space: dict[str, Any] = {}
+    enqueue: list[dict[str, Any]] = []
+    heartbeat_s: int = 30
+    grace_s: int = 120
+    trials_dir: str = "tune/trials"
+    best_out: str = "tune/best_params.yaml"
+    out: str = "metrics/tune.json"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, v: Any) -> Any:
+        t = {**{k: f.default for k, f in cls.model_fields.items()},
+             **_known_keys(cls, v, "tune", TuneError)}
+        for key in ("study", "storage", "trials_dir", "best_out", "out"):
+            if not isinstance(t[key], str) or not t[key].strip():
+                raise TuneError(f"tune.{key}", f"expected a non-empty string, got {t[key]!r}")
+
+        def num(key: str, integer: bool = False) -> float | int:
+            return yaml_number(t[key] or 0, f"tune.{key}", integer, error=TuneError)
+
+        t["n_trials"] = num("n_trials", integer=True)
+        if t["n_trials"] < 1:
+            raise TuneError("tune.n_trials", f"must be >= 1, got {t['n_trials']}")
+        t["timeout_s"] = num("timeout_s")
+        t["heartbeat_s"], t["grace_s"] = num("heartbeat_s", True), num("grace_s", True)
+        if t["timeout_s"] < 0 or t["heartbeat_s"] < 1 or t["grace_s"] <= t["heartbeat_s"]:
+            raise TuneError("tune", "need timeout_s >= 0, heartbeat_s >= 1 and grace_s > "
+                                    "heartbeat_s")
+        if t["metric"] not in TUNE_METRICS:
+            raise TuneError("tune.metric", f"unknown metric {t['metric']!r}; use one of "
+                                           f"{', '.join(TUNE_METRICS)} (maximised)")
+        t["base"] = t["base"] or {}
+        if not isinstance(t["base"], dict):
+            raise TuneError("tune.base", "expected a mapping of train keys")
+        if not isinstance(t["space"], dict) or not t["space"]:
+            raise TuneError("tune.space", "empty; declare at least one parameter to search")
+        t["enqueue"] = t["enqueue"] or []
+        if not isinstance(t["enqueue"], list) or not all(isinstance(e, dict)
+                                                         for e in t["enqueue"]):
+            raise TuneError("tune.enqueue", "expected a list of {param: value} mappings")
+        t["stage"] = yaml_number(t["stage"], "tune.stage", integer=True, error=TuneError)
+        for kind in ("sampler", "pruner"):
+            if not isinstance(t[kind], (str, dict)) or (isinstance(t[kind], dict)
+                                                        and "name" not in t[kind]):
+                raise TuneError(f"tune.{kind}", "expected {name: ..., ...}")
+        return t
+
+
+ABLATION_SCHEDULES = ("ws", "e2000", "clr")
+
+
+class AblationSettings(_Section):
+    """``ablation:`` (``python -m pipeline.ablate``; each variant's runs are expanded and
+    checked by ``pipeline.ablate``)."""
+
+    name: str | None = None
+    stages: int = 3
+    base: dict[str, Any] = {}
+    runtime: dict[str, Any] = {"max_images": 3, "warmup": 1}
+    variants: dict[str, Any]
+    out: str = "metrics/ablation.json"
+    dir: str = "ablations"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, v: Any) -> Any:
+        a = _known_keys(cls, v, "ablation", AblationError)
+        if not isinstance(a.get("variants"), dict) or not a["variants"]:
+            raise AblationError("ablation.variants", "expected a mapping name -> {model, "
+                                                     "schedule, contrastive}")
+        n = yaml_number(a.get("stages", 3), "ablation.stages", integer=True,
+                        error=AblationError)
+        if n < 1:
+            raise AblationError("ablation.stages", f"must be >= 1, got {n}")
+        a["stages"] = n
+        for key in ("base", "runtime"):
+            if not isinstance(a.get(key) or {}, dict):
+                raise AblationError(f"ablation.{key}", "expected a mapping")
+        a["base"] = dict(a.get("base") or {})
+        a["runtime"] = {"max_images": 3, "warmup": 1, **(a.get("runtime") or {})}
+        return a
+
+
 class Settings(BaseModel):
     """Every section of params.yaml that a default stage reads."""
 
@@ -201,6 +330,8 @@ class Settings(BaseModel):
     profile: ProfileSettings = ProfileSettings()
     promote: PromoteSettings = PromoteSettings()
     mlflow: MlflowSettings = MlflowSettings()
+    tune: TuneSettings | None = None
+    ablation: AblationSettings | None = None
     raw: dict[str, Any] = Field(default_factory=dict, repr=False)  # the whole file
 
     @field_validator("train_stages", mode="before")
@@ -306,9 +437,41 @@ def load_settings(path: str | Path | None = None) -> Settings:
         s = Settings(**{k: v for k, v in raw.items() if k not in ("params_file", "raw")},
                      params_file=str(p), raw=raw)
     except ValidationError as e:
-        loc, msg = _describe(e.errors()[0])
-        more = len(e.errors()) - 1
-        raise ConfigError(f"{p}: {loc}", msg + (f" (and {more} more problem"
-                                                f"{'s' if more > 1 else ''})" if more else "")
-                          ) from None
+        raise _error(p, e) from None
     return s
+
+
+_SECTIONS: dict[str, type[_Section]] = {"tune": TuneSettings, "ablation": AblationSettings,
+                                        "patches": PatchesSettings}
+
+
+def _error(p: Path, e: ValidationError, section: str | None = None) -> ConfigError:
+    err = e.errors()[0]
+    own = _own_error(err)
+    if own is not None:
+        return own
+    loc, msg = _describe(err)
+    loc = f"{section}.{loc}" if section and loc else section or loc
+    more = len(e.errors()) - 1
+    return ConfigError(f"{p}: {loc}", msg + (f" (and {more} more problem"
+                                             f"{'s' if more > 1 else ''})" if more else ""))
+
+
+def _own_error(err: dict) -> ConfigError | None:
+    """A section validator's own ``TuneError`` / ``AblationError`` (pydantic wraps the
+    ``ValueError`` it is), unwrapped."""
+    exc = (err.get("ctx") or {}).get("error")
+    return exc if isinstance(exc, ConfigError) else None
+
+
+def load_section(name: str, path: str | Path | None = None) -> Any:
+    """One section of ``params.yaml`` (or ``path``), checked alone: ``tune``, ``ablation`` or
+    ``patches`` (``None`` when the file has none). The same model and errors as ``load_settings``."""
+    p = params_path(path)
+    raw = read_params(p)
+    if raw.get(name) is None:
+        return None
+    try:
+        return _SECTIONS[name].model_validate(raw[name])
+    except ValidationError as e:
+        raise _error(p, e, name) from None

@@ -1,5 +1,7 @@
 """A warm-start stage's training configuration: ``train:`` + ``train_stages.<k>`` (+ extra
-keys such as the patch store) checked into an ``rlfn.train.config.TrainConfig``."""
+keys such as the patch store) checked into an ``rlfn.train.config.TrainConfig``: the one way
+the pipeline's stages (train, tune, ablate) build one. The merge itself is the library's
+(``params_stage_config``), so ``rlfn train --config params.yaml --stage K`` is the same."""
 
 from __future__ import annotations
 
@@ -7,21 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings
-from rlfn.errors import ConfigError
-from rlfn.train.config import TrainConfig, stage_config
+from rlfn.train.config import TrainConfig, params_stage_config
 
 __all__ = ["train_config", "stage_data"]
 
 
-def train_config(settings: Settings, key: str, extra: dict[str, Any] | None = None
-                 ) -> TrainConfig:
-    key = str(key)
-    if key not in settings.train_stages:
-        raise ConfigError(f"{settings.params_file}: train_stages",
-                          f"no stage {key!r}; defined: {', '.join(settings.stage_keys)}")
-    return stage_config(settings.train, settings.train_stages[key].overrides, int(key),
-                        extra=extra, where=settings.params_file,
-                        stage_where=f"train_stages.{key}")
+def train_config(settings: Settings, key: str | int, extra: dict[str, Any] | None = None,
+                 required: bool = True, extra_where: str = "--set") -> TrainConfig:
+    """Stage ``key``'s config: ``train:`` + ``train_stages.<key>`` + ``extra``, merged by
+    ``rlfn.train.config.params_stage_config`` (the same merge as ``rlfn train --config
+    params.yaml --stage <key>``). ``required=False``: a stage not in ``train_stages`` is
+    ``train:`` alone (the ablations' extra stages)."""
+    stages = {k: st.model_dump() for k, st in settings.train_stages.items()}
+    return params_stage_config(settings.train, stages, key, extra=extra,
+                               where=settings.params_file, extra_where=extra_where,
+                               required=required)
 
 
 def stage_data(s: Settings, key: str, cfg: TrainConfig) -> dict[str, Path | None]:

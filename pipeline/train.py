@@ -5,19 +5,18 @@ Stage ``k`` trains with ``train:`` plus ``train_stages.<k>`` (params.yaml) on th
 ``patches.out``/x<scale>.arrow, starting from ``train_stages.<k>.init``: the previous stage's
 weights (a warm start: weights only, fresh optimizer and schedule), or seeded weights for the
 first stage. Outputs ``<train_launch.out>/stage<k>/``: weights, curves, crops, result.json,
-config.yaml (the resolved training config) and mlflow.json (the run and the registered
-model version); ``<train_launch.curves>/stage<k>.csv`` (a DVC plot). With
-``train_launch.ddp: true`` the training runs under torchrun (``rlfn train`` on config.yaml,
-the same function) and its curves are logged to MLflow afterwards.
+config.yaml (the resolved training config, a record: ``rlfn train --config`` reruns it) and
+mlflow.json (the run and the registered model version); ``<train_launch.curves>/stage<k>.csv``
+(a DVC plot). The training is started by ``rlfn.train.launch`` (as ``rlfn train`` starts it):
+in this process, or with ``train_launch.ddp: true`` on ``nproc_per_node`` local processes;
+either way the curves are logged to the stage's MLflow run as they come.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from pipeline.tracking import stage_run
 from rlfn.io import write_json
 from rlfn.train.checkpoint import find_checkpoint
 from rlfn.train.config import TrainConfig
-from rlfn.train.engine import run_key, train
+from rlfn.train.launch import launch
+from rlfn.train.setup import run_key
 
 CONFIG_FILE = "config.yaml"
 
@@ -51,30 +51,14 @@ def _fresh_out(out: Path, key: str) -> None:
         shutil.rmtree(out)
 
 
-def _log_curves(curves: Path) -> None:
-    with open(curves, newline="") as fh:
-        for row in csv.DictReader(fh):
-            mlflow.log_metrics({k: float(v) for k, v in row.items()
-                                if k != "iteration" and v not in ("", None)},
-                               step=int(row["iteration"]))
-
-
 @task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
-def run_training(cfg: TrainConfig, out: Path, init: Path | None, ddp: bool, nproc: int) -> dict:
-    if not ddp:
-        return train(cfg, out, init=init,
-                     on_log=lambda it, m: mlflow.log_metrics(m, step=it)).to_dict()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "rlfn", "train", "--config",
-           str(out / CONFIG_FILE), "--out", str(out)]
-    if init is not None:
-        cmd += ["--init", str(init)]
-    log.info(f"train: {' '.join(cmd)}")
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        raise RuntimeError(f"torchrun ({nproc} processes) failed with exit code {r.returncode}")
-    _log_curves(out / "curves.csv")
-    return json.loads((out / "result.json").read_text())
+def run_training(cfg: TrainConfig, out: Path, init: Path | None, nproc: int,
+                 run_id: str) -> dict:
+    """The stage's training (``rlfn.train.launch``); each logged row goes to the run
+    ``run_id`` as it comes (named: rows may arrive on the launcher's thread)."""
+    log.info(f"train: stage {cfg.stage} on {nproc} process{'es' if nproc > 1 else ''} -> {out}")
+    return launch(cfg, out, init=init, nproc=nproc,
+                  on_log=lambda it, m: mlflow.log_metrics(m, step=it, run_id=run_id)).to_dict()
 
 
 # the tracking server may be briefly unreachable
@@ -96,13 +80,13 @@ def train_stage(stage: str, settings: Settings | None = None) -> dict:
     out, init = s.stage_dir(key), st.warm_start
     _fresh_out(out, run_key(cfg, init))
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), "stages": {cfg.stage: {}}},
-                                                  sort_keys=True))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     section = {"train": s.train, f"train_stages.{key}": st.model_dump()}
     with stage_run(f"train_stage@{key}", s, section) as run:
         mlflow.log_params({k: v for k, v in cfg.to_dict().items() if v is not None})
         mlflow.log_param("init", str(init) if init else "scratch")
-        result = run_training(cfg, out, init, s.train_launch.ddp, s.train_launch.nproc_per_node)
+        nproc = s.train_launch.nproc_per_node if s.train_launch.ddp else 1
+        result = run_training(cfg, out, init, nproc, run.info.run_id)
         for name in ("curves.csv", "curves.png", "result.json", CONFIG_FILE):
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))

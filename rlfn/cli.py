@@ -11,6 +11,7 @@ when nothing usable is left.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -241,26 +242,17 @@ def cmd_manifest(args) -> int:
 # --------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
     """One training stage; rerunning the same command resumes (or does nothing when done).
-    A config file with a top-level ``train:`` mapping (params.yaml) is read from that section
-    (``--section``)."""
-    import yaml
-
+    ``--config`` is a stage config or a params file (``train:`` + ``train_stages``: ``--stage
+    K`` is then the pipeline's stage K, the same merged values); see ``rlfn.train.config``."""
     from .train.config import load_config
-    from .train.engine import train
+    from .train.launch import launch
 
-    section = args.section
-    if section is None and Path(args.config).is_file():
-        try:
-            doc = yaml.safe_load(Path(args.config).read_text())
-        except yaml.YAMLError:
-            doc = None  # load_config says what is wrong with it
-        if isinstance(doc, dict) and isinstance(doc.get("train"), dict):
-            section = "train"
-    cfg = load_config(args.config, args.set, stage=args.stage, section=section)
+    cfg = load_config(args.config, args.set, stage=args.stage)
     if args.init is not None and not Path(args.init).exists():
         raise UsageError(f"--init {args.init}", "no such file")
     try:
-        res = train(cfg, args.out, init=args.init, progress=not args.quiet)
+        res = launch(cfg, args.out, init=args.init, nproc=args.nproc_per_node,
+                     progress=not args.quiet)
     except FloatingPointError as e:  # a diverged loss
         raise DataError(args.out, str(e)) from None
     except ValueError as e:  # data problems: no usable images, patch too large, ...
@@ -346,7 +338,8 @@ def cmd_export(args) -> int:
         raise UsageError(f"-o {out}", "is a directory")
     try:
         check_backend("onnxruntime" if not args.no_check else "eager", "cpu")
-        import onnx  # noqa: F401
+        if importlib.util.find_spec("onnx") is None:
+            raise ImportError("No module named 'onnx'")
     except (ImportError, ValueError) as e:
         raise UsageError("export", f"needs the [infer] extra (onnx, onnxscript, onnxruntime): "
                                    f"{e}") from None
@@ -508,15 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one stage (resumes when rerun with the same --out)")
     t.add_argument("--config", required=True, metavar="FILE",
-                   help="YAML config (params.yaml works: its train section is read)")
-    t.add_argument("--section", metavar="NAME", help="read the config from this top-level "
-                   "mapping of FILE (default: train, when FILE has one)")
-    t.add_argument("--stage", type=int, default=None, help="stage 1, 2 or 3 (3 adds the "
-                   "contrastive loss by default)")
+                   help="a stage config (its keys at the top level, e.g. the pipeline's "
+                        "models/stage<K>/config.yaml) or a params file (train: + "
+                        "train_stages, e.g. params.yaml)")
+    t.add_argument("--stage", type=int, default=None, help="with a params file: its "
+                   "train_stages key K, trained exactly as the pipeline's train_stage@K "
+                   "(required when it has several); with a stage config: must be its stage")
     t.add_argument("--init", metavar="WEIGHTS", help="warm start: the previous stage's "
                    "model.safetensors (fresh optimizer and schedule)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
+    t.add_argument("--nproc-per-node", type=_positive, default=1, metavar="N",
+                   help="train on N local processes (DDP, each with 1/N of every batch; "
+                        "rlfn.train.launch); default 1: this process")
     t.add_argument("--out", required=True, metavar="DIR")
     t.set_defaults(func=cmd_train)
 

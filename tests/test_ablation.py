@@ -21,7 +21,7 @@ FIXTURE = Path(__file__).parent / "data" / "ablation_exp_show.json"
 
 from pipeline import ablate as abl  # noqa: E402
 from pipeline import ablation_report as rep  # noqa: E402
-from pipeline.settings import read_params as params  # noqa: E402
+from pipeline.settings import AblationSettings, load_section, load_settings  # noqa: E402
 
 
 _env = clean_env
@@ -88,46 +88,70 @@ def test_script_refuses_unknown_name_before_dvc():
 
 # ------------------------------------------------------------------ variant expansion
 def test_variant_expansion():
-    prm = params(ROOT / "params.yaml")
+    s = load_settings(ROOT / "params.yaml")
+    prm = s.raw
     a = prm["ablation"]
     it, step, n = a["base"]["iterations"], a["base"]["lr_step"], a["stages"]
-    names = abl.variant_names(prm)
+    names = abl.variant_names(s)
     for want in ("rfdb", "rfdb_r48", "rfdb_r52", "rlfb", "rlfb_no_cl", "ws_1", "e2000", "clr",
                  "edsr", "edsr_cl_ws"):
         assert want in names
     data = {"hr_dir": str(ROOT / "data/sample/train")}
-    ws = abl.stage_configs(prm, "rlfb", ROOT / "params.yaml", data)
+    ws = abl.stage_configs(s, "rlfb", data)
     assert [c.stage for c in ws] == list(range(1, n + 1))
     assert [c.contrastive for c in ws] == [False] * (n - 1) + [True]
     assert all(c.iterations == it and c.lr_schedule == "step" and c.lr_step == step
                and c.model == "rlfn_ntire" for c in ws)
     last = prm["train_stages"][max(prm["train_stages"], key=int)]  # the contrastive stage
     assert ws[-1].contrastive_weight == last["contrastive_weight"]
-    assert not any(c.contrastive for c in abl.stage_configs(prm, "rlfb_no_cl",
-                                                             ROOT / "params.yaml", data))
-    body = {m: abl.stage_configs(prm, m, ROOT / "params.yaml", data) for m in
+    assert not any(c.contrastive for c in abl.stage_configs(s, "rlfb_no_cl", data))
+    body = {m: abl.stage_configs(s, m, data) for m in
             ("rfdb", "rfdb_r48", "rfdb_r52", "rlfb")}  # the same recipe for every block
     recipes = {m: [(c.iterations, c.contrastive, c.lr_step) for c in cs] for m, cs in
                body.items()}
     assert len({json.dumps(r) for r in recipes.values()}) == 1
     assert [cs[0].model for cs in body.values()] == ["rfdb", "rfdb_r48", "rfdb_r52",
                                                      "rlfn_ntire"]
-    (e,) = abl.stage_configs(prm, "e2000", ROOT / "params.yaml", data)
+    (e,) = abl.stage_configs(s, "e2000", data)
     assert e.iterations == n * it and e.lr_schedule == "step" and e.lr_step == n * step > step
     assert not e.contrastive
-    (c,) = abl.stage_configs(prm, "clr", ROOT / "params.yaml", data)
+    (c,) = abl.stage_configs(s, "clr", data)
     assert c.iterations == n * it and c.lr_schedule == "cyclic" and c.lr_cycle == it
     assert c.lr_step == step
-    assert abl.resolve(prm, "ws_1")["runs_as"] == "rlfb_no_cl"
-    ed = abl.stage_configs(prm, "edsr_cl_ws", ROOT / "params.yaml", data)
+    assert abl.resolve(s, "ws_1")["runs_as"] == "rlfb_no_cl"
+    ed = abl.stage_configs(s, "edsr_cl_ws", data)
     assert [x.model for x in ed] == ["edsr_baseline"] * n and ed[-1].contrastive
-    (ep,) = abl.stage_configs(prm, "edsr", ROOT / "params.yaml", data)
+    (ep,) = abl.stage_configs(s, "edsr", data)
     assert ep.model == "edsr_baseline" and ep.iterations == n * it and not ep.contrastive
     with pytest.raises(abl.AblationError, match="unknown ablation 'bogus'; known: rfdb"):
-        abl.resolve(prm, "bogus")
-    bad = {**prm, "ablation": {**a, "variants": {"x": {"model": "rfdb", "schedule": "sgdr"}}}}
+        abl.resolve(s, "bogus")
+    bad = s.model_copy(update={"ablation": s.ablation.model_copy(
+        update={"variants": {"x": {"model": "rfdb", "schedule": "sgdr"}}})})
     with pytest.raises(abl.AblationError, match="schedule"):
         abl.stage_overrides(bad, "x")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update(stages=0), "ablation.stages: must be >= 1, got 0"),
+    (lambda a: a.update(stages="two"), "ablation.stages: expected a number, got 'two'"),
+    (lambda a: a.update(nonsense=1), "ablation: unknown key(s) nonsense; known: name, stages"),
+    (lambda a: a.update(variants={}), "ablation.variants: expected a mapping name -> "),
+])
+def test_ablation_section_is_typed_settings(tmp_path, edit, message):
+    """``ablation:`` is a section of pipeline.settings: its defaults are the model's, and a bad
+    key or value is one AblationError naming the key (no file prefix, as the stage said it)."""
+    prm = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = AblationSettings(variants={"x": {"model": "rfdb"}})
+    assert (defaults.stages, defaults.out, defaults.dir, defaults.runtime) == (
+        3, "metrics/ablation.json", "ablations", {"max_images": 3, "warmup": 1})
+    edit(prm["ablation"])
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(prm))
+    for load in (load_settings, lambda f: load_section("ablation", f)):
+        with pytest.raises(abl.AblationError) as e:
+            load(p)
+        assert str(e.value).startswith(message) and e.value.exit_code == 2, str(e.value)
+
 
 
 # ------------------------------------------------------------------ the report

@@ -40,6 +40,30 @@ def test_the_project_params_load():
     assert not train_config(s, "1").contrastive
 
 
+def test_rlfn_train_stage_k_is_the_pipelines_stage_k(tmp_path, capsys):
+    """``rlfn train --config params.yaml --stage K`` trains with exactly the values of the
+    pipeline's train_stage@K (one merge: rlfn.train.config.params_stage_config); it never
+    picks a stage by itself, and the older train_stage<k> layout is refused naming the key."""
+    from rlfn.cli import main
+    from rlfn.train.config import load_config
+
+    s = load_settings(ROOT / "params.yaml")
+    for k in s.stage_keys:
+        assert load_config(ROOT / "params.yaml", stage=int(k)) == train_config(s, k), k
+    # the stages differ, so a wrong merge could not pass unnoticed
+    assert len({train_config(s, k).digest() for k in s.stage_keys}) == len(s.stage_keys)
+    out = tmp_path / "out"
+    assert main(["-q", "train", "--config", str(ROOT / "params.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --stage: ") and "say which" in err[0]
+    p = _params(tmp_path, lambda prm: prm.update(train_stage3={"contrastive": True}))
+    assert main(["-q", "train", "--config", str(p), "--stage", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {p}: train_stage3: the "
+                                               "train_stage<k> layout is gone"), err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("edit, where, words", [
     (lambda p: p["profile"].update(warmup=-1), "profile.warmup",
      ["greater than or equal to 0", "-1"]),

@@ -43,8 +43,8 @@ def hr_dir(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, hr_dir: Path, **kw) -> Path:
-    """A standalone config file (its top level holds the keys; the params.yaml layout, a
-    ``train:`` section, is load_config's ``section="train"``: test_train_units)."""
+    """A stage config file (its top level holds the keys; the params.yaml layout, ``train:`` +
+    ``train_stages``, is tested in test_train_units)."""
     p = tmp_path / "train.yaml"
     p.write_text(yaml.safe_dump({**TINY, "hr_dir": str(hr_dir), **kw}))
     return p
@@ -108,17 +108,16 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, hr_dir):
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
 
-@pytest.mark.timeout(600)  # torchrun: two processes with their own imports, plus one run (~16 s)
+@pytest.mark.timeout(600)  # two processes with their own imports, plus one run (~16 s)
 def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
     cfg = _config(tmp_path, hr_dir, iterations=6, checkpoint_every=3)
     single = tmp_path / "single"
     assert main(["-q", "train", "--config", str(cfg), "--out", str(single)]) == 0
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --standalone: torchrun's rendezvous binds a port of its own choosing (as the pipeline
-    # launches it), no port picked here and released before use
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "rlfn", "-q", "train",
+    # rlfn.train.launch (the pipeline's way too): torch's elastic launch, whose c10d
+    # rendezvous binds a port of its own choosing, no port picked here and released before use
+    r = subprocess.run([sys.executable, "-m", "rlfn", "-q", "train", "--nproc-per-node", "2",
                         "--config", str(cfg), "--out", str(ddp)],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,6 +137,35 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, hr_dir):
     for w in (a, b):
         moved = max((w[k] - start[k]).abs().max().item() for k in start)
         assert moved > 100 * max(worst, 1e-7), (moved, worst)
+
+
+@pytest.mark.timeout(600)  # two launches of two processes (~10 s each on idle cores)
+def test_launch_relays_rank0_rows_live_and_reports_a_failed_rank(tmp_path, hr_dir):
+    """rlfn.train.launch: rank 0's rows reach ``on_log`` in the launching process as in a
+    one-process run (the pipeline logs them to MLflow live either way), and a failing rank is
+    its own error: one ``error:`` line from ``rlfn train``, with the CLI's exit code."""
+    from rlfn.train.launch import launch
+
+    cfg = load_config(_config(tmp_path, hr_dir, iterations=6, checkpoint_every=3))
+    one, two = [], []
+    launch(cfg, tmp_path / "one", nproc=1, progress=False,
+           on_log=lambda it, m: one.append((it, sorted(m))))
+    res = launch(cfg, tmp_path / "two", nproc=2, progress=False,
+                 on_log=lambda it, m: two.append((it, sorted(m))))
+    assert (res.world_size, res.iterations) == (2, 6)
+    assert one and two == one  # the same rows (iterations and figures), each once
+    rows = (tmp_path / "two" / "curves.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [it for it, _ in two]
+    # a rank that fails: every rank reads --init, a file that is no weights file (exit 1)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not weights")
+    r = subprocess.run(_cmd(_config(tmp_path, hr_dir, iterations=6), tmp_path / "bad",
+                            "--nproc-per-node", "2", "--init", str(bad)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=480,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: {bad}: "), lines
 
 
 def _spy_on_setup(monkeypatch) -> list[dict]:
@@ -170,7 +198,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     res2 = train(load_config(cfg, stage=2), s2, progress=False)
     seen = _spy_on_setup(monkeypatch)
     s3 = tmp_path / "s3"
-    res3 = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    res3 = train(load_config(cfg, ["contrastive=true"], stage=3), s3, init=res2.weights, progress=False)
     # warm start: stage 3's first step starts from stage 2's final weights, exactly, with a
     # fresh optimizer (no Adam moments) and a fresh schedule
     stage2 = _weights(s2)
@@ -183,7 +211,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     assert not _same(_weights(s3), stage2)  # and then trained
     # the same stage from scratch starts from the seeded weights and ends elsewhere
     scratch = tmp_path / "s3_scratch"
-    train(load_config(cfg, stage=3), scratch, progress=False)
+    train(load_config(cfg, ["contrastive=true"], stage=3), scratch, progress=False)
     assert len(seen) == 2 and not _same(seen[1]["weights"], stage2)
     assert not _same(_weights(scratch), _weights(s3))
     contrastive = [float(r.split(",")[header.index("contrastive")]) for r in rows[1:]]
@@ -200,7 +228,7 @@ def test_warm_start_stage3_contrastive_and_outputs(tmp_path, hr_dir, benchmarks,
     assert (result["world_size"], result["per_rank_batch"]) == (1, TINY["batch_size"])
     assert (res3.world_size, res3.per_rank_batch) == (1, TINY["batch_size"])
     # a finished stage is not redone (and says what it recorded)
-    again = train(load_config(cfg, stage=3), s3, init=res2.weights, progress=False)
+    again = train(load_config(cfg, ["contrastive=true"], stage=3), s3, init=res2.weights, progress=False)
     assert again.already_complete and len(seen) == 2
     assert (again.iterations, again.world_size, again.per_rank_batch) == (6, 1, 4)
 

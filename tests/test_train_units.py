@@ -15,7 +15,9 @@ from rlfn.train.checkpoint import (CheckpointError, TrainState, find_checkpoint,
                                    load_checkpoint, save_checkpoint)
 from rlfn.errors import DataError, EXIT_DATA, EXIT_USAGE
 from rlfn.errors import ConfigError as SharedConfigError
-from rlfn.train.config import DEFAULT_STAGES, ConfigError, TrainConfig, load_config, stage_config
+from rlfn.train.config import (ConfigError, TrainConfig, load_config, params_stage_config,
+                               stage_config)
+from rlfn.yamlnum import yaml_number
 from rlfn.train.schedule import lr_at
 from rlfn.train.losses import ContrastiveLoss, FrozenFeatures, bicubic_upsample
 
@@ -32,89 +34,119 @@ def test_schedule_halves_every_step():
     assert [lr_at(c, i) for i in (0, 9, 10, 19, 20, 35)] == [4e-4, 4e-4, 2e-4, 2e-4, 1e-4, 5e-5]
 
 
-def test_load_config_train_section_stage_and_sets(tmp_path):
+def test_load_config_params_file_is_train_plus_train_stages(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train:\n  model: rlfn_s\n  scale: 2\n  hr_dir: data/hr\n  lr_step: 2e5\n"
-                 "  stages:\n    1: {}\n    2: {lr: 2.0e-4}\n    3: {contrastive: true}\n")
-    c1 = load_config(p, section="train")
+                 "train_stages:\n  '1': {init: data/patches}\n"
+                 "  '2': {init: models/stage1/model.safetensors, lr: 2.0e-4}\n"
+                 "  '3': {init: models/stage2/model.safetensors, contrastive: true}\n")
+    c1 = load_config(p, stage=1)
     assert (c1.model, c1.scale, c1.stage, c1.contrastive, c1.lr_step) == ("rlfn_s", 2, 1, False,
                                                                          200000)
-    c3 = load_config(p, ["batch_size=8", "contrastive_weight=0.5"], stage=3, section="train")
+    c3 = load_config(p, ["batch_size=8", "contrastive_weight=0.5"], stage=3)
     assert c3.contrastive and c3.contrastive_weight == 0.5 and c3.batch_size == 8
-    assert load_config(p, stage=2, section="train").lr == 2e-4
+    assert load_config(p, stage=2).lr == 2e-4 and load_config(p, ["stage=2"]).lr == 2e-4
     assert c1.digest() != c3.digest()
-    # without section the top level is the config: a params.yaml is refused, with the hint
-    with pytest.raises(ConfigError, match=r"params.yaml: train: unknown key 'train'.*"
-                                          r"section='train'"):
+    # several stages: which one is never guessed; a stage it does not define is refused
+    with pytest.raises(ConfigError, match=r"^--stage: .*params.yaml defines stages 1, 2, 3 "
+                                          r"\(train_stages\); say which one"):
         load_config(p)
+    with pytest.raises(ConfigError, match=r"^--stage: no stage 4 in .*params.yaml: "
+                                          r"train_stages; defined: 1, 2, 3"):
+        load_config(p, stage=4)
+    # a stage that train_stages does not make contrastive is not (no built-in stage 3)
+    q = tmp_path / "two.yaml"
+    q.write_text("train: {hr_dir: x}\ntrain_stages: {'3': {init: data/patches}}\n")
+    c = load_config(q)
+    assert (c.stage, c.contrastive) == (3, False)
 
 
-def test_stage_sections_any_number_and_the_defaults(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("train: {model: rlfn_ntire, hr_dir: x, lr: 1.0e-3}\n"
-                 "train_stage1: {}\ntrain_stage2: {lr: 2.0e-4}\n"
-                 "train_stage7: {contrastive: true, lr: 1.0e-4}\n"
-                 "train_stage_x: {lr: 9}\ntrain_launch: {ddp: false}\n")  # not stages
-    cfgs = {k: load_config(p, stage=k, section="train") for k in (1, 2, 7)}
-    assert {k: (c.lr, c.contrastive) for k, c in cfgs.items()} == {
-        1: (1e-3, False), 2: (2e-4, False), 7: (1e-4, True)}
-    assert all(sorted(c.stages) == [1, 2, 7] for c in cfgs.values())
-    # the sections given are the stages: no default stage 3 beside them
-    with pytest.raises(ConfigError, match=r"^stage: unknown stage 3; defined: \[1, 2, 7\]"):
-        load_config(p, stage=3, section="train")
-    # another section name works the same way
-    q = tmp_path / "other.yaml"
-    q.write_text("recipe: {hr_dir: x}\nrecipe_stage4: {lr: 3.0e-4}\n")
-    assert load_config(q, stage=4, section="recipe").lr == 3e-4
-    # no stage sections: the paper's three stages, stage 3 contrastive
-    r = tmp_path / "plain.yaml"
-    r.write_text("train: {hr_dir: x}\n")
-    assert load_config(r, stage=3, section="train").contrastive
-    assert not load_config(r, stage=2, section="train").contrastive
-    assert load_config(r, section="train").stages == DEFAULT_STAGES
-    # top-level config with its own stages mapping (what the pipeline writes for torchrun)
+def test_old_layouts_are_refused_naming_the_key(tmp_path):
+    old = tmp_path / "params.yaml"
+    old.write_text("train: {hr_dir: x}\ntrain_stages: {'1': {}}\ntrain_stage2: {lr: 2.0e-4}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(old, stage=2)
+    assert e.value.where == f"{old}: train_stage2" and "train_stage<k> layout is gone" in str(
+        e.value)
+    none = tmp_path / "none.yaml"
+    none.write_text("train: {hr_dir: x}\n")
+    with pytest.raises(ConfigError, match=r"none.yaml: train_stages: missing"):
+        load_config(none, stage=1)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train: {hr_dir: x, stages: {1: {}}}\ntrain_stages: {'1': {}}\n")
+    with pytest.raises(ConfigError, match=r"nested.yaml: train.stages: unknown key 'stages'; "
+                                          r"a config holds one stage's values"):
+        load_config(nested, stage=1)
+
+
+def test_stage_config_file_is_one_stage(tmp_path):
     t = tmp_path / "config.yaml"
-    t.write_text("hr_dir: x\nlr: 1.0e-3\nstages: {5: {lr: 5.0e-4}}\n")
-    c5 = load_config(t, stage=5)
-    assert (c5.stage, c5.lr, sorted(c5.stages)) == (5, 5e-4, [5])
-    # stage sections and a stages mapping at once: ambiguous
-    both = tmp_path / "both.yaml"
-    both.write_text("train: {hr_dir: x, stages: {1: {}}}\ntrain_stage2: {}\n")
-    with pytest.raises(ConfigError, match=r"both.yaml: train.stages: give the stages either"):
-        load_config(both, section="train")
+    t.write_text("hr_dir: x\nlr: 1.0e-3\nstage: 5\ncontrastive: true\n")
+    c5 = load_config(t)
+    assert (c5.stage, c5.lr, c5.contrastive) == (5, 1e-3, True)
+    assert load_config(t, stage=5) == c5
+    with pytest.raises(ConfigError, match=r"^--stage: 3, but .*config.yaml: stage says this "
+                                          r"is stage 5's config"):
+        load_config(t, stage=3)
+    # without a stage key, --stage names it and changes no value (no built-in stage 3)
+    u = tmp_path / "plain.yaml"
+    u.write_text("hr_dir: x\n")
+    c = load_config(u, stage=3)
+    assert (c.stage, c.contrastive) == (3, False)
+    assert {k: v for k, v in c.to_dict().items() if k != "stage"} == {
+        k: v for k, v in load_config(u).to_dict().items() if k != "stage"}
+    s = tmp_path / "stages.yaml"
+    s.write_text("hr_dir: x\nstages: {5: {lr: 5.0e-4}}\n")
+    with pytest.raises(ConfigError, match=r"stages.yaml: stages: unknown key 'stages'"):
+        load_config(s)
 
 
 def test_the_stage_check_is_not_limited_to_three():
-    assert TrainConfig(hr_dir="x", stage=4, stages={4: {}}).validate().stage == 4
-    with pytest.raises(ConfigError, match=r"stage: unknown stage 4; defined: \[1, 2, 3\]"):
-        TrainConfig(hr_dir="x", stage=4).validate()
+    assert TrainConfig(hr_dir="x", stage=4).validate().stage == 4
+    with pytest.raises(ConfigError, match=r"stage: must be a positive integer, got 0"):
+        TrainConfig(hr_dir="x", stage=0).validate()
     c = stage_config({"hr_dir": "x", "lr": 1e-3}, {"contrastive": True}, 9,
                      extra={"patch_store": "p.arrow"}, where="params.yaml",
                      stage_where="train_stages.9")
-    assert (c.stage, c.contrastive, c.patch_store, c.lr, c.stages) == (
-        9, True, "p.arrow", 1e-3, {9: {"contrastive": True}})
+    assert (c.stage, c.contrastive, c.patch_store, c.lr) == (9, True, "p.arrow", 1e-3)
+    # the params layout's merge: init is the pipeline's, not a training key
+    d = params_stage_config({"hr_dir": "x"}, {"9": {"init": "a.safetensors", "lr": 2e-3}}, 9)
+    assert (d.stage, d.lr) == (9, 2e-3)
+
+
+def test_yaml_numbers_one_rule():
+    assert yaml_number("2e5", "k", integer=True) == 200000 and yaml_number(3, "k") == 3.0
+    for bad, msg in (("abc", "expected a number, got 'abc'"), (True, "expected a number"),
+                     (2.5, "expected an integer, got 2.5"), (float("inf"), "expected a number")):
+        with pytest.raises(ConfigError, match=msg):
+            yaml_number(bad, "k", integer=True)
+    assert load_config(None, ["hr_dir=x", "lr_step=2e5", "lr=1e-3"]).lr_step == 200000
+
+
+S = "train_stages: {'1': {}, '2': {}}\n"
 
 
 @pytest.mark.parametrize("text, sets, where, reason", [
-    ("train: {hr_dir: x, lr: -1}\n", [], "{p}: train.lr", "must be > 0, got -1.0"),
-    ("train: {hr_dir: x}\ntrain_stage2: {batch_size: 0}\n", [],
-     "{p}: train_stage2.batch_size", "must be a positive integer, got 0"),
-    ("train: {hr_dir: x, amp: fp8}\n", [], "{p}: train.amp",
+    ("train: {hr_dir: x, lr: -1}\n" + S, [], "{p}: train.lr", "must be > 0, got -1.0"),
+    ("train: {hr_dir: x}\ntrain_stages: {'2': {batch_size: 0}}\n", [],
+     "{p}: train_stages.2.batch_size", "must be a positive integer, got 0"),
+    ("train: {hr_dir: x, amp: fp8}\n" + S, [], "{p}: train.amp",
      "must be auto, bf16 or off, got 'fp8'"),
-    ("train: {hr_dir: x, seed: abc}\n", [], "{p}: train.seed", "expected a number, got 'abc'"),
-    ("train: {hr_dir: x}\n", ["lr_gamma=2"], "--set lr_gamma", "must be in (0, 1], got 2.0"),
-    ("train: {hr_dir: x, betch_size: 3}\n", [], "{p}: train.betch_size",
+    ("train: {hr_dir: x, seed: abc}\n" + S, [], "{p}: train.seed",
+     "expected a number, got 'abc'"),
+    ("train: {hr_dir: x}\n" + S, ["lr_gamma=2"], "--set lr_gamma", "must be in (0, 1], got 2.0"),
+    ("train: {hr_dir: x, betch_size: 3}\n" + S, [], "{p}: train.betch_size",
      "unknown key 'betch_size'; did you mean 'batch_size'?"),
-    ("train: {model: rlfn}\n", [], "{p}: train.hr_dir",
+    ("train: {model: rlfn}\n" + S, [], "{p}: train.hr_dir",
      "give hr_dir (a folder of HR images) or patch_store"),
     ("train: [1, 2]\n", [], "{p}: train", "expected a mapping of keys, got list"),
-    ("other: {}\n", [], "{p}", "no 'train' section (top-level keys: other)"),
+    ("other: {}\n", [], "{p}: other", "unknown key 'other'"),
 ])
 def test_config_errors_name_the_file_the_key_and_the_value(tmp_path, text, sets, where, reason):
     p = tmp_path / "params.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError) as e:
-        load_config(p, sets, stage=2 if "stage2" in text else None, section="train")
+        load_config(p, sets, stage=2 if "train_stages" in text else None)
     assert (e.value.where, e.value.reason) == (where.format(p=p), reason)
     assert str(e.value) == f"{where.format(p=p)}: {reason}"
 
@@ -155,9 +187,9 @@ def test_missing_data_and_bad_file(tmp_path):
     bad = tmp_path / "b.yaml"
     bad.write_text("train: [1, 2]\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
-        load_config(bad, section="train")
-    with pytest.raises(ConfigError, match="unknown stage 4"):
-        load_config(None, ["hr_dir=x"], stage=4)
+        load_config(bad)
+    with pytest.raises(ConfigError, match="stage: must be a positive integer"):
+        load_config(None, ["hr_dir=x"], stage=0)
 
 
 def test_bf16_autocast_choice():

@@ -8,9 +8,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.settings import TuneSettings, load_section
 from pipeline.settings import read_params as params
 
-from .spec import DEFAULTS, TRAIN_KEYS, TuneError
+from .spec import TRAIN_KEYS, TuneError
 
 __all__ = ["merge_train_text", "apply_best"]
 
@@ -67,7 +68,9 @@ def apply_best(params_file: str = "params.yaml", best_file: str | None = None,
     changing only those values' text (comments, order and formatting kept). Returns
     {key: (old, new)} of the values that changed."""
     prm = params(params_file)
-    best_path = Path(best_file or {**DEFAULTS, **(prm.get("tune") or {})}["best_out"])
+    tune = load_section("tune", params_file)
+    best_path = Path(best_file or (tune.best_out if tune is not None
+                                   else TuneSettings.model_fields["best_out"].default))
     if not best_path.exists():
         raise TuneError(best_path, "no such file (run python -m pipeline.tune first)")
     best = (yaml.safe_load(best_path.read_text()) or {}).get("train")
@@ -97,12 +100,10 @@ def apply_best(params_file: str = "params.yaml", best_file: str | None = None,
 
 def shadowed(prm: dict, keys) -> list[tuple[str, str]]:
     """``(setting, key)`` for each stage setting that overrides ``train.<key>`` in its stage:
-    ``train_stages.<k>.<key>`` (or the older ``train_stage<k>.<key>``)."""
+    ``train_stages.<k>.<key>``."""
     out = []
     stages = prm.get("train_stages")
     for k, sec in (stages.items() if isinstance(stages, dict) else ()):
         out += [(f"train_stages.{k}.{key}", key) for key in keys
                 if isinstance(sec, dict) and key in sec]
-    out += [(f"train_stage{k}.{key}", key) for k in (1, 2, 3) for key in keys
-            if isinstance(prm.get(f"train_stage{k}"), dict) and key in prm[f"train_stage{k}"]]
     return out

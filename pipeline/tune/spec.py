@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import PatchesSettings, TuneError, load_section
 from pipeline.settings import read_params as params
 from rlfn.errors import ConfigError
-from rlfn.train.config import TrainConfig, stage_config
+from rlfn.train.config import TRAIN_KEYS, TrainConfig, params_stage_config
+from rlfn.yamlnum import yaml_number
 
-__all__ = ["TuneError", "TuneSpec", "load_spec", "mask_url", "DEFAULTS", "TRAIN_KEYS"]
+__all__ = ["TuneError", "TuneSpec", "load_spec", "mask_url", "TRAIN_KEYS"]
 
-DEFAULTS: dict[str, Any] = {
-    "study": "rlfn-tune", "storage": "sqlite:///optuna.db", "n_trials": 8, "timeout_s": 0,
-    "stage": 1, "sampler": {"name": "tpe", "seed": 0}, "pruner": {"name": "median"},
-    "metric": "val_psnr", "base": {}, "space": {}, "enqueue": [],
-    "heartbeat_s": 30, "grace_s": 120, "trials_dir": "tune/trials",
-    "best_out": "tune/best_params.yaml", "out": "metrics/tune.json",
-}
-METRICS = ("val_psnr", "best_val_psnr")
 TYPES = ("float", "int", "categorical")
-NOT_TUNABLE = ("stage", "stages", "patch_store")
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+NOT_TUNABLE = ("stage", "patch_store")
 SAMPLERS = ("tpe", "random", "qmc")
 PRUNERS = ("median", "hyperband", "percentile", "successive_halving", "none")
-
-class TuneError(ConfigError):
-    """A ``tune:`` setting that cannot be used: ``TuneError(key, reason)``, e.g.
-    ``TuneError("tune.space.lr", "empty search space ...")`` (exit 2, bad configuration)."""
 
 
 def mask_url(url: str) -> str:
@@ -58,18 +46,7 @@ def hide_password(text: str, url: str) -> str:
 
 
 def _num(v: Any, where: str, integer: bool = False) -> float | int:
-    if isinstance(v, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-        try:
-            v = float(v)
-        except ValueError:
-            raise TuneError(where, f"expected a number, got {v!r}") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise TuneError(where, f"expected a number, got {v!r}")
-    if integer:
-        if float(v) != int(v):
-            raise TuneError(where, f"expected an integer, got {v!r}")
-        return int(v)
-    return float(v)
+    return yaml_number(v, where, integer, error=TuneError)
 
 
 def _check_param(name: str, spec: Any) -> dict:
@@ -183,15 +160,12 @@ class TuneSpec:
             sets["patch_store"] = patch_store
         elif "patch_store" in self.data:
             sets["patch_store"] = self.data["patch_store"]
+        # train: + train_stages.<stage> (when the file has train_stages), as the pipeline's
+        # train_stage@<stage>: the one merge (rlfn.train.config.params_stage_config)
         prm = params(self.params_file)
-        stages = prm.get("train_stages") if isinstance(prm.get("train_stages"), dict) else {}
-        stage = stages.get(str(self.stage)) or {}
-        if not isinstance(stage, dict):
-            raise TuneError(f"train_stages.{self.stage}", "expected a mapping of train keys")
-        return stage_config(prm.get("train") or {},
-                            {k: v for k, v in stage.items() if k != "init"}, self.stage,
-                            extra=sets, where=self.params_file,
-                            stage_where=f"train_stages.{self.stage}")
+        return params_stage_config(prm.get("train"), prm.get("train_stages"), self.stage,
+                                   extra=sets, where=self.params_file,
+                                   required="train_stages" in prm)
 
 
 def _extremes(space: dict[str, dict]) -> list[tuple[str, Any]]:
@@ -208,62 +182,34 @@ STORAGE_ENV = "RLFN_OPTUNA_STORAGE"
 def load_spec(params_file: str = "params.yaml") -> TuneSpec:
     """The checked ``tune:`` section (everything but the storage, see ``open_storage``).
     ``RLFN_OPTUNA_STORAGE``, when set, replaces ``tune.storage`` (the team's PostgreSQL)."""
-    prm = params(params_file)
-    raw = prm.get("tune")
-    if not isinstance(raw, dict):
+    t = load_section("tune", params_file)
+    if t is None:
         raise TuneError(params_file, "no tune: section")
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise TuneError("tune", f"unknown key(s) {', '.join(unknown)}; known: "
-                        f"{', '.join(DEFAULTS)}")
-    t = {**DEFAULTS, **raw}
-    for key in ("study", "storage", "trials_dir", "best_out", "out"):
-        if not isinstance(t[key], str) or not t[key].strip():
-            raise TuneError(f"tune.{key}", f"expected a non-empty string, got {t[key]!r}")
-    n_trials = _num(t["n_trials"], "tune.n_trials", integer=True)
-    if n_trials < 1:
-        raise TuneError("tune.n_trials", f"must be >= 1, got {n_trials}")
-    timeout = _num(t["timeout_s"] or 0, "tune.timeout_s")
-    heartbeat = _num(t["heartbeat_s"], "tune.heartbeat_s", integer=True)
-    grace = _num(t["grace_s"], "tune.grace_s", integer=True)
-    if timeout < 0 or heartbeat < 1 or grace <= heartbeat:
-        raise TuneError("tune", "need timeout_s >= 0, heartbeat_s >= 1 and grace_s > "
-                        "heartbeat_s")
-    if t["metric"] not in METRICS:
-        raise TuneError("tune.metric", f"unknown metric {t['metric']!r}; use one of "
-                        f"{', '.join(METRICS)} (maximised)")
-    base = t["base"] or {}
-    if not isinstance(base, dict):
-        raise TuneError("tune.base", "expected a mapping of train keys")
-    for k in base:
-        if k not in TRAIN_KEYS or k in ("stages", "stage"):
+    for k in t.base:
+        if k not in TRAIN_KEYS or k == "stage":
             raise TuneError("tune.base", f"{k!r} is not a training setting (a key of the train "
                             "section / TrainConfig)")
-    if not isinstance(t["space"], dict) or not t["space"]:
-        raise TuneError("tune.space", "empty; declare at least one parameter to search")
-    space = {str(k): _check_param(str(k), v) for k, v in t["space"].items()}
-    clash = sorted(set(space) & set(base))
+    space = {str(k): _check_param(str(k), v) for k, v in t.space.items()}
+    clash = sorted(set(space) & set(t.base))
     if clash:
         raise TuneError("tune.space", f"{', '.join(clash)} also set in tune.base (set each "
                         "key in one of them)")
-    enqueue = t["enqueue"] or []
-    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
-        raise TuneError("tune.enqueue", "expected a list of {param: value} mappings")
-    for i, e in enumerate(enqueue):
+    for i, e in enumerate(t.enqueue):
         bad = sorted(set(e) - set(space))
         if bad:
             raise TuneError(f"tune.enqueue[{i}]", f"{', '.join(bad)} not in tune.space")
     # team mode: the shared study's database (scripts/stack.sh env) wins over params.yaml
-    storage = os.environ.get(STORAGE_ENV) or t["storage"]
-    spec = TuneSpec(params_file, t["study"], storage, n_trials, timeout,
-                    _num(t["stage"], "tune.stage", integer=True),
-                    _factory("sampler", t["sampler"]), _factory("pruner", t["pruner"]),
-                    t["metric"], dict(base), space, enqueue, heartbeat, grace,
-                    Path(t["trials_dir"]), Path(t["best_out"]), Path(t["out"]))
+    storage = os.environ.get(STORAGE_ENV) or t.storage
+    base, enqueue = dict(t.base), [dict(e) for e in t.enqueue]
+    spec = TuneSpec(params_file, t.study, storage, t.n_trials, t.timeout_s, t.stage,
+                    _factory("sampler", t.sampler), _factory("pruner", t.pruner),
+                    t.metric, base, space, enqueue, t.heartbeat_s, t.grace_s,
+                    Path(t.trials_dir), Path(t.best_out), Path(t.out))
     # the data the trials train on, as pipeline/train.py does
+    prm = params(params_file)
     train = prm.get("train") or {}
-    store = Path((prm.get("patches") or {}).get("out", "data/patches")) / \
-        f"x{base.get('scale', train.get('scale', 4))}.arrow"
+    patches = load_section("patches", params_file) or PatchesSettings()
+    store = patches.store(base.get("scale", train.get("scale", 4)))
     if store.exists():
         spec.data = {"patch_store": str(store)}
     else:

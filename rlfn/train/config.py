@@ -1,24 +1,30 @@
 """Training configuration: every value of the paper's recipe is a key with the paper's value
 as its default, checked before any work starts.
 
-A config file is YAML, read by ``load_config(path, overrides, stage, section)``:
+One stage's config is a :class:`TrainConfig`. Where it comes from:
 
-* without ``section``, its top level holds the keys below, plus an optional ``stages: {1:
-  {...}, 2: {...}, ...}`` mapping of per-stage overrides;
-* with ``section="train"`` (a file that holds other things too, like ``params.yaml``), its
-  ``train:`` mapping holds the keys, and every top-level mapping named ``train_stage<k>``
-  (any integer ``k``) holds stage ``k``'s overrides (or, instead of those, a ``stages``
-  mapping inside ``train:``).
+* ``stage_config(base, overrides, stage, extra)``: from plain mappings (the recipe, the stage's
+  overrides, then ``extra``), validated; the one builder every caller uses.
+* ``params_stage_config(train, train_stages, stage, extra)``: stage ``stage`` of the params
+  layout (``params.yaml``'s ``train:`` plus ``train_stages."<k>"``, whose ``init`` is the
+  pipeline's, not a training key): exactly what the pipeline's ``train_stage@<k>`` trains
+  with (``pipeline.stage_config`` calls it; this merge is written here, once).
+* ``load_config(path, overrides, stage)``: a YAML file (``rlfn train --config``), either
 
-The stages given are all the stages there are; without any, they are ``DEFAULT_STAGES``: the
-paper's three, the same recipe with the contrastive loss on in stage 3. ``--set KEY=VALUE``
-overrides anything (values are parsed as YAML: ``--set lr=1e-3 --set contrastive=false``).
-``stage_config(base, overrides, stage)`` builds one stage's config from plain mappings (for a
-caller that reads its own layout, like the pipeline's ``train_stages``).
+  - a **params file**: a top-level ``train:`` mapping and ``train_stages`` (read as above;
+    ``stage`` picks the entry and is required when there are several), or
+  - a **stage config**: one stage's keys at the top level (what the pipeline records as
+    ``models/stage<k>/config.yaml``); its ``stage`` key (default 1) is the stage, and a
+    ``stage`` argument must agree with it.
+
+  The older ``train_stage<k>`` sections and a ``stages`` mapping are refused, naming the key.
+  ``--set KEY=VALUE`` (``overrides``) overrides anything (values are parsed as YAML:
+  ``--set lr=1e-3 --set contrastive=false``).
 
 A value that cannot be used is a :class:`rlfn.errors.ConfigError` naming where it came from
 (the file and key, or the ``--set`` option), the value and what is allowed, e.g.
-``params.yaml: train.lr: must be > 0, got -1.0``.
+``params.yaml: train.lr: must be > 0, got -1.0``. Numbers follow ``rlfn.yamlnum`` (YAML 1.1
+reads ``2e5`` as a string: it is taken as the number).
 
 The learning-rate schedule (``schedule.lr_at``, a pure function of the iteration):
 
@@ -37,21 +43,20 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from ..errors import ConfigError
-from ..models import model_names
+from ..yamlnum import yaml_number
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "stage_config", "DEFAULT_STAGES"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "stage_config", "params_stage_config",
+           "stage_overrides", "TRAIN_KEYS", "STAGE_INIT"]
 
 LR_SCHEDULES = ("step", "cyclic")
-
-# The paper's three warm-start stages: same recipe, stage 3 adds the contrastive loss.
-DEFAULT_STAGES: dict[int, dict[str, Any]] = {1: {}, 2: {}, 3: {"contrastive": True}}
+STAGE_INIT = "init"  # train_stages."<k>".init: what the pipeline's stage starts from
 
 
 @dataclass
@@ -94,8 +99,7 @@ class TrainConfig:
     channels_last: bool = True
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
     threads: int = 0  # torch intra-op threads on CPU, 0 = the process's cores (rlfn.threads)
-    stage: int = 1
-    stages: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STAGES.items()})
+    stage: int = 1  # which warm-start stage this is (recorded; the values above are its own)
 
     # ------------------------------------------------------------------ checks
     def validate(self, where: str = "config",
@@ -105,6 +109,8 @@ class TrainConfig:
         def bad(key: str, msg: str):
             raise ConfigError((origins or {}).get(key) or (f"{where}: {key}" if where else key),
                               msg)
+
+        from ..models import model_names  # torch: only when a config is checked
 
         if self.model.lower().replace("-", "_") not in model_names():
             bad("model", f"unknown model name {self.model!r}; known: {', '.join(model_names())}")
@@ -146,16 +152,14 @@ class TrainConfig:
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.amp not in ("auto", "bf16", "off"):
             bad("amp", f"must be auto, bf16 or off, got {self.amp!r}")
-        if self.stage not in self.stages:
-            bad("stage", f"unknown stage {self.stage}; defined: {sorted(self.stages)}")
+        if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage < 1:
+            bad("stage", f"must be a positive integer, got {self.stage!r}")
         if not self.patch_store and not self.hr_dir:
             bad("hr_dir", "give hr_dir (a folder of HR images) or patch_store")
         return self
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("stages")
-        return d
+        return asdict(self)
 
     def digest(self) -> str:
         """Hash of everything that determines the result (not where logs go or speed knobs that
@@ -167,7 +171,8 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-_SETTABLE = sorted(k for k in _FIELDS if k != "stages")
+_SETTABLE = sorted(_FIELDS)
+TRAIN_KEYS = frozenset(_FIELDS)  # the keys of train:, train_stages."<k>" and a stage config
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -177,21 +182,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     kind = type(default) if default is not None and not callable(default) else None
     if key in ("patch_store", "hr_dir", "val_hr_dir"):
         return str(value)
-    if kind in (int, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e5" (no dot) as a string
-            value = float(value)
-        except ValueError:
-            raise ConfigError(where, f"expected a number, got {value!r}") from None
+    if kind in (int, float):
+        return yaml_number(value, where, integer=kind is int, finite=False)
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(where, f"expected true/false, got {value!r}")
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # 2e5 in YAML
-    if kind is int and not isinstance(value, int):
-        raise ConfigError(where, f"expected an integer, got {value!r}")
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is float:
-        raise ConfigError(where, f"expected a number, got {value!r}")
     return value
 
 
@@ -201,9 +195,8 @@ def _merge(merged: dict, origins: dict, values: Mapping[str, Any], prefix: str) 
         where = f"{prefix}{key}"
         if key not in _SETTABLE:
             close = difflib.get_close_matches(str(key), _SETTABLE, n=1)
-            hint = ("; per-stage settings go in the file's stage sections" if key == "stages"
-                    else f"; if {key!r} is the section that holds the settings, read the file "
-                         f"with section={key!r}" if isinstance(value, Mapping)
+            hint = ("; a config holds one stage's values (per-stage settings go in "
+                    "params.yaml's train_stages)" if key == "stages"
                     else f"; did you mean {close[0]!r}?" if close else "")
             raise ConfigError(where, f"unknown key {key!r}{hint}")
         merged[key] = _coerce(key, value, where)
@@ -229,17 +222,14 @@ def _stage_number(key: Any, where: str) -> int:
 
 
 def _build(base: Mapping[str, Any], base_prefix: str, stage: int, stage_values: Mapping,
-           stage_prefix: str, sets: Mapping[str, Any], sets_prefix: str,
-           stages: dict[int, dict]) -> TrainConfig:
+           stage_prefix: str, sets: Mapping[str, Any], sets_prefix: str) -> TrainConfig:
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {k: f"{base_prefix}{k}" for k in _FIELDS}
     _merge(merged, origins, base, base_prefix)
     _merge(merged, origins, stage_values, stage_prefix)
     _merge(merged, origins, sets, sets_prefix)
     merged["stage"] = stage
-    cfg = TrainConfig(**merged)
-    cfg.stages = stages
-    return cfg.validate(base_prefix.rstrip(". :"), origins)
+    return TrainConfig(**merged).validate(base_prefix.rstrip(". :"), origins)
 
 
 def stage_config(base: Mapping[str, Any], overrides: Mapping[str, Any] | None, stage: int,
@@ -248,16 +238,44 @@ def stage_config(base: Mapping[str, Any], overrides: Mapping[str, Any] | None, s
                  extra_where: str = "--set") -> TrainConfig:
     """One stage's config from plain mappings: ``base`` (the recipe), then the stage's
     ``overrides``, then ``extra``; validated. ``where`` (the file), ``section`` (the base's key
-    in it) and ``stage_where`` (the overrides' key, default ``<section>_stage<k>``) name the
-    source of a bad value; ``extra`` keys are named ``<extra_where> KEY``. The config's
-    ``stages`` holds this stage alone."""
+    in it) and ``stage_where`` (the overrides' key, default ``train_stages.<k>``) name the
+    source of a bad value; ``extra`` keys are named ``<extra_where> KEY``."""
     file = f"{where}: " if where is not None else ""
     base_prefix = f"{file}{section}." if section else file
-    stage_key = stage_where or (f"{section}_stage{stage}" if section else f"stages.{stage}")
+    stage_key = stage_where or f"train_stages.{stage}"
     overrides = _mapping(overrides, f"{file}{stage_key}")
     return _build(_mapping(base, base_prefix.rstrip(". ") or "config"), base_prefix, int(stage),
-                  overrides, f"{file}{stage_key}.", dict(extra or {}), f"{extra_where} ",
-                  {int(stage): dict(overrides)})
+                  overrides, f"{file}{stage_key}.", dict(extra or {}), f"{extra_where} ")
+
+
+def stage_overrides(train_stages: Mapping[Any, Any] | None, stage: int | str,
+                    where: str | Path | None = None, required: bool = True) -> dict[str, Any]:
+    """Stage ``stage``'s training keys in the params layout: ``train_stages."<stage>"`` less
+    its ``init`` (the pipeline's: what the stage starts from). Not defined: a ``ConfigError``
+    naming ``train_stages`` (``required=False``: no overrides)."""
+    file = f"{where}: " if where is not None else ""
+    stages = _mapping(train_stages, f"{file}train_stages")
+    by_key = {str(k): v for k, v in stages.items()}
+    if str(stage) not in by_key:
+        if not required:
+            return {}
+        raise ConfigError(f"{file}train_stages", f"no stage {str(stage)!r}; defined: "
+                                                 f"{', '.join(by_key) or 'none'}")
+    values = _mapping(by_key[str(stage)], f"{file}train_stages.{stage}")
+    values.pop(STAGE_INIT, None)
+    return values
+
+
+def params_stage_config(train: Mapping[str, Any] | None, train_stages: Mapping[Any, Any] | None,
+                        stage: int | str, extra: Mapping[str, Any] | None = None,
+                        where: str | Path | None = None, extra_where: str = "--set",
+                        required: bool = True) -> TrainConfig:
+    """Stage ``stage`` of the params layout: ``train`` + ``train_stages."<stage>"`` (less
+    ``init``) + ``extra``, validated; the config the pipeline's ``train_stage@<stage>`` trains
+    with, and ``rlfn train --config params.yaml --stage <stage>``. ``required=False``: a stage
+    not in ``train_stages`` is ``train`` alone (the ablations' extra stages)."""
+    return stage_config(train or {}, stage_overrides(train_stages, stage, where, required),
+                        int(stage), extra=extra, where=where, extra_where=extra_where)
 
 
 def _parse_sets(overrides: list[str] | Mapping | None) -> dict[str, Any]:
@@ -275,67 +293,73 @@ def _parse_sets(overrides: list[str] | Mapping | None) -> dict[str, Any]:
     return sets
 
 
-def _read_file(path: Path, section: str | None) -> tuple[dict, str, dict[int, dict],
-                                                       dict[int, str]]:
-    """A config file's base values, their prefix (``<path>: [<section>.]``), its stage
-    overrides and where each stage's overrides are (``<path>: train_stage3``)."""
+_OLD_STAGE_SECTION = re.compile(r"train_stage(\d+)")
+
+
+def _read_doc(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(path, "no such file")
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(path, f"not valid YAML ({e})") from None
-    doc = _mapping(doc, str(path))
-    stages_key = f"{section}.stages" if section else "stages"
-    found: dict[int, dict] = {}
-    names: dict[int, str] = {}
-    if section is None:
-        base, prefix = doc, f"{path}: "
-    else:
-        if section not in doc:
-            raise ConfigError(path, f"no {section!r} section (top-level keys: "
-                                    f"{', '.join(map(str, doc)) or 'none'})")
-        base, prefix = _mapping(doc[section], f"{path}: {section}"), f"{path}: {section}."
-        pattern = re.compile(rf"{re.escape(section)}_stage(\d+)")
-        for name in doc:
-            m = pattern.fullmatch(name) if isinstance(name, str) else None
-            if m:
-                found[int(m.group(1))] = _mapping(doc[name], f"{path}: {name}")
-                names[int(m.group(1))] = f"{path}: {name}"
-        if found and "stages" in base:
-            raise ConfigError(f"{path}: {stages_key}", f"give the stages either here or as "
-                                                       f"{section}_stage<k> sections, not both")
-    raw = _mapping(base.pop("stages", None), f"{path}: {stages_key}")
-    if found:
-        return base, prefix, found, names
-    stages = {}
-    for k, v in raw.items():
-        n = _stage_number(k, f"{path}: {stages_key}")
-        stages[n] = _mapping(v, f"{path}: {stages_key}.{k}")
-        names[n] = f"{path}: {stages_key}.{k}"
-    return base, prefix, stages, names
+    return _mapping(doc, str(path))
+
+
+def _params_file(path: Path, doc: dict, stage: int | None, sets: dict) -> TrainConfig:
+    """Stage ``stage`` of a params file (``train:`` + ``train_stages``)."""
+    train = _mapping(doc["train"], f"{path}: train")
+    stages = doc.get("train_stages")
+    if stages is None:
+        raise ConfigError(f"{path}: train_stages", "missing: a params file's stages are its "
+                          "train_stages (\"1\": {init: ..., <train keys>}, ...); a config of "
+                          "one stage has its keys at the top level")
+    keys = [str(k) for k in _mapping(stages, f"{path}: train_stages")]
+    where = "--stage"
+    if stage is None and "stage" in sets:
+        stage, where = sets.pop("stage"), "--set stage"
+    if stage is None:
+        if len(keys) != 1:
+            raise ConfigError("--stage", f"{path} defines stages {', '.join(keys)} "
+                                         f"(train_stages); say which one")
+        stage = keys[0]
+    st = _stage_number(stage, where)
+    if str(st) not in keys:
+        raise ConfigError(where, f"no stage {st} in {path}: train_stages; defined: "
+                                 f"{', '.join(keys) or 'none'}")
+    return params_stage_config(train, stages, st, extra=sets, where=path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | Mapping | None = None,
-                stage: int | None = None, section: str | None = None) -> TrainConfig:
-    """Read a YAML config (see the module docstring for ``section``), apply the stage's
-    overrides, then ``--set`` overrides (``KEY=VALUE`` strings or a mapping); validate.
-    ``stage`` defaults to the ``stage`` key (of the overrides or the file), else 1."""
-    base: dict[str, Any] = {}
-    prefix, stages, names = "", {}, {}
-    if path is not None:
-        base, prefix, stages, names = _read_file(Path(path), section)
-    if not stages:  # no stage overrides given: the paper's stages
-        stages = {k: dict(v) for k, v in DEFAULT_STAGES.items()}
-        names = {k: f"{prefix}stages.{k}" if prefix else f"stages.{k}" for k in stages}
+                stage: int | None = None) -> TrainConfig:
+    """A training config from a YAML file (a params file or a stage config, see the module
+    docstring) or from ``overrides`` alone, then ``--set`` overrides (``KEY=VALUE`` strings or a
+    mapping); validated. ``stage``: the params file's stage (required when it has several);
+    for a stage config, the stage it must be."""
     sets = _parse_sets(overrides)
-    if stage is not None:
-        st, st_where = stage, "stage"
-    elif "stage" in sets:
-        st, st_where = sets["stage"], "--set stage"
+    doc: dict[str, Any] = {}
+    prefix = ""
+    if path is not None:
+        path = Path(path)
+        doc = _read_doc(path)
+        for name in doc:
+            if isinstance(name, str) and _OLD_STAGE_SECTION.fullmatch(name):
+                raise ConfigError(f"{path}: {name}", "the train_stage<k> layout is gone: give "
+                                  "stage k's keys as train_stages: {\"k\": {...}} (as the "
+                                  "pipeline reads them)")
+        if "train" in doc:  # a stage config has no such key
+            return _params_file(path, doc, stage, sets)
+        prefix = f"{path}: "
+    st_where = "stage"
+    if "stage" in sets:
+        file_stage, st_where = sets["stage"], "--set stage"
     else:
-        st, st_where = base.get("stage", 1), f"{prefix}stage"
-    st = _stage_number(st, st_where)
-    if st not in stages:
-        raise ConfigError(st_where, f"unknown stage {st}; defined: {sorted(stages)}")
-    return _build(base, prefix, st, stages[st], f"{names[st]}.", sets, "--set ", stages)
+        file_stage, st_where = doc.get("stage"), f"{prefix}stage"
+    if file_stage is not None:
+        file_stage = _stage_number(file_stage, st_where)
+    if stage is not None and file_stage is not None and int(stage) != file_stage:
+        raise ConfigError("--stage", f"{stage}, but {st_where.rstrip(': ')} says this is stage "
+                                     f"{file_stage}'s config")
+    st = _stage_number(stage if stage is not None else file_stage or 1,
+                       "--stage" if stage is not None else st_where)
+    return _build(doc, prefix, st, {}, prefix, sets, "--set ")

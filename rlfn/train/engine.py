@@ -15,8 +15,9 @@
 Warm start (stages 2 and 3): ``init`` is the previous stage's ``model.safetensors``; only the
 weights are taken, with a fresh optimizer and a fresh schedule (the paper's point).
 
-DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its share of every global batch
-(gloo on CPU, nccl on CUDA); rank 0 alone validates, writes checkpoints and logs.
+DDP: in a rank of a distributed run (``WORLD_SIZE`` > 1: started by ``launch.launch``, or
+``torchrun``) each rank takes its share of every global batch (gloo on CPU, nccl on CUDA);
+rank 0 alone validates, writes checkpoints and logs. ``launch.py`` is how a stage is started.
 
 The phases live in their own modules: ``setup`` (device, process group, run key, the
 "already complete" short-cut, the seeded or warm-started model, resume from the checkpoint),
@@ -52,7 +53,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
     ``on_validate(iteration, val_psnr)`` is called by rank 0 after each validation (after
     ``on_log``, before that iteration's checkpoint); an exception it raises (Optuna pruning)
     propagates out of ``train`` with the last checkpoint and curves intact. Under DDP the
-    other ranks are not told: torchrun stops them when rank 0 exits."""
+    other ranks are not told: the launcher stops them when rank 0 exits."""
     ctx = RunContext.create(cfg, out_dir, init)
     done = ctx.completed()
     if done is not None:
