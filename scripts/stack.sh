@@ -10,5 +10,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py="$root/.venv/bin/python"
-[ -x "$py" ] || py=$(command -v python3)
+if [ ! -x "$py" ]; then  # the servers and the stack's own code (rlfn.io) live in the venv
+  echo "error: $py: no project environment (run: bash scripts/setup.sh)" >&2
+  exit 2
+fi
 exec "$py" "$root/scripts/stack" "$@"
