@@ -2,6 +2,7 @@
 
     python bench/main_job.py [--repo .] [--dir /tmp/rlfn-main-job] [--reuse-venv]
                              [--no-shared] [--compare bench/results/main_job.json] [--stack]
+                             [--isa AVX512_CORE_BF16]
 
 Clones ``--repo`` (its committed HEAD) into ``--dir``/main, beside a link ``--dir``/shared to
 this checkout's ``../shared`` when there is one (as a fresh clone here has it: Urban100 and the
@@ -16,6 +17,13 @@ it went on start-up (interpreter, imports, Prefect, the MLflow run) from the sta
 "models:/rlfn-x4@champion")`` upscales an image, and the sha256 of every stage's weights is
 recorded; ``--compare FILE`` checks them against an earlier run's (a second fresh clone must
 give bit-identical weights).
+``--isa CAP`` caps the instruction set oneDNN (PyTorch's CPU convolutions, bf16 autocast)
+dispatches to, through its own ``ONEDNN_MAX_CPU_ISA`` (for example ``AVX512_CORE_BF16``: a
+machine with AVX-512 bf16 and VNNI but no AMX, like the AMD EPYC hosts), for every stage and
+the champion's check; the result records the ISA oneDNN reports and the convolution kernels
+it picked, and goes to ``bench/results/main_job.<cap>.json`` so both CPU classes sit side by
+side. (OpenVINO's CPU plugin has no such switch: its points in the profile stage run on the
+full instruction set either way.)
 ``--stack``: team mode's command chain instead (issue 13's): ``bash scripts/stack.sh up``,
 ``eval "$(bash scripts/stack.sh env)"``, ``dvc repro && dvc push``, the champion loaded from the
 tracking server, then ``stack.sh down``; written to ``bench/results/team_job.json``.
@@ -61,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="an earlier results file: the weights must be bit-identical")
     ap.add_argument("--stack", action="store_true",
                     help="team mode: against scripts/stack.sh's services (own state, free ports)")
+    ap.add_argument("--isa", metavar="CAP", type=str.upper,
+                    help="cap oneDNN's instruction set (ONEDNN_MAX_CPU_ISA), e.g. "
+                         "AVX512_CORE_BF16 for an AVX-512 machine without AMX")
     a = ap.parse_args(argv)
+    if a.isa and not re.fullmatch(r"[A-Z0-9_]+", a.isa):
+        ap.error(f"--isa: {a.isa!r} is not a oneDNN ISA name (e.g. AVX512_CORE_BF16, AVX2)")
     base = Path(a.dir)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -79,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", "scripts/setup.sh"], cwd=work, check=True)
     phases.append({"phase": "setup" + (" (venv reused)" if a.reuse_venv else ""),
                    "seconds": time.monotonic() - t0})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "PREFECT_", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))}
+    if a.isa:
+        env["ONEDNN_MAX_CPU_ISA"] = a.isa
     venv_bin = work / ".venv" / "bin"
     env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(work / ".venv"),
                PYTHONPATH="")
+    isa = _isa_ran(venv_bin / "python", env)
+    print(f"oneDNN: {isa['isa']} (cap {a.isa or 'none'}); conv kernels {isa['conv']}", flush=True)
     if a.stack:
         env.update(_stack_up(work, base, env, phases))
     t0 = time.monotonic()
@@ -144,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.stack:
         subprocess.run(["bash", "scripts/stack.sh", "down"], cwd=work, env=env)
     if not a.no_save:
-        out = ROOT / "bench" / "results" / ("team_job.json" if a.stack else "main_job.json")
+        name = ("team_job" if a.stack else "main_job") + (f".{a.isa.lower()}" if a.isa else "")
+        out = ROOT / "bench" / "results" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine(), "command": " ".join(
+        out.write_text(json.dumps({"machine": machine(), "isa": {"cap": a.isa, **isa}, "command": " ".join(
             [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
             "repro_s": round(repro_s, 1), "target_s": TARGET_S, "phases": [
                 {k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items()}
@@ -155,6 +174,32 @@ def main(argv: list[str] | None = None) -> int:
             "compared_with": a.compare, "bit_identical": same}, indent=2) + "\n")
         print(f"wrote {out}")
     return rc
+
+
+ISA_PROBE = """
+import torch
+x, conv = torch.randn(1, 16, 32, 32), torch.nn.Conv2d(16, 16, 3, padding=1)
+with torch.no_grad():
+    conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)
+"""
+
+
+def _isa_ran(python: Path, env: dict) -> dict:
+    """What oneDNN dispatches to in this environment (its own verbose report): the ISA line
+    and the convolution kernels it picks for fp32 and bf16 (``brg_conv_fwd:avx512_core_amx``
+    on an AMX machine, ``...:avx512_core_bf16`` once capped)."""
+    r = subprocess.run([str(python), "-c", ISA_PROBE], env={**env, "ONEDNN_VERBOSE": "1"},
+                       capture_output=True, text=True, timeout=300)
+    isa, conv = "unknown", []
+    for line in r.stdout.splitlines():
+        f = line.split(",")
+        if len(f) > 4 and f[2:4] == ["info", "cpu"] and f[4].startswith("isa:"):
+            isa = f[4][4:]
+        elif len(f) > 5 and f[2:5] == ["primitive", "exec", "cpu"] and f[5] == "convolution":
+            conv.append(f[6])
+    return {"isa": isa, "conv": sorted(set(conv))}
 
 
 def _free_port() -> int:
