@@ -42,8 +42,14 @@ def auto_tile(height: int, width: int, can_tile: bool = True) -> int | None:
 
 
 def to_tensor(img: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> float32 ``(1, 3, H, W)`` in [0, 255] (RLFN's pixel range)."""
-    return torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float()
+    """uint8 ``(H, W, 3)`` -> float32 ``(1, 3, H, W)`` in [0, 255] (RLFN's pixel range).
+    A read-only array (``np.asarray`` of a PIL image, a memory map) is copied first: torch
+    cannot share it without a warning, and the copy is the uint8 image, a quarter of the
+    float tensor made anyway."""
+    img = np.ascontiguousarray(img)
+    if not img.flags.writeable:
+        img = img.copy()
+    return torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
