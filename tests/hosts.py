@@ -9,7 +9,7 @@ Layout of one ``hosts(...)`` (``<s>``: a random per-run suffix, so runs never co
 * per host ``NAME``: a namespace ``rlfn-NAME-<s>`` with ``lo`` and ``eth0`` (a veth whose other
   end is on the bridge), address ``10.231.<n>.<i>/24`` (``<n>`` random per run) and no route
   beyond that subnet: it reaches the other hosts over the bridge and nothing else;
-* per host a Unix user ``rlfn-NAME-<s>`` (useradd, no login shell), home
+* per host a Unix user ``rlfn-NAME-<s>`` (useradd; a login shell: sshd runs commands with it), home
   ``/tmp/rlfn-hosts-<s>/NAME`` (0700, its own).
 
 ``Host.run`` runs a command "on" a host: ``ip netns exec NS runuser -u USER -- env -i ...``, a
@@ -229,7 +229,7 @@ def hosts(*names: str) -> Iterator[Net]:
             _ip("-n", h.ns, "link", "set", "eth0", "up")
             _ip("-n", h.ns, "link", "set", "lo", "up")
             subprocess.run(["useradd", "--no-create-home", "--home-dir", str(h.home),
-                            "--shell", "/usr/sbin/nologin", "--user-group", h.user],
+                            "--shell", "/bin/bash", "--user-group", h.user],
                            check=True, capture_output=True, timeout=30)
             h.home.mkdir()
             os.chown(h.home, h.uid, pwd.getpwnam(h.user).pw_gid)
@@ -238,6 +238,56 @@ def hosts(*names: str) -> Iterator[Net]:
     finally:
         left = teardown(net)
     assert not left, f"test hosts survived their teardown: {left}"
+
+
+def make_venv(h: Host, where: Path, venv: Path) -> Path:
+    """A virtual environment at ``where`` for host ``h``'s user, on the system's Python, that
+    sees ``venv``'s packages (this machine's project environment; its own interpreter may be in
+    a home no other user can enter, as pyenv's under /root), and its console scripts (dvc,
+    mlflow, prefect) as its own: what a host's ``scripts/setup.sh`` would have made, without a
+    second download. Returns its python."""
+    import sys
+
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(where)], check=True,
+                   capture_output=True, timeout=120)
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = venv / "lib" / ver / "site-packages"
+    (where / "lib" / ver / "site-packages" / "_rlfn_host.pth").write_text(
+        f"import site; site.addsitedir({str(site)!r})\n")
+    old = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info < (3, 11, 3))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if old == "True":  # redis (Prefect's docket) imports async_timeout before 3.11.3
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(where / "lib" / ver / "site-packages"), "async-timeout"],
+                       check=True, capture_output=True, timeout=300)
+    py = where / "bin" / "python"
+    for script in ("dvc", "mlflow", "prefect"):
+        src = venv / "bin" / script
+        if src.exists():
+            body = src.read_text().split("\n", 1)[1]
+            (where / "bin" / script).write_text(f"#!{py}\n{body}")
+            os.chmod(where / "bin" / script, 0o755)
+    subprocess.run(["chown", "-R", f"{h.user}:{h.user}", str(where)], check=True, timeout=60)
+    return py
+
+
+def install_project(h: Host, root: Path) -> Path:
+    """The project as host ``h`` has it: a git clone of ``root`` in its home, the working
+    tree's current files (tracked and untracked, not ignored) over it, and its own ``.venv``
+    (``make_venv``); owned by the host's user. Returns the clone."""
+    clone = h.home / "rlfn-pipeline"
+    subprocess.run(["git", "clone", "-q", "--local", str(root), str(clone)], check=True,
+                   timeout=120)
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root,
+                           capture_output=True, check=True, timeout=60).stdout.split(b"\0")
+    for f in filter(None, files):
+        src, dst = root / f.decode(), clone / f.decode()
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    make_venv(h, clone / ".venv", root / ".venv")
+    subprocess.run(["chown", "-R", f"{h.user}:{h.user}", str(clone)], check=True, timeout=60)
+    return clone
 
 
 def assert_homes_private(net: Net) -> None:

@@ -10,8 +10,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
-from stack.core import (LOGS, RUN, SECRETS, STACK, STATE, StackError, ensure_secrets,
-                        load_secrets, log_path, read_json, rel, say, write_private)
+from stack.core import (HOST, HOST_VAR, LOGS, RUN, SECRETS, STACK, STATE, StackError,
+                        check_host, ensure_secrets, load_secrets, log_path, read_json, rel, say,
+                        write_private)
 from stack.services import TABLE, Service, client_exports, context, wanted_secrets
 
 
@@ -45,9 +46,25 @@ def in_order(table: tuple[Service, ...], start: Callable[[Service], bool],
                 cause[s.name] = "" if f.result() else s.called
 
 
-def cmd_up() -> int:
+def _host_of_up(flag: str | None) -> str:
+    """The address ``up`` listens on: ``--host``, else RLFN_STACK_HOST, else the last ``up``'s,
+    else 127.0.0.1; checked (StackError naming where it came from)."""
+    if flag is not None:
+        return check_host(flag, "--host")
+    if os.environ.get(HOST_VAR):
+        return check_host(os.environ[HOST_VAR], HOST_VAR)
+    was = read_json(STATE).get("host") or HOST
+    return check_host(was, f"the last up's address ({rel(STATE)}; --host changes it)")
+
+
+def cmd_up(host: str | None = None) -> int:
     """Start what is not running, each entry once those it needs are up; one line each and
     one for the whole; 1 if any failed."""
+    try:
+        os.environ[HOST_VAR] = _host_of_up(host)
+    except StackError as e:
+        say(f"error: {e}", err=True)
+        return 2
     t0 = time.monotonic()
     for d in (STACK, RUN, LOGS):
         d.mkdir(parents=True, exist_ok=True)
@@ -63,6 +80,8 @@ def cmd_up() -> int:
     failed: list[str] = []
 
     def start(s: Service) -> bool:
+        if s.remote_only and not ctx.remote:
+            return True  # not there on loopback
         t = time.monotonic()
         try:
             msg = s.start(ctx)
@@ -110,7 +129,7 @@ def cmd_env() -> int:
 def cmd_status() -> int:
     """A row for each service: up, or DOWN and why; 1 if any is down."""
     ctx = context(read_json(SECRETS) or None)
-    rows = [s for s in TABLE if s.health is not None]
+    rows = [s for s in TABLE if s.health is not None and (ctx.remote or not s.remote_only)]
     with ThreadPoolExecutor(len(rows)) as ex:
         problems = list(ex.map(lambda s: s.health(ctx), rows))
     down = 0
@@ -132,11 +151,15 @@ def cmd_down() -> int:
         say(f"stack: nothing at {STACK}")
         return 0
     rc = 0
+    remote = context(None).remote
     for s in reversed(TABLE):
         if s.stop is None:
             continue
         try:
-            say(f"{s.name:<11} {s.stop(s.name)}")
+            msg = s.stop(s.name)
+            if s.remote_only and not remote and msg == "not running":
+                continue
+            say(f"{s.name:<11} {msg}")
         except StackError as e:
             say(f"FAILED {e}", err=True)
             rc = 1
@@ -162,11 +185,32 @@ def locked(fn: Callable[[], int]) -> Callable[[], int]:
     return run
 
 
+USAGE = "usage: scripts/stack.sh up [--host ADDR] | env | status | down"
+
+
 def main(argv: list[str]) -> int:
-    """Run the verb ``argv`` names; 2 with a usage line for anything else."""
-    cmds = {"up": locked(cmd_up), "env": cmd_env, "status": cmd_status,
-            "down": locked(cmd_down)}
-    if len(argv) != 1 or argv[0] not in cmds:
-        print("usage: scripts/stack.sh up | env | status | down", file=sys.stderr)
+    """Run the verb ``argv`` names; 2 with a usage line for anything else, one ``error:`` line
+    for a bad option."""
+    cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down}
+    if not argv or argv[0] not in cmds:
+        print(USAGE, file=sys.stderr)
         return 2
-    return cmds[argv[0]]()
+    verb, rest = argv[0], argv[1:]
+    opts: dict[str, str] = {}
+    allowed = {"up": ("--host",)}.get(verb, ())
+    while rest:
+        flag = rest.pop(0)
+        value = None
+        if "=" in flag and flag.startswith("--"):
+            flag, value = flag.split("=", 1)
+        if flag not in allowed:
+            print(f"error: {verb}: unknown option {flag!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        if value is None:
+            if not rest:
+                print(f"error: {verb} {flag}: needs a value", file=sys.stderr)
+                return 2
+            value = rest.pop(0)
+        opts[flag.lstrip("-")] = value
+    fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down}.get(verb, cmds[verb])
+    return locked(fn)() if verb in ("up", "down") else fn()
