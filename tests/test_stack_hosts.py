@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from hosts import hosts, install_project, make_venv
+from hosts import hosts, install_project
 from prereq import ROOT, unavailable
 from servers import free_port
 from teamstack import EXPORTS, TLS_EXPORTS, eval_env, prerequisites
@@ -41,7 +41,10 @@ with mlflow.start_run(experiment_id=exp.experiment_id) as run:
 got = MlflowClient().get_run(run.info.run_id).data.metrics
 with get_client(sync_client=True) as c:
     pool = c.read_work_pool("rlfn-pool")
-print(json.dumps({"metrics": got, "pool": pool.name}))
+import os, optuna
+storage = optuna.storages.RDBStorage(os.environ["RLFN_OPTUNA_STORAGE"])
+study = optuna.create_study(study_name="across-hosts", storage=storage, load_if_exists=True)
+print(json.dumps({"metrics": got, "pool": pool.name, "study": study.study_name}))
 """
 
 PG = r"""
@@ -98,7 +101,8 @@ def test_server_host_over_tls():
         srv, cli = net.hosts["server"], net.hosts["client"]
         clone = install_project(srv, ROOT)  # the server host's own copy and environment
         stack_sh = str(clone / "scripts" / "stack.sh")
-        py = str(make_venv(cli, cli.home / "venv", ROOT / ".venv"))
+        cli_clone = install_project(cli, ROOT)  # the client host's own
+        py = str(cli_clone / ".venv" / "bin" / "python")
         ports = {k: free_port() for k in ("pg", "mlflow", "prefect", "ssh")}
         env = dict(RLFN_STACK_DIR=str(srv.home / "state"), RLFN_PROJECT_DIR=str(clone),
                    RLFN_STACK_PG_PORT=str(ports["pg"]),
@@ -125,13 +129,29 @@ def test_server_host_over_tls():
             for s in ("mlflow", "prefect"):
                 assert ("127.0.0.1", ports[s]) in _listeners(srv)
 
-            # the client host gets the CA (the bundle's job, issue 23 C) and nothing else
+            # the bundle: owner-only on the server host, carried to the client host, where
+            # `env --bundle` gives the exports with the CA kept in the client's own directory
+            b = srv.run(["bash", stack_sh, "bundle", str(srv.home / "team.bundle")], **env)
+            assert b.returncode == 0, b.stdout + b.stderr
+            assert (srv.home / "team.bundle").stat().st_mode & 0o777 == 0o600
             secrets = json.loads((srv.home / "state" / "secrets" / "stack.json").read_text())
-            ca = cli.home / "ca.crt"
-            shutil.copy(srv.home / "state" / "tls" / "ca.crt", ca)
-            os.chown(ca, cli.uid, cli.uid)
-            client = {k: v.replace(str(srv.home / "state" / "tls" / "ca.crt"), str(ca))
-                      for k, v in exports.items() if k != "RLFN_PROJECT_DIR"}
+            carried = cli.home / "team.bundle"
+            shutil.copy(srv.home / "team.bundle", carried)
+            os.chown(carried, cli.uid, cli.uid)
+            os.chmod(carried, 0o644)
+            cli_sh = ["bash", str(cli_clone / "scripts" / "stack.sh")]
+            loose = cli.run(cli_sh + ["env", "--bundle", str(carried)])
+            assert loose.returncode == 2 and loose.stderr.count("\n") == 1, loose.stderr
+            assert loose.stderr.startswith("error: env --bundle") and "chmod 600" in loose.stderr
+            os.chmod(carried, 0o600)
+            got = cli.run(cli_sh + ["env", "--bundle", str(carried)])
+            assert got.returncode == 0, got.stdout + got.stderr
+            client = eval_env(got.stdout, EXPORTS + TLS_EXPORTS)
+            ca = cli.home / ".config" / "rlfn-stack" / srv.addr / "ca.crt"
+            assert client["MLFLOW_TRACKING_SERVER_CERT_PATH"] == str(ca), client
+            assert f"sslrootcert={ca}" in client["RLFN_OPTUNA_STORAGE"], client
+            assert client == {k: v.replace(str(srv.home / "state" / "tls" / "ca.crt"), str(ca))
+                              for k, v in exports.items() if k != "RLFN_PROJECT_DIR"}
             client["PREFECT_HOME"] = str(cli.home / "prefect")
 
             ok = cli.run([py, "-c", CHECK], timeout=60, **client)
@@ -140,7 +160,7 @@ def test_server_host_over_tls():
             work = cli.run([py, "-c", CLIENTS], timeout=180, **client)
             assert work.returncode == 0, work.stdout + work.stderr
             got = json.loads(work.stdout.strip().splitlines()[-1])
-            assert got == {"metrics": {"psnr": 30.5}, "pool": "rlfn-pool"}, got
+            assert got == {"metrics": {"psnr": 30.5}, "pool": "rlfn-pool", "study": "across-hosts"}, got
 
             # without the CA: refused, one line naming the service and why
             no_ca = {k: v for k, v in client.items()

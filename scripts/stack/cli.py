@@ -13,7 +13,7 @@ from typing import Callable
 from stack.core import (HOST, HOST_VAR, LOGS, RUN, SECRETS, STACK, STATE, StackError,
                         check_host, ensure_secrets, load_secrets, log_path, read_json, rel, say,
                         write_private)
-from stack.services import TABLE, Service, client_exports, context, wanted_secrets
+from stack.services import TABLE, Service, active, client_exports, context, wanted_secrets
 
 
 def in_order(table: tuple[Service, ...], start: Callable[[Service], bool],
@@ -80,8 +80,6 @@ def cmd_up(host: str | None = None) -> int:
     failed: list[str] = []
 
     def start(s: Service) -> bool:
-        if s.remote_only and not ctx.remote:
-            return True  # not there on loopback
         t = time.monotonic()
         try:
             msg = s.start(ctx)
@@ -103,7 +101,7 @@ def cmd_up(host: str | None = None) -> int:
             failed.append(s.name)
             say(f"FAILED {s.name}: not started at {s.where(ctx)}: {called} is not up", err=True)
 
-    in_order(TABLE, start, skip)
+    in_order(active(ctx), start, skip)
     took = time.monotonic() - t0
     if failed:
         say(f"stack: up failed ({', '.join(failed)}) after {took:.1f} s; state in {rel(STACK)}",
@@ -114,22 +112,54 @@ def cmd_up(host: str | None = None) -> int:
     return 0
 
 
-def cmd_env() -> int:
-    """The exports a client shell needs, as ``export`` lines; 1 before the first ``up``."""
-    try:
-        sec = load_secrets()
-    except StackError as e:
-        say(f"stack: {e}", err=True)
-        return 1
-    for k, v in client_exports(context(sec)).items():
+def cmd_env(bundle_file: str | None = None) -> int:
+    """The exports a client shell needs, as ``export`` lines; 1 before the first ``up``. With
+    ``--bundle FILE``: those of the team's bundle (another host's stack), its CA and keys put
+    where this client keeps them (``bundle.client_exports``); 2 with one ``error:`` line for a
+    bad bundle."""
+    if bundle_file is not None:
+        from pathlib import Path
+
+        from stack import bundle
+
+        try:
+            exports = bundle.client_exports(Path(bundle_file))
+        except StackError as e:
+            say(f"error: {e}", err=True)
+            return 2
+    else:
+        try:
+            sec = load_secrets()
+        except StackError as e:
+            say(f"stack: {e}", err=True)
+            return 1
+        exports = client_exports(context(sec))
+    for k, v in exports.items():
         print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+def cmd_bundle(file: str) -> int:
+    """``bundle FILE``: the team's bundle of this stack (see ``stack.bundle``); 2 with one
+    ``error:`` line when there is none to make."""
+    from pathlib import Path
+
+    from stack import bundle
+
+    try:
+        ctx = context(load_secrets())
+        say(bundle.write(ctx, client_exports(ctx), Path(file)))
+    except StackError as e:
+        msg = str(e)
+        say(f"error: {msg if msg.startswith('bundle:') else 'bundle: ' + msg}", err=True)
+        return 2
     return 0
 
 
 def cmd_status() -> int:
     """A row for each service: up, or DOWN and why; 1 if any is down."""
     ctx = context(read_json(SECRETS) or None)
-    rows = [s for s in TABLE if s.health is not None and (ctx.remote or not s.remote_only)]
+    rows = [s for s in active(ctx) if s.health is not None]
     with ThreadPoolExecutor(len(rows)) as ex:
         problems = list(ex.map(lambda s: s.health(ctx), rows))
     down = 0
@@ -185,19 +215,26 @@ def locked(fn: Callable[[], int]) -> Callable[[], int]:
     return run
 
 
-USAGE = "usage: scripts/stack.sh up [--host ADDR] | env | status | down"
+USAGE = ("usage: scripts/stack.sh up [--host ADDR] | env [--bundle FILE] | status | down | "
+         "bundle FILE")
 
 
 def main(argv: list[str]) -> int:
     """Run the verb ``argv`` names; 2 with a usage line for anything else, one ``error:`` line
     for a bad option."""
-    cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down}
+    cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down,
+            "bundle": cmd_bundle}
     if not argv or argv[0] not in cmds:
         print(USAGE, file=sys.stderr)
         return 2
     verb, rest = argv[0], argv[1:]
+    if verb == "bundle":
+        if len(rest) != 1 or rest[0].startswith("-"):
+            print(f"error: bundle: give one FILE to write\n{USAGE}", file=sys.stderr)
+            return 2
+        return cmd_bundle(rest[0])
     opts: dict[str, str] = {}
-    allowed = {"up": ("--host",)}.get(verb, ())
+    allowed = {"up": ("--host",), "env": ("--bundle",)}.get(verb, ())
     while rest:
         flag = rest.pop(0)
         value = None
@@ -212,5 +249,6 @@ def main(argv: list[str]) -> int:
                 return 2
             value = rest.pop(0)
         opts[flag.lstrip("-")] = value
-    fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down}.get(verb, cmds[verb])
+    fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down,
+          "env": lambda: cmd_env(opts.get("bundle"))}.get(verb, cmds[verb])
     return locked(fn)() if verb in ("up", "down") else fn()

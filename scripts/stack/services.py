@@ -4,7 +4,7 @@ every service may set, is a change to this file (and the module that implements 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from stack import mlflow_server, nginx, postgresql, prefect_server, sshd, tls
@@ -24,9 +24,9 @@ class Service:
     order. ``env`` prints every entry's ``exports``. ``port`` is the service's port setting,
     ``secrets`` the secrets ``up`` generates for it (name -> bytes of randomness), ``log`` the
     log an unexpected error points to (default: its own, ``logs/<name>.log``). An entry
-    ``remote_only`` is there only off loopback (``up --host ADDR``): on 127.0.0.1 ``up`` counts it
-    as up without starting it, ``status`` shows no row for it and ``down`` says nothing of it
-    unless it ran."""
+    ``remote_only`` is there only off loopback (``up --host ADDR``): on 127.0.0.1 it is left out
+    of the table (``active``: no start, no status row, no one's need) and ``down`` says nothing
+    of it unless it ran."""
 
     name: str
     start: Callable[[Ctx], str]
@@ -96,6 +96,17 @@ def _check(table: tuple[Service, ...]) -> None:
 
 
 _check(TABLE)
+
+
+def active(ctx: Ctx) -> tuple[Service, ...]:
+    """The table as ``ctx``'s host has it: all of it off loopback; on 127.0.0.1 without the
+    ``remote_only`` entries, which are then no one's need (nothing waits on, or fails with,
+    an entry that is not there)."""
+    if ctx.remote:
+        return TABLE
+    gone = {s.name for s in TABLE if s.remote_only}
+    return tuple(replace(s, needs=tuple(n for n in s.needs if n not in gone))
+                 for s in TABLE if not s.remote_only)
 
 
 def context(sec: dict | None) -> Ctx:
