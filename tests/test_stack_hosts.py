@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
 from hosts import hosts, install_project
 from prereq import ROOT, unavailable
-from servers import free_port
+from servers import clean_env, free_port
 from teamstack import EXPORTS, TLS_EXPORTS, eval_env, prerequisites
 
 pytestmark = pytest.mark.stack
@@ -193,3 +194,25 @@ def test_server_host_over_tls():
         finally:
             d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
             print(d.stdout + d.stderr)
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["up", "--host", "db.example"], {}, "error: --host 'db.example': not an IP address"),
+    (["up", "--host", "192.0.2.77"], {}, "error: --host '192.0.2.77': not an address of this host"),
+    (["up", "--host", "0.0.0.0"], {}, "error: --host '0.0.0.0': give one address"),
+    (["up"], {"RLFN_STACK_HOST": "::1"}, "error: RLFN_STACK_HOST '::1': only IPv4"),
+    (["up", "--host"], {}, "error: up --host: needs a value"),
+    (["up", "--hots", "1"], {}, "error: up: unknown option '--hots'"),
+    (["env", "--bundle", "/nonexistent/team.bundle"], {},
+     "error: env --bundle /nonexistent/team.bundle: No such file"),
+    (["bundle", "team.bundle"], {}, "error: bundle: no secrets at"),
+])
+def test_bad_input_is_one_error_line(tmp_path, args, env, says):
+    """Nothing is started or written: one ``error:`` line naming the flag, exit 2."""
+    state = tmp_path / "state"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), *args], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path,
+                       env={**clean_env(RLFN_STACK_DIR=str(state)), **env})
+    first = r.stderr.splitlines()[0] if r.stderr else ""
+    assert r.returncode == 2 and first.startswith(says), (r.returncode, r.stderr)
+    assert r.stdout == "" and not state.exists(), (r.stdout, list(tmp_path.iterdir()))
