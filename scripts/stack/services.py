@@ -66,7 +66,7 @@ TABLE: tuple[Service, ...] = (
             where=prefect_server.url, row=prefect_server.url,
             health=prefect_server.SERVER.health, stop=stop_daemon,
             exports=prefect_server.exports),
-    Service("nginx", start=nginx.start, needs=("tls", "mlflow", "prefect"), remote_only=True,
+    Service("nginx", start=nginx.start, needs=("tls",), remote_only=True,
             where=nginx.url, row=nginx.url, health=nginx.health, stop=stop_daemon),
     Service("work pool", start=prefect_server.start_pool, needs=("prefect", "nginx"),
             log="prefect",
