@@ -99,17 +99,26 @@ def test_teardown_leaves_nothing():
         uid = a.uid
         names = (net.switch_ns, a.ns, a.user, net.base)
     time.sleep(0.2)
-    assert lingering.poll() is not None, "a process of a host outlived the teardown"
+    assert lingering.wait(timeout=10) is not None, "a process of a host outlived the teardown"
     listed = _ip("netns", "list").stdout
     assert names[0] not in listed and names[1] not in listed, listed
     with pytest.raises(KeyError):
         pwd.getpwnam(names[2])
     assert not names[3].exists()
-    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) == uid]
+    deadline = time.monotonic() + 10  # a killed process's zombie is reaped by its parent
+    while (left := _running_as(uid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the removed host user survived: {left}"
 
 
-def _uid(p: Path) -> int | None:
-    try:
-        return p.stat().st_uid
-    except OSError:
-        return None
+def _running_as(uid: int) -> list[str]:
+    """Live (not zombie) processes of ``uid``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            stat = (p / "stat").read_text()
+            if p.stat().st_uid == uid and stat[stat.rindex(")") + 2] != "Z":
+                found.append(f"{p.name}: {stat[:60]}")
+        except (OSError, ValueError):
+            continue
+    return found
