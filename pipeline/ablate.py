@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     # checked before the flow (and any training) starts; the entry contract of pipeline.entry
-    return run_entry(lambda: ablate(args.params) and None, check=lambda: check(args.params),
+    return run_entry(lambda: ablate(args.params), check=lambda: check(args.params),
                      load_aware_threads=False)
 
 

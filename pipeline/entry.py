@@ -29,7 +29,7 @@ def run_entry(work: Callable[[], int | None], *, check: Callable[[], Any] | None
               services: bool = True, load_aware_threads: bool = True) -> int:
     """Run ``work()`` under the entry contract (module docstring): ``check()`` first (the
     command's settings and its own checks, nothing started yet), then the servers, then
-    ``work()`` (its return value, or 0). Returns the exit code."""
+    ``work()`` (its return value when an int, else 0). Returns the exit code."""
     setup_logging()
     try:
         log.debug(f"torch: {configure_threads(0, load_aware=load_aware_threads)}")
@@ -48,7 +48,7 @@ def run_entry(work: Callable[[], int | None], *, check: Callable[[], Any] | None
             raise
         log.error(line)
         return 1
-    return int(code or 0)
+    return code if isinstance(code, int) else 0  # a flow's result (a dict, ...) is not a code
 
 
 def main(flow: Callable[..., Any], *args: Any,

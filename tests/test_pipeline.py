@@ -183,14 +183,22 @@ def test_prefect_recorded_every_stage_flow_run_completed(repro):
 
 
 def test_every_source_file_change_reruns_the_stages_that_import_it(project, repro):
-    """Editing the inference engine reruns the stages that run a model through it (training's
-    validation, evaluate, profile, promote's pyfunc), and not the data stages."""
-    f = project / "rlfn" / "infer.py"
+    """Editing the inference engine (rlfn/engine.py) reruns the stages that run a model through
+    it (training's validation, evaluate, profile, promote's pyfunc), and not the data stages;
+    editing an inference backend (rlfn/backends/onnx.py) reruns no training stage."""
+    f = project / "rlfn" / "engine.py"
     text = f.read_text()
+    b = project / "rlfn" / "backends" / "onnx.py"
+    b_text = b.read_text()
     try:
         f.write_text(text + "\n# touched\n")
         changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
         assert changed == {*TRAIN_STAGES, "evaluate", "profile", "promote"}, changed
+        b.write_text(b_text + "\n# touched\n")
+        f.write_text(text)
+        changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+        b.write_text(b_text)
+        assert changed == {"evaluate", "profile"}, changed
         (project / "pipeline" / "entry.py").write_text(
             (project / "pipeline" / "entry.py").read_text() + "\n# touched\n")
         f.write_text(text)
@@ -198,6 +206,7 @@ def test_every_source_file_change_reruns_the_stages_that_import_it(project, repr
         assert changed == set(DVC_STAGES), changed  # every stage's command is entry.main
     finally:
         f.write_text(text)
+        b.write_text(b_text)
         c = project / "pipeline" / "entry.py"
         c.write_text(c.read_text().replace("\n# touched\n", ""))
     assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {}

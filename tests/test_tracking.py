@@ -43,7 +43,8 @@ def test_journaled_ends_are_recorded_once_for_their_server_only(store):
     parent = client.create_run(exp).info.run_id
     ended = client.create_run(exp).info.run_id
     client.set_terminated(ended, "FINISHED")  # recorded meanwhile by someone else: left as is
-    other = {"run_id": "abc", "status": "FAILED", "uri": "http://other:5000"}
+    elsewhere = client.create_run(exp).info.run_id  # (an id this store also has)
+    other = {"run_id": elsewhere, "status": "FAILED", "uri": "http://other:5000"}
     for rid in (lost, parent, ended):
         tracking._journal_append({"run_id": rid, "status": "FAILED", "uri": uri})
     tracking._journal_append(other)
@@ -55,6 +56,7 @@ def test_journaled_ends_are_recorded_once_for_their_server_only(store):
     assert client.get_run(lost).info.status == "FAILED"
     assert client.get_run(parent).info.status == "FAILED"
     assert client.get_run(ended).info.status == "FINISHED"
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # another server's entry
     # the other server's entry stays for a stage that reaches it; the torn line is gone
     assert [json.loads(x) for x in tracking.UNTERMINATED.read_text().splitlines()] == [other]
     assert tracking.settle_unterminated(client, uri) == []

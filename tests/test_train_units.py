@@ -68,10 +68,13 @@ def test_old_layouts_are_refused_naming_the_key(tmp_path):
         load_config(old, stage=2)
     assert e.value.where == f"{old}: train_stage2" and "train_stage<k> layout is gone" in str(
         e.value)
+    # a file with a train: section and no train_stages is that one stage's config (the
+    # ablation models' `rlfn train --config train.yaml` files): the section, nothing else
     none = tmp_path / "none.yaml"
-    none.write_text("train: {hr_dir: x}\n")
-    with pytest.raises(ConfigError, match=r"none.yaml: train_stages: missing"):
-        load_config(none, stage=1)
+    none.write_text("train: {hr_dir: x, lr: 3.0e-4}\n")
+    c = load_config(none)
+    assert (c.stage, c.lr, c.hr_dir) == (1, 3e-4, "x")
+    assert load_config(none, stage=2).stage == 2
     nested = tmp_path / "nested.yaml"
     nested.write_text("train: {hr_dir: x, stages: {1: {}}}\ntrain_stages: {'1': {}}\n")
     with pytest.raises(ConfigError, match=r"nested.yaml: train.stages: unknown key 'stages'; "

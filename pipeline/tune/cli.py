@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.apply:
         return run_entry(lambda: _apply(a.params, a.dry_run), services=False)
-    return run_entry(lambda: tune(a.params) and None, check=lambda: open_storage(
+    return run_entry(lambda: tune(a.params), check=lambda: open_storage(
         load_spec(a.params)))  # bad input refused before Prefect, MLflow or Optuna start
 
 

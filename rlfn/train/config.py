@@ -310,10 +310,9 @@ def _params_file(path: Path, doc: dict, stage: int | None, sets: dict) -> TrainC
     """Stage ``stage`` of a params file (``train:`` + ``train_stages``)."""
     train = _mapping(doc["train"], f"{path}: train")
     stages = doc.get("train_stages")
-    if stages is None:
-        raise ConfigError(f"{path}: train_stages", "missing: a params file's stages are its "
-                          "train_stages (\"1\": {init: ..., <train keys>}, ...); a config of "
-                          "one stage has its keys at the top level")
+    if stages is None:  # no stages: the train section is the one stage's config
+        st = _stage_number(stage if stage is not None else sets.pop("stage", 1), "--stage")
+        return params_stage_config(train, None, st, extra=sets, where=path, required=False)
     keys = [str(k) for k in _mapping(stages, f"{path}: train_stages")]
     where = "--stage"
     if stage is None and "stage" in sets:

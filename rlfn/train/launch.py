@@ -61,6 +61,9 @@ def _worker(cfg: TrainConfig, out_dir: str, init: str | None, progress: bool, ev
     """One rank (a process the launcher started): train, send rank 0's rows and any error."""
     import sys
 
+    from ..log import setup as setup_logging
+
+    setup_logging()  # a fresh interpreter: rank 0's progress lines reach stderr, as in-process
     rank = int(os.environ.get("RANK", "0"))
     on_log = (lambda it, m: events.put(("log", it, m))) if send_logs else None
     try:
