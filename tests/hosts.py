@@ -55,6 +55,7 @@ class Host:
     addr: str
     user: str
     home: Path
+    hostname: str | None = None  # its own hostname (a UTS namespace per command); None: shared
 
     @property
     def uid(self) -> int:
@@ -71,7 +72,10 @@ class Host:
     def argv(self, cmd: list[str], cwd: Path | str | None = None, **env: str) -> list[str]:
         """The command line that runs ``cmd`` on this host as its user."""
         pairs = [f"{k}={v}" for k, v in self.env(**env).items()]
-        return ["ip", "netns", "exec", self.ns, "runuser", "-u", self.user, "--",
+        uts = ([] if self.hostname is None else  # the name is set before the user's command
+               ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+                self.hostname])
+        return ["ip", "netns", "exec", self.ns, *uts, "runuser", "-u", self.user, "--",
                 "env", "-i", "-C", str(cwd or self.home), *pairs, *cmd]
 
     def run(self, cmd: list[str], timeout: float = 60, cwd: Path | str | None = None,
@@ -199,9 +203,11 @@ def teardown(net: Net) -> list[str]:
 
 
 @contextlib.contextmanager
-def hosts(*names: str) -> Iterator[Net]:
+def hosts(*names: str, hostnames: bool = False) -> Iterator[Net]:
     """Hosts ``names`` on one bridge (see the module's docstring); all of it gone on exit, and
-    an AssertionError naming anything that was not."""
+    an AssertionError naming anything that was not. ``hostnames``: each host's commands see
+    its name as the hostname (network namespaces alone share the machine's), each command in
+    a UTS namespace of its own made by ``unshare --uts`` (as root, before ``runuser``)."""
     prerequisites()
     sfx = secrets.token_hex(2)
     n = random.Random(secrets.randbits(32)).randint(1, 254)
@@ -218,7 +224,7 @@ def hosts(*names: str) -> Iterator[Net]:
         _ip("-n", net.switch_ns, "link", "set", net.bridge, "up")
         for i, name in enumerate(names, start=2):
             h = Host(name, f"rlfn-{name}-{sfx}", f"{subnet}.{i}", f"rlfn-{name}-{sfx}",
-                     base / name)
+                     base / name, name if hostnames else None)
             net.hosts[name] = h
             _ip("netns", "add", h.ns)
             port = f"v{i}{sfx}"
