@@ -9,7 +9,10 @@ The hosts are those of the tests (tests/hosts.py: network namespaces on a bridge
 and a home each; tests/multinode.py: each host its own project copy, images and config;
 torchrun one rank per host, c10d on the first host's address, gloo over eth0). The one-host
 run is ``rlfn train --nproc-per-node 2`` on the first host (rlfn.train.launch: gloo over its
-loopback). Runs alternate (two hosts, one host, ...) so that load from elsewhere falls on both.
+loopback), and the same with ``torchrun --standalone --nproc-per-node 2`` (the launcher of the
+two-host run: launch.py's ranks ran slower per iteration than torchrun's on this machine, with
+the same weights, before any change for hosts). Runs alternate (two hosts, one host, one host
+torchrun, ...) so that load from elsewhere falls on all.
 
 Per run: it/s = iterations / the training seconds ``result.json`` records (the loop, its
 checkpoints and gradient all-reduces; not the interpreters' start, the imports, the
@@ -50,7 +53,7 @@ def main() -> int:
 
     from hosts import hosts, install_project
     from multinode import (host_env, make_images, one_host_argv, result, run_hosts,
-                                torchrun_argv, write_config)
+                           standalone_argv, torchrun_argv, write_config)
 
     import torch
 
@@ -105,14 +108,29 @@ def main() -> int:
             rows.append({"kind": "one host", "it_s": r["iterations"] / r["seconds"],
                          "train_s": r["seconds"], "wall_s": wall,
                          "bytes_sent": {"alpha (lo)": tx(a, "lo") - lo0}, "hosts": r["hosts"]})
-            for row in rows[-2:]:
-                print(f"{row['kind']:9s}  {row['it_s']:7.2f} it/s  train {row['train_s']:6.1f} s"
+            out = f"out-standalone-{k}"
+            lo0 = tx(a, "lo")
+            t0 = time.perf_counter()
+            [(rc, log)] = run_hosts([(a, standalone_argv(clones["alpha"], cfgs["alpha"],
+                                                         a.home / out),
+                                      clones["alpha"], {"OMP_NUM_THREADS": "1",
+                                                        "GLOO_SOCKET_IFNAME": "lo"})])
+            wall = time.perf_counter() - t0
+            if rc != 0:
+                print(log[-3000:], file=sys.stderr)
+                return 1
+            r = result(a.home / out)
+            rows.append({"kind": "one host, torchrun", "it_s": r["iterations"] / r["seconds"],
+                         "train_s": r["seconds"], "wall_s": wall,
+                         "bytes_sent": {"alpha (lo)": tx(a, "lo") - lo0}, "hosts": r["hosts"]})
+            for row in rows[-3:]:
+                print(f"{row['kind']:18s}  {row['it_s']:7.2f} it/s  train {row['train_s']:6.1f} s"
                       f"  wall {row['wall_s']:6.1f} s  sent {row['bytes_sent']}", flush=True)
     finally:
         ctx.__exit__(None, None, None)
 
     med = {kind: statistics.median(r["it_s"] for r in rows if r["kind"] == kind)
-           for kind in ("two hosts", "one host")}
+           for kind in ("two hosts", "one host", "one host, torchrun")}
     per_it = statistics.median(sum(r["bytes_sent"].values()) / args.iterations
                                for r in rows if r["kind"] == "two hosts")
     info = machine(torch=torch.__version__)
@@ -122,13 +140,18 @@ def main() -> int:
     print(f"two hosts (torchrun, one rank each): {med['two hosts']:.2f} it/s (median of "
           f"{args.repeats})")
     print(f"one host (two ranks):                {med['one host']:.2f} it/s")
+    print(f"one host (torchrun --standalone, two ranks): {med['one host, torchrun']:.2f} it/s")
     print(f"ratio two hosts / one host:          {med['two hosts'] / med['one host']:.3f}")
+    print(f"ratio two hosts / one host torchrun: "
+          f"{med['two hosts'] / med['one host, torchrun']:.3f}")
     print(f"bridge bytes per iteration (both hosts' eth0 tx): {per_it:,.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": info, "iterations": args.iterations, "batch": args.batch,
             "patch": args.patch, "median_it_s": med,
-            "ratio": med["two hosts"] / med["one host"], "bridge_bytes_per_iteration": per_it,
+            "ratio": med["two hosts"] / med["one host"],
+            "ratio_vs_torchrun_one_host": med["two hosts"] / med["one host, torchrun"],
+            "bridge_bytes_per_iteration": per_it,
             "runs": rows}, indent=1) + "\n")
     return 0
 

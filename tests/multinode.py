@@ -95,6 +95,14 @@ def stop(h: Host, p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
+def standalone_argv(clone: Path, cfg: Path, out: Path, nproc: int = 2) -> list[str]:
+    """torchrun on one host (``--standalone``: its rendezvous on loopback, ``--local-addr``
+    127.0.0.1 as a test host's hostname resolves nowhere), ``nproc`` ranks."""
+    return [str(clone / ".venv" / "bin" / "python"), "-m", "torch.distributed.run",
+            "--standalone", "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1",
+            "-m", "rlfn", "-q", "train", "--config", str(cfg), "--out", str(out)]
+
+
 def run_hosts(runs: list[tuple[Host, list[str], Path, dict]], timeout: float = 600
               ) -> list[tuple[int, str]]:
     """Start each ``(host, argv, cwd, env)`` at once and wait for all: (exit code, output)
