@@ -42,28 +42,47 @@ def masked(url: str) -> str:
     return url
 
 
-def _get(url: str, headers: dict, timeout: float) -> tuple[int, bytes]:
+def _get(url: str, headers: dict, timeout: float, cafile: str | None = None) -> tuple[int, bytes]:
+    """GET ``url``; an https URL verified with ``cafile`` (the team's CA) when given, else the
+    system's trust store. Never unverified."""
+    ctx = None
+    if url.startswith("https://"):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=cafile or None)
     req = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
 def _check(service: str, base: str, health: str, api: str, headers: dict,
-           how: str, timeout: float) -> None:
+           how: str, timeout: float, cafile: tuple[str, str] = ("", "")) -> None:
+    """``cafile``: (the variable naming the CA file for this service, its value)."""
+    import ssl
+
     where = f"{service} at {masked(base)}"
+    var, ca = cafile
+    if ca and not os.path.isfile(ca):
+        raise ServiceError(where, f"{var}={ca}: no such file (the team's CA certificate)")
     try:
-        status, _ = _get(base.rstrip("/") + health, {}, timeout)
+        status, _ = _get(base.rstrip("/") + health, {}, timeout, ca)
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            hint = (f"is {var} the team's CA?" if ca else
+                    f"set {var} to the team's CA certificate (team mode: "
+                    "eval \"$(bash scripts/stack.sh env)\")")
+            raise ServiceError(where, f"its TLS certificate is not trusted "
+                                      f"({reason.verify_message}); {hint}") from None
         raise ServiceError(where, f"unreachable ({reason}); is it running? (team mode: "
                                   "bash scripts/stack.sh status)") from None
     if status != 200:
         raise ServiceError(where, f"not healthy ({health} answered HTTP {status})")
     try:
-        status, body = _get(base.rstrip("/") + api, headers, timeout)
+        status, body = _get(base.rstrip("/") + api, headers, timeout, ca)
     except (OSError, ValueError) as e:
         raise ServiceError(where, f"unreachable ({getattr(e, 'reason', e)})") from None
     if status in (401, 403):
@@ -91,7 +110,9 @@ def check_services(timeout: float = 10.0) -> list[str]:
         _check("MLflow tracking server", uri, "/health",
                f"/api/2.0/mlflow/experiments/search?{q}", headers,
                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-               "(team mode: eval \"$(bash scripts/stack.sh env)\")", timeout)
+               "(team mode: eval \"$(bash scripts/stack.sh env)\")", timeout,
+               ("MLFLOW_TRACKING_SERVER_CERT_PATH",
+                os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH", "")))
         checked.append(f"MLflow {masked(uri)}")
     api = os.environ.get("PREFECT_API_URL", "")
     if api:
@@ -104,7 +125,7 @@ def check_services(timeout: float = 10.0) -> list[str]:
             headers["Authorization"] = f"Bearer {key}"
         _check("Prefect server", api, "/health", "/admin/version", headers,
                "set PREFECT_API_AUTH_STRING (team mode: eval \"$(bash scripts/stack.sh env)\")",
-               timeout)
+               timeout, ("PREFECT_API_SSL_CERT_FILE", os.environ.get("PREFECT_API_SSL_CERT_FILE", "")))
         checked.append(f"Prefect {masked(api)}")
     return checked
 

@@ -259,7 +259,14 @@ def cmd_train(args) -> int:
         if isinstance(e, RLFNError):
             raise
         raise DataError(args.config, str(e)) from None
-    if res.already_complete:
+    rank = int(os.environ.get("RANK", "0") or 0)  # a rank of torchrun's (several hosts)
+    if rank and res.hosts:  # its out_dir holds no weights: rank 0's host has them
+        first = res.hosts[0]
+        where = f"rank 0's out_dir on {first.get('hostname')} ({first.get('address')})"
+        print(f"rank {rank}: stage {cfg.stage}, {res.iterations} iterations"
+              f"{' already trained; nothing to do' if res.already_complete else ' trained'}; "
+              f"the weights are in {where}")
+    elif res.already_complete:
         print(f"{res.weights}: already trained ({res.iterations} iterations); nothing to do")
     else:
         psnr = "" if res.final_psnr is None else f", validation Y-PSNR {res.final_psnr:.3f} dB"

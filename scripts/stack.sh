@@ -3,8 +3,10 @@
 # (API auth) with the work pool rlfn-pool, prefect.yaml's deployments and a worker, and an sshd
 # for the DVC remote `stack`. State under .stack/ (RLFN_STACK_DIR). See scripts/stack/ (its table:
 # scripts/stack/services.py).
-#   scripts/stack.sh up       start what is not running (idempotent); non-zero if any fails
-#   scripts/stack.sh env      export lines for a shell: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh up [--host ADDR]  start what is not running (idempotent); non-zero if any
+#                             fails; off 127.0.0.1 (--host, RLFN_STACK_HOST) over TLS, see README
+#   scripts/stack.sh env [--bundle FILE]  export lines for a shell: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh bundle FILE  the team's bundle (owner-only) for other hosts
 #   scripts/stack.sh status   each service, its URL and health; non-zero if any is down
 #   scripts/stack.sh down     stop them all, keeping the data
 set -euo pipefail

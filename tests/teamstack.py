@@ -27,6 +27,7 @@ from servers import clean_env, free_port, processes_with_env
 STACK_SH = ROOT / "scripts" / "stack.sh"
 SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
 
+TLS_EXPORTS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE")  # off loopback
 EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
            "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
            "RLFN_PROJECT_DIR")
@@ -66,13 +67,13 @@ class Stack:
         return json.loads((self.state / "secrets" / "stack.json").read_text())
 
 
-def eval_env(script: str) -> dict[str, str]:
-    """The variables a bash shell has after ``eval "$script"``."""
+def eval_env(script: str, names: tuple[str, ...] = EXPORTS) -> dict[str, str]:
+    """The variables ``names`` a bash shell has after ``eval "$script"``."""
     r = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", script], capture_output=True,
                        env={"PATH": os.environ["PATH"]}, timeout=30)
     assert r.returncode == 0, r.stderr
     pairs = (item.split(b"=", 1) for item in r.stdout.split(b"\0") if b"=" in item)
-    return {k.decode(): v.decode() for k, v in pairs if k.decode() in EXPORTS}
+    return {k.decode(): v.decode() for k, v in pairs if k.decode() in names}
 
 
 def prerequisites() -> None:

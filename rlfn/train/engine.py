@@ -10,7 +10,8 @@
 * ``out_dir/curves.csv`` + ``curves.png`` (loss, validation PSNR, lr) and
   ``out_dir/crops/iter_XXXXXXX.png`` (bicubic | SR | HR) at each validation.
 * ``out_dir/result.json``: what was trained, for how long, how well, and by how many
-  processes (``world_size``, ``per_rank_batch``).
+  processes (``world_size``, ``per_rank_batch``) on which hosts (``hosts``: each rank's
+  hostname and address, see ``setup.host_identity``).
 
 Warm start (stages 2 and 3): ``init`` is the previous stage's ``model.safetensors``; only the
 weights are taken, with a fresh optimizer and a fresh schedule (the paper's point).
@@ -18,6 +19,8 @@ weights are taken, with a fresh optimizer and a fresh schedule (the paper's poin
 DDP: in a rank of a distributed run (``WORLD_SIZE`` > 1: started by ``launch.launch``, or
 ``torchrun``) each rank takes its share of every global batch (gloo on CPU, nccl on CUDA);
 rank 0 alone validates, writes checkpoints and logs. ``launch.py`` is how a stage is started.
+Across hosts (``torchrun --nnodes N``) nothing but the network is shared: each host has its own
+data and ``out_dir``, and only rank 0's ``out_dir`` receives the run's files (see ``setup``).
 
 The phases live in their own modules: ``setup`` (device, process group, run key, the
 "already complete" short-cut, the seeded or warm-started model, resume from the checkpoint),
@@ -105,7 +108,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, init: str | Path | None = None,
     result = TrainResult(out_dir, out_dir / "model.safetensors", it, validate.last_psnr,
                          finite_or_none(run.state.best_psnr), run.state.best_iteration or None,
                          log.seconds(), start, world_size=ctx.world,
-                         per_rank_batch=ctx.per_rank_batch)
+                         per_rank_batch=ctx.per_rank_batch, hosts=ctx.hosts)
     if it < cfg.iterations:  # stopped early on purpose (stop_after): resumable
         result.weights = out_dir / "checkpoint" / "model.safetensors"
         result.best_psnr = result.best_iteration = None

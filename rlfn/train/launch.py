@@ -4,7 +4,8 @@ pipeline's training stages (``pipeline/train.py``) and ``rlfn train`` alike.
 * ``nproc`` 1: ``engine.train`` in this process (exactly what the engine does alone).
 * ``nproc`` > 1: ``nproc`` local processes (DDP: gloo on CPU, nccl on CUDA) started by torch's
   elastic launch API (``torch.distributed.launcher.api.elastic_launch``, the engine behind
-  ``torchrun --standalone``: a c10d rendezvous on a port it picks, no restarts). The
+  ``torchrun --standalone``: a c10d rendezvous on a port it picks, no restarts; the ranks'
+  store on 127.0.0.1 too, never the hostname's address, which may not resolve). The
   ``TrainConfig`` is handed to every rank as data (pickled), never written and re-read. Like
   torchrun, ``OMP_NUM_THREADS`` is 1 in each rank unless it is set.
 
@@ -17,7 +18,10 @@ is a :class:`LaunchError` naming the rank and its exit code. No traceback from t
 the launcher is printed: a command reports one ``error:`` line.
 
 Already inside a distributed run (``WORLD_SIZE`` set, e.g. ``torchrun ... rlfn train``), the
-process trains as its rank: ``engine.train`` reads the rank from the environment.
+process trains as its rank: ``engine.train`` reads the rank from the environment. That is how
+a stage runs across hosts: ``torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d
+--rdzv-endpoint ADDR:PORT --local-addr THIS_HOST_ADDR -m rlfn train ...`` on each host (see
+``setup``: no shared disk is assumed; README, "Scale out").
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ def _launch_ranks(cfg: TrainConfig, out_dir: Path, init: str | Path | None, npro
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=f"rlfn-{uuid.uuid4().hex}", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+                          rdzv_endpoint="localhost:0", local_addr="127.0.0.1",
+                          max_restarts=0, start_method="spawn")
     reader = threading.Thread(target=pump, name="rlfn-launch-events", daemon=True)
     reader.start()
     failed: ChildFailedError | None = None

@@ -39,6 +39,7 @@ class TrainResult:
     already_complete: bool = False
     world_size: int | None = None  # processes (DDP ranks) that trained; None: not recorded
     per_rank_batch: int | None = None  # batch_size // world_size
+    hosts: list[dict] | None = None  # where each rank ran (setup.host_identity), by rank
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
@@ -142,7 +143,7 @@ class RunLog:
             "best_psnr": result.best_psnr, "best_iteration": result.best_iteration,
             "seconds": round(result.seconds, 2), "resumed_from": result.resumed_from,
             "world_size": result.world_size, "per_rank_batch": result.per_rank_batch,
-            "config": cfg.to_dict()}, indent=2, sort_keys=True) + "\n")
+            "hosts": result.hosts, "config": cfg.to_dict()}, indent=2, sort_keys=True) + "\n")
 
 
 def read_result(out_dir: Path) -> dict | None:

@@ -19,6 +19,13 @@ sshd           a private sshd (key only) for the DVC remote         52222
                ``stack`` (this clone's default, .dvc/config.local)  (RLFN_STACK_SSH_PORT)
 =============  ===================================================  ====================
 
+Off loopback (``up --host ADDR`` or ``RLFN_STACK_HOST``; 127.0.0.1 is the default) two more
+entries start first and between: ``tls`` (a CA of the stack's own and a server certificate for
+ADDR, in ``tls/``, owner-only) and ``nginx`` (the TLS end of MLflow and Prefect on ADDR, at
+their ports; the servers stay on 127.0.0.1); PostgreSQL takes SSL (hostssl only from other
+hosts) and sshd listens on ADDR too. ``bundle FILE`` writes what another host needs (module
+``bundle``); ``env --bundle FILE`` uses it there. Work in progress: docs/multihost-status.md.
+
 Modules: ``core`` (layout, settings, secrets, the context ``Ctx``), ``procs`` (daemons, pid
 files, logged commands, ports), ``web`` (HTTP, and the start and health check shared by the
 HTTP servers), one module per service (``postgresql``, ``mlflow_server``, ``prefect_server``,

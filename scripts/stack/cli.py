@@ -10,9 +10,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
-from stack.core import (LOGS, RUN, SECRETS, STACK, STATE, StackError, ensure_secrets,
-                        load_secrets, log_path, read_json, rel, say, write_private)
-from stack.services import TABLE, Service, client_exports, context, wanted_secrets
+from stack.core import (HOST, HOST_VAR, LOGS, RUN, SECRETS, STACK, STATE, StackError,
+                        check_host, ensure_secrets, load_secrets, log_path, read_json, rel, say,
+                        write_private)
+from stack.services import TABLE, Service, active, client_exports, context, wanted_secrets
 
 
 def in_order(table: tuple[Service, ...], start: Callable[[Service], bool],
@@ -45,9 +46,25 @@ def in_order(table: tuple[Service, ...], start: Callable[[Service], bool],
                 cause[s.name] = "" if f.result() else s.called
 
 
-def cmd_up() -> int:
+def _host_of_up(flag: str | None) -> str:
+    """The address ``up`` listens on: ``--host``, else RLFN_STACK_HOST, else the last ``up``'s,
+    else 127.0.0.1; checked (StackError naming where it came from)."""
+    if flag is not None:
+        return check_host(flag, "--host")
+    if os.environ.get(HOST_VAR):
+        return check_host(os.environ[HOST_VAR], HOST_VAR)
+    was = read_json(STATE).get("host") or HOST
+    return check_host(was, f"the last up's address ({rel(STATE)}; --host changes it)")
+
+
+def cmd_up(host: str | None = None) -> int:
     """Start what is not running, each entry once those it needs are up; one line each and
     one for the whole; 1 if any failed."""
+    try:
+        os.environ[HOST_VAR] = _host_of_up(host)
+    except StackError as e:
+        say(f"error: {e}", err=True)
+        return 2
     t0 = time.monotonic()
     for d in (STACK, RUN, LOGS):
         d.mkdir(parents=True, exist_ok=True)
@@ -84,7 +101,7 @@ def cmd_up() -> int:
             failed.append(s.name)
             say(f"FAILED {s.name}: not started at {s.where(ctx)}: {called} is not up", err=True)
 
-    in_order(TABLE, start, skip)
+    in_order(active(ctx), start, skip)
     took = time.monotonic() - t0
     if failed:
         say(f"stack: up failed ({', '.join(failed)}) after {took:.1f} s; state in {rel(STACK)}",
@@ -95,22 +112,54 @@ def cmd_up() -> int:
     return 0
 
 
-def cmd_env() -> int:
-    """The exports a client shell needs, as ``export`` lines; 1 before the first ``up``."""
-    try:
-        sec = load_secrets()
-    except StackError as e:
-        say(f"stack: {e}", err=True)
-        return 1
-    for k, v in client_exports(context(sec)).items():
+def cmd_env(bundle_file: str | None = None) -> int:
+    """The exports a client shell needs, as ``export`` lines; 1 before the first ``up``. With
+    ``--bundle FILE``: those of the team's bundle (another host's stack), its CA and keys put
+    where this client keeps them (``bundle.client_exports``); 2 with one ``error:`` line for a
+    bad bundle."""
+    if bundle_file is not None:
+        from pathlib import Path
+
+        from stack import bundle
+
+        try:
+            exports = bundle.client_exports(Path(bundle_file))
+        except StackError as e:
+            say(f"error: {e}", err=True)
+            return 2
+    else:
+        try:
+            sec = load_secrets()
+        except StackError as e:
+            say(f"stack: {e}", err=True)
+            return 1
+        exports = client_exports(context(sec))
+    for k, v in exports.items():
         print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+def cmd_bundle(file: str) -> int:
+    """``bundle FILE``: the team's bundle of this stack (see ``stack.bundle``); 2 with one
+    ``error:`` line when there is none to make."""
+    from pathlib import Path
+
+    from stack import bundle
+
+    try:
+        ctx = context(load_secrets())
+        say(bundle.write(ctx, client_exports(ctx), Path(file)))
+    except StackError as e:
+        msg = str(e)
+        say(f"error: {msg if msg.startswith('bundle:') else 'bundle: ' + msg}", err=True)
+        return 2
     return 0
 
 
 def cmd_status() -> int:
     """A row for each service: up, or DOWN and why; 1 if any is down."""
     ctx = context(read_json(SECRETS) or None)
-    rows = [s for s in TABLE if s.health is not None]
+    rows = [s for s in active(ctx) if s.health is not None]
     with ThreadPoolExecutor(len(rows)) as ex:
         problems = list(ex.map(lambda s: s.health(ctx), rows))
     down = 0
@@ -132,11 +181,15 @@ def cmd_down() -> int:
         say(f"stack: nothing at {STACK}")
         return 0
     rc = 0
+    remote = context(None).remote
     for s in reversed(TABLE):
         if s.stop is None:
             continue
         try:
-            say(f"{s.name:<11} {s.stop(s.name)}")
+            msg = s.stop(s.name)
+            if s.remote_only and not remote and msg == "not running":
+                continue
+            say(f"{s.name:<11} {msg}")
         except StackError as e:
             say(f"FAILED {e}", err=True)
             rc = 1
@@ -162,11 +215,40 @@ def locked(fn: Callable[[], int]) -> Callable[[], int]:
     return run
 
 
+USAGE = ("usage: scripts/stack.sh up [--host ADDR] | env [--bundle FILE] | status | down | "
+         "bundle FILE")
+
+
 def main(argv: list[str]) -> int:
-    """Run the verb ``argv`` names; 2 with a usage line for anything else."""
-    cmds = {"up": locked(cmd_up), "env": cmd_env, "status": cmd_status,
-            "down": locked(cmd_down)}
-    if len(argv) != 1 or argv[0] not in cmds:
-        print("usage: scripts/stack.sh up | env | status | down", file=sys.stderr)
+    """Run the verb ``argv`` names; 2 with a usage line for anything else, one ``error:`` line
+    for a bad option."""
+    cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down,
+            "bundle": cmd_bundle}
+    if not argv or argv[0] not in cmds:
+        print(USAGE, file=sys.stderr)
         return 2
-    return cmds[argv[0]]()
+    verb, rest = argv[0], argv[1:]
+    if verb == "bundle":
+        if len(rest) != 1 or rest[0].startswith("-"):
+            print(f"error: bundle: give one FILE to write\n{USAGE}", file=sys.stderr)
+            return 2
+        return cmd_bundle(rest[0])
+    opts: dict[str, str] = {}
+    allowed = {"up": ("--host",), "env": ("--bundle",)}.get(verb, ())
+    while rest:
+        flag = rest.pop(0)
+        value = None
+        if "=" in flag and flag.startswith("--"):
+            flag, value = flag.split("=", 1)
+        if flag not in allowed:
+            print(f"error: {verb}: unknown option {flag!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        if value is None:
+            if not rest:
+                print(f"error: {verb} {flag}: needs a value", file=sys.stderr)
+                return 2
+            value = rest.pop(0)
+        opts[flag.lstrip("-")] = value
+    fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down,
+          "env": lambda: cmd_env(opts.get("bundle"))}.get(verb, cmds[verb])
+    return locked(fn)() if verb in ("up", "down") else fn()

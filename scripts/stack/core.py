@@ -15,7 +15,8 @@ from typing import Mapping
 from rlfn.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # where the servers themselves listen (off loopback: behind TLS, see Ctx.host)
+HOST_VAR = "RLFN_STACK_HOST"
 PY = sys.executable
 VENV_BIN = Path(PY).parent
 
@@ -35,6 +36,8 @@ PG_DATA = PG_DIR / "data"
 SSH = STACK / "ssh"
 CLIENT_KEY = SSH / "id_ed25519"
 KNOWN_HOSTS = SSH / "known_hosts"
+TLS = STACK / "tls"
+CA_CERT = TLS / "ca.crt"
 
 
 def timeout_s() -> float:
@@ -103,10 +106,17 @@ class Ctx:
     port_settings: Mapping[str, Port]
     project_dir: str
     sec: dict | None
+    host: str = HOST
+
+    @property
+    def remote(self) -> bool:
+        """Whether clients reach the stack off loopback (``up --host ADDR``): then every
+        service speaks TLS with the stack's CA, and only its TLS ends listen on ``host``."""
+        return self.host != HOST
 
     def recorded(self) -> dict:
         """What ``up`` records in ``run/state.json`` for the verbs after it."""
-        return {"ports": dict(self.ports), "project_dir": self.project_dir}
+        return {"ports": dict(self.ports), "project_dir": self.project_dir, "host": self.host}
 
 
 def load_ctx(settings: Mapping[str, Port], sec: dict | None) -> Ctx:
@@ -117,7 +127,32 @@ def load_ctx(settings: Mapping[str, Port], sec: dict | None) -> Ctx:
     ports = {s: int(os.environ.get(p.var) or st.get("ports", {}).get(s) or p.default)
              for s, p in settings.items()}
     project = os.environ.get("RLFN_PROJECT_DIR") or st.get("project_dir") or str(ROOT)
-    return Ctx(ports, settings, str(Path(project).resolve()), sec)
+    host = os.environ.get(HOST_VAR) or st.get("host") or HOST
+    return Ctx(ports, settings, str(Path(project).resolve()), sec, host)
+
+
+def check_host(addr: str, flag: str) -> str:
+    """``addr`` as given to ``up`` (``flag`` names where: ``--host`` or RLFN_STACK_HOST):
+    an IPv4 address of this machine; StackError (one line) otherwise."""
+    import ipaddress
+    import socket
+
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise StackError(f"{flag} {addr!r}: not an IP address (the address of this host the "
+                         "stack listens on, e.g. 10.0.0.5)") from None
+    if ip.version != 4:
+        raise StackError(f"{flag} {addr!r}: only IPv4 addresses are supported for now")
+    if ip.is_unspecified:
+        raise StackError(f"{flag} {addr!r}: give one address of this host, not all of them")
+    with socket.socket() as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as e:
+            raise StackError(f"{flag} {addr!r}: not an address of this host ({e.strerror})")\
+                from None
+    return str(ip)
 
 
 def load_secrets() -> dict:

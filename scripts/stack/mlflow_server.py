@@ -7,21 +7,30 @@ import os
 
 from rlfn.io import atomic_write
 from stack import postgresql
-from stack.core import HOST, PY, STACK, Ctx, base_env
+from stack.core import CA_CERT, HOST, PY, STACK, Ctx, base_env
 from stack.web import HttpServer, request
 
 ADMIN = "admin"
 
 
-def url(ctx: Ctx) -> str:
-    """The tracking URI."""
+def local_url(ctx: Ctx) -> str:
+    """Where the server itself listens (127.0.0.1 only)."""
     return f"http://{HOST}:{ctx.ports['mlflow']}"
 
 
+def url(ctx: Ctx) -> str:
+    """The tracking URI clients use: the server's own on loopback; off it, nginx's TLS end on
+    the stack's address (the same port number)."""
+    return f"https://{ctx.host}:{ctx.ports['mlflow']}" if ctx.remote else local_url(ctx)
+
+
 def exports(ctx: Ctx) -> dict[str, str]:
-    """What a client needs to log to the server."""
-    return {"MLFLOW_TRACKING_URI": url(ctx), "MLFLOW_TRACKING_USERNAME": ADMIN,
-            "MLFLOW_TRACKING_PASSWORD": ctx.sec["mlflow_admin_password"]}
+    """What a client needs to log to the server (off loopback: the CA to verify it with)."""
+    out = {"MLFLOW_TRACKING_URI": url(ctx), "MLFLOW_TRACKING_USERNAME": ADMIN,
+           "MLFLOW_TRACKING_PASSWORD": ctx.sec["mlflow_admin_password"]}
+    if ctx.remote:
+        out["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(CA_CERT)
+    return out
 
 
 def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
@@ -54,9 +63,9 @@ def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
 
 def _api_check(ctx: Ctx) -> str | None:
     """The REST API with the admin login."""
-    code, _ = request("POST", f"{url(ctx)}/api/2.0/mlflow/experiments/search",
+    code, _ = request("POST", f"{local_url(ctx)}/api/2.0/mlflow/experiments/search",
                       {"max_results": 1}, auth=(ADMIN, ctx.sec["mlflow_admin_password"]))
     return None if code == 200 else f"the REST API answered HTTP {code} with the admin login"
 
 
-SERVER = HttpServer("mlflow", url, _launch, _api_check)
+SERVER = HttpServer("mlflow", url, local_url, _launch, _api_check)

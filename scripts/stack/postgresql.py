@@ -1,15 +1,19 @@
 """PostgreSQL: a cluster of the project's own on ``HOST`` (scram-sha-256), role ``rlfn`` owning
-databases mlflow, prefect and optuna; and Optuna's schema in database optuna."""
+databases mlflow, prefect and optuna; and Optuna's schema in database optuna. Off loopback
+(``up --host ADDR``) it also listens on ADDR with ``ssl=on`` (the stack's server certificate),
+and its pg_hba lets clients from other hosts in only over SSL (``hostssl``, scram-sha-256);
+the servers of the stack stay on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
 from rlfn.io import atomic_write
-from stack.core import (HOST, PG_DATA, PG_DIR, PY, RUN, STACK, Ctx, StackError, base_env,
+from stack.core import (CA_CERT, HOST, PG_DATA, PG_DIR, PY, RUN, STACK, Ctx, StackError, base_env,
                         log_path, open_log, read_json, rel, timeout_s, write_private)
 from stack.procs import alive, require_free, run_logged
 
@@ -20,14 +24,18 @@ PG_SUPERUSER = "postgres"
 
 
 def url(ctx: Ctx) -> str:
-    """Where the cluster listens."""
-    return f"postgresql://{HOST}:{ctx.ports[NAME]}"
+    """Where clients reach the cluster."""
+    return f"postgresql://{ctx.host}:{ctx.ports[NAME]}"
 
 
-def dsn(ctx: Ctx, db: str, driver: str = "psycopg") -> str:
-    """SQLAlchemy's URL of database ``db`` for role ``rlfn``, its password in it."""
-    return (f"postgresql+{driver}://{DB_ROLE}:{ctx.sec['db_password']}@{HOST}:"
-            f"{ctx.ports[NAME]}/{db}")
+def dsn(ctx: Ctx, db: str, driver: str = "psycopg", client: bool = False) -> str:
+    """SQLAlchemy's URL of database ``db`` for role ``rlfn``, its password in it: the stack's
+    own servers' (on 127.0.0.1), or with ``client`` a client's, which off loopback goes to the
+    stack's address over SSL verified with the stack's CA."""
+    host = ctx.host if client else HOST
+    tail = (f"?sslmode=verify-full&sslrootcert={CA_CERT}" if client and ctx.remote else "")
+    return (f"postgresql+{driver}://{DB_ROLE}:{ctx.sec['db_password']}@{host}:"
+            f"{ctx.ports[NAME]}/{db}{tail}")
 
 
 def _os_user() -> tuple[int, int] | None:
@@ -83,12 +91,13 @@ def running() -> bool:
     return alive(pid)
 
 
-def _connect(ctx: Ctx, user: str, password: str, db: str = "postgres"):
+def _connect(ctx: Ctx, user: str, password: str, db: str = "postgres", host: str = HOST,
+             **ssl: str):
     """A connection to database ``db`` as ``user`` (autocommit)."""
     import psycopg
 
-    return psycopg.connect(host=HOST, port=ctx.ports[NAME], user=user, password=password,
-                           dbname=db, connect_timeout=5, autocommit=True)
+    return psycopg.connect(host=host, port=ctx.ports[NAME], user=user, password=password,
+                           dbname=db, connect_timeout=5, autocommit=True, **ssl)
 
 
 def _first_line(e: Exception) -> str:
@@ -111,9 +120,50 @@ def health(ctx: Ctx) -> str | None:
         for db in DATABASES:
             with _connect(ctx, DB_ROLE, ctx.sec["db_password"], db) as c:
                 c.execute("SELECT 1")
+        if ctx.remote:  # as a client of another host would: SSL, verified with the CA
+            with _connect(ctx, DB_ROLE, ctx.sec["db_password"], "optuna", host=ctx.host,
+                          sslmode="verify-full", sslrootcert=str(CA_CERT)) as c:
+                c.execute("SELECT 1")
     except Exception as e:  # noqa: BLE001 - any failure is a health answer
         return _first_line(e)
     return None
+
+
+HBA = """# scripts/stack/postgresql.py writes this file at every `up`
+local   all          all                  scram-sha-256
+host    all          all  127.0.0.1/32    scram-sha-256
+host    all          all  ::1/128         scram-sha-256
+local   replication  all                  scram-sha-256
+host    replication  all  127.0.0.1/32    scram-sha-256
+host    replication  all  ::1/128         scram-sha-256
+"""
+HBA_REMOTE = """# off loopback (up --host): other hosts over SSL only
+hostssl    all  all  0.0.0.0/0  scram-sha-256
+hostnossl  all  all  0.0.0.0/0  reject
+"""
+
+
+def _configure(ctx: Ctx, u: tuple[int, int] | None) -> list[str]:
+    """pg_hba.conf for ``ctx`` (written each start), and off loopback the server certificate
+    copied where the server's OS user owns it; the server's options (``pg_ctl -o``)."""
+    opts = ["-p", str(ctx.ports[NAME])]
+    hba = PG_DATA / "pg_hba.conf"
+    atomic_write(hba, HBA + (HBA_REMOTE if ctx.remote else ""))
+    if u is not None:
+        os.chown(hba, *u)
+    os.chmod(hba, 0o600)
+    if ctx.remote:
+        from stack import tls
+
+        for src, dst in ((tls.SERVER_CERT, PG_DIR / "server.crt"),
+                         (tls.SERVER_KEY, PG_DIR / "server.key")):
+            write_private(dst, src.read_text())
+            if u is not None:
+                os.chown(dst, *u)
+        opts += ["-c", f"listen_addresses={HOST},{ctx.host}", "-c", "ssl=on",
+                 "-c", f"ssl_cert_file={PG_DIR / 'server.crt'}",
+                 "-c", f"ssl_key_file={PG_DIR / 'server.key'}"]
+    return opts
 
 
 def start(ctx: Ctx) -> str:
@@ -122,9 +172,13 @@ def start(ctx: Ctx) -> str:
     log = log_path(NAME)
     u = _os_user()
     if running():
-        was = read_json(RUN / "postgresql.json").get("port")
+        rec = read_json(RUN / "postgresql.json")
+        was, was_host = rec.get("port"), rec.get("host", HOST)
         if was and was != port:
             raise StackError(f"postgresql: running on port {was}, not {port}: run "
+                             "`scripts/stack.sh down` first")
+        if was_host != ctx.host:
+            raise StackError(f"postgresql: running for {was_host}, not {ctx.host}: run "
                              "`scripts/stack.sh down` first")
         _provision(ctx)
         return f"already up at {url(ctx)}"
@@ -139,12 +193,15 @@ def start(ctx: Ctx) -> str:
         os.chown(log, *u)
     if not (PG_DATA / "PG_VERSION").exists():
         _initdb(ctx, u)
+    if ctx.remote:
+        require_free(ctx, NAME, host=ctx.host)
+    opts = shlex.join(_configure(ctx, u))
     r = run_logged(NAME, [_bin("pg_ctl"), "start", "-D", str(PG_DATA), "-l", str(log), "-w",
-                          "-t", str(int(timeout_s())), "-o", f"-p {port}"],
+                          "-t", str(int(timeout_s())), "-o", opts],
                    cwd="/", timeout=timeout_s() + 10, **_as_pg())
     if r.returncode != 0 or not running():
         raise StackError(f"postgresql: did not start on {HOST}:{port}; read {rel(log)}")
-    atomic_write(RUN / "postgresql.json", json.dumps({"port": port}) + "\n")
+    atomic_write(RUN / "postgresql.json", json.dumps({"port": port, "host": ctx.host}) + "\n")
     _provision(ctx)
     return f"started at {url(ctx)}"
 
@@ -210,7 +267,7 @@ def stop(name: str) -> str:
 # --------------------------------------------------------------------------- optuna
 def optuna_exports(ctx: Ctx) -> dict[str, str]:
     """The shared Optuna study's storage, for clients."""
-    return {"RLFN_OPTUNA_STORAGE": dsn(ctx, "optuna")}
+    return {"RLFN_OPTUNA_STORAGE": dsn(ctx, "optuna", client=True)}
 
 
 def start_optuna(ctx: Ctx) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rlfn.io import atomic_write
 from stack import postgresql
-from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
+from stack.core import (CA_CERT, HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
                         rel, timeout_s)
 from stack.procs import pid_of, run_logged, spawn, wait_until
 from stack.web import HttpServer, request
@@ -19,9 +19,15 @@ POOL = "rlfn-pool"
 USER = "rlfn"
 
 
-def url(ctx: Ctx) -> str:
-    """The API's URL."""
+def local_url(ctx: Ctx) -> str:
+    """Where the server itself listens (127.0.0.1 only)."""
     return f"http://{HOST}:{ctx.ports['prefect']}/api"
+
+
+def url(ctx: Ctx) -> str:
+    """The API's URL for clients: the server's own on loopback; off it, nginx's TLS end on the
+    stack's address (the same port number)."""
+    return f"https://{ctx.host}:{ctx.ports['prefect']}/api" if ctx.remote else local_url(ctx)
 
 
 def _auth(ctx: Ctx) -> str:
@@ -30,8 +36,11 @@ def _auth(ctx: Ctx) -> str:
 
 
 def exports(ctx: Ctx) -> dict[str, str]:
-    """What a client needs to use the API."""
-    return {"PREFECT_API_URL": url(ctx), "PREFECT_API_AUTH_STRING": _auth(ctx)}
+    """What a client needs to use the API (off loopback: the CA to verify it with)."""
+    out = {"PREFECT_API_URL": url(ctx), "PREFECT_API_AUTH_STRING": _auth(ctx)}
+    if ctx.remote:
+        out["PREFECT_API_SSL_CERT_FILE"] = str(CA_CERT)
+    return out
 
 
 def _client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
@@ -41,8 +50,8 @@ def _client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
 
 
 def _api(ctx: Ctx, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-    """A request to the API with the stack's auth string."""
-    return request(method, f"{url(ctx)}{path}", body, auth=_auth(ctx))
+    """A request to the API (the server's own, on 127.0.0.1) with the stack's auth string."""
+    return request(method, f"{local_url(ctx)}{path}", body, auth=_auth(ctx))
 
 
 # --------------------------------------------------------------------------- server
@@ -72,7 +81,7 @@ def _api_check(ctx: Ctx) -> str | None:
     return None if code == 200 else f"work pool {POOL}: HTTP {code}"
 
 
-SERVER = HttpServer("prefect", url, _launch, _api_check)
+SERVER = HttpServer("prefect", url, local_url, _launch, _api_check)
 
 
 # --------------------------------------------------------------------------- pool, deployments

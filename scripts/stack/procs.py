@@ -149,23 +149,25 @@ def wait_until(service: str, probe: Callable[[], bool], proc: subprocess.Popen,
         raise StackError(f"{service}: {why}; read {rel(log_path(service))}")
 
 
-def port_free(port: int) -> bool:
-    """Whether nothing listens on ``HOST:port``."""
+def port_free(port: int, host: str = HOST) -> bool:
+    """Whether nothing listens on ``host:port``."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((HOST, port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
 
 
-def require_free(ctx: Ctx, service: str) -> None:
-    """StackError naming ``service``, its port and the setting to change when it is taken."""
-    port = ctx.ports[service]
-    if not port_free(port):
-        raise StackError(f"{service}: port {HOST}:{port} is taken by another program (set "
-                         f"{ctx.port_settings[service].var} to a free port)")
+def require_free(ctx: Ctx, service: str, host: str = HOST, port_of: str = "") -> None:
+    """StackError naming ``service``, its port on ``host`` and the setting to change when it is
+    taken (``port_of``: the service whose port it is, default ``service``)."""
+    port_of = port_of or service
+    port = ctx.ports[port_of]
+    if not port_free(port, host):
+        raise StackError(f"{service}: port {host}:{port} is taken by another program (set "
+                         f"{ctx.port_settings[port_of].var} to a free port)")
 
 
 def run_logged(service: str, cmd: list[str], env: dict | None = None, cwd=None,

@@ -4,10 +4,10 @@ every service may set, is a change to this file (and the module that implements 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
-from stack import mlflow_server, postgresql, prefect_server, sshd
+from stack import mlflow_server, nginx, postgresql, prefect_server, sshd, tls
 from stack.core import Ctx, Port, load_ctx
 from stack.procs import stop_daemon
 
@@ -23,7 +23,10 @@ class Service:
     when healthy, else what is wrong). ``down`` calls ``stop`` with the name, in reverse table
     order. ``env`` prints every entry's ``exports``. ``port`` is the service's port setting,
     ``secrets`` the secrets ``up`` generates for it (name -> bytes of randomness), ``log`` the
-    log an unexpected error points to (default: its own, ``logs/<name>.log``)."""
+    log an unexpected error points to (default: its own, ``logs/<name>.log``). An entry
+    ``remote_only`` is there only off loopback (``up --host ADDR``): on 127.0.0.1 it is left out
+    of the table (``active``: no start, no status row, no one's need) and ``down`` says nothing
+    of it unless it ran."""
 
     name: str
     start: Callable[[Ctx], str]
@@ -37,6 +40,7 @@ class Service:
     exports: Callable[[Ctx], dict[str, str]] | None = None
     log: str = ""
     called: str = ""
+    remote_only: bool = False
 
     def __post_init__(self) -> None:
         """``log`` and ``called`` default to the name."""
@@ -45,7 +49,9 @@ class Service:
 
 
 TABLE: tuple[Service, ...] = (
-    Service("postgresql", start=postgresql.start, port=Port("RLFN_STACK_PG_PORT", 55432),
+    Service("tls", start=tls.start, remote_only=True, called="the stack's TLS (CA)"),
+    Service("postgresql", start=postgresql.start, needs=("tls",),
+            port=Port("RLFN_STACK_PG_PORT", 55432),
             secrets={"pg_superuser_password": 24, "db_password": 24},
             row=postgresql.row, health=postgresql.health, stop=postgresql.stop),
     Service("mlflow", start=mlflow_server.SERVER.start, needs=("postgresql",),
@@ -60,7 +66,10 @@ TABLE: tuple[Service, ...] = (
             where=prefect_server.url, row=prefect_server.url,
             health=prefect_server.SERVER.health, stop=stop_daemon,
             exports=prefect_server.exports),
-    Service("work pool", start=prefect_server.start_pool, needs=("prefect",), log="prefect",
+    Service("nginx", start=nginx.start, needs=("tls",), remote_only=True,
+            where=nginx.url, row=nginx.url, health=nginx.health, stop=stop_daemon),
+    Service("work pool", start=prefect_server.start_pool, needs=("prefect", "nginx"),
+            log="prefect",
             called="the work pool"),
     Service("deployments", start=prefect_server.start_deployments, needs=("work pool",),
             log="deploy"),
@@ -87,6 +96,17 @@ def _check(table: tuple[Service, ...]) -> None:
 
 
 _check(TABLE)
+
+
+def active(ctx: Ctx) -> tuple[Service, ...]:
+    """The table as ``ctx``'s host has it: all of it off loopback; on 127.0.0.1 without the
+    ``remote_only`` entries, which are then no one's need (nothing waits on, or fails with,
+    an entry that is not there)."""
+    if ctx.remote:
+        return TABLE
+    gone = {s.name for s in TABLE if s.remote_only}
+    return tuple(replace(s, needs=tuple(n for n in s.needs if n not in gone))
+                 for s in TABLE if not s.remote_only)
 
 
 def context(sec: dict | None) -> Ctx:

@@ -1,5 +1,6 @@
-"""The DVC remote ``stack``: a private sshd (key only) on ``HOST``, and this clone's default
-DVC remote over it (``.dvc/config.local``)."""
+"""The DVC remote ``stack``: a private sshd (key only) on ``HOST`` (off loopback also on the
+stack's address; its host key pinned in ``known_hosts``), and this clone's default DVC remote
+over it (``.dvc/config.local``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _user() -> str:
 
 def url(ctx: Ctx) -> str:
     """Where the sshd listens, for our user."""
-    return f"ssh://{_user()}@{HOST}:{ctx.ports[NAME]}"
+    return f"ssh://{_user()}@{ctx.host}:{ctx.ports[NAME]}"
 
 
 def row(ctx: Ctx) -> str:
@@ -68,7 +69,7 @@ def _answers(ctx: Ctx) -> bool:
            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
-           f"{_user()}@{HOST}", "true"]
+           f"{_user()}@{ctx.host}", "true"]
     try:
         return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=15).returncode == 0
@@ -101,11 +102,13 @@ def start(ctx: Ctx) -> str:
     pub = CLIENT_KEY.with_suffix(".pub").read_text().strip()
     write_private(SSH / "authorized_keys", f"restrict {pub}\n")
     host_pub = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
-    atomic_write(KNOWN_HOSTS, f"[{HOST}]:{port} {host_pub}\n")
+    hosts = (HOST, ctx.host) if ctx.remote else (HOST,)
+    atomic_write(KNOWN_HOSTS, "".join(f"[{h}]:{port} {host_pub}\n" for h in hosts))
     dvc_msg = _dvc_remote(ctx)
     if pid_of(NAME) is not None and _answers(ctx):
         return f"already up at {where}; {dvc_msg}"
-    require_free(ctx, NAME)
+    for h in hosts:
+        require_free(ctx, NAME, host=h)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # Debian's privilege separation dir
     strict = "yes" if _secure_path(SSH / "authorized_keys") else "no"
@@ -113,7 +116,7 @@ def start(ctx: Ctx) -> str:
     atomic_write(
         conf,
         "# scripts/stack/sshd.py: the DVC remote's private sshd (key only, loopback)\n"
-        f"Port {port}\nListenAddress {HOST}\n"
+        f"Port {port}\n" + "".join(f"ListenAddress {h}\n" for h in hosts) +
         f'HostKey "{host_key}"\nAuthorizedKeysFile "{SSH / "authorized_keys"}"\n'
         "PidFile none\n"
         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"

@@ -1,0 +1,218 @@
+"""Team mode across hosts (issue 23 item 1): a server host runs ``stack.sh up --host <its
+address>`` (tests/hosts.py: its own network namespace, Unix user and home); from a client host
+(another namespace and user) MLflow and Prefect answer over HTTPS verified with the stack's CA,
+a client without the CA is refused (one line naming the service, pipeline/services.py's
+check), the servers' plain HTTP listeners are not reachable from the client, and PostgreSQL
+refuses a connection without SSL and accepts verify-full with the CA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from hosts import hosts, install_project
+from prereq import ROOT, unavailable
+from servers import clean_env, free_port
+from teamstack import EXPORTS, TLS_EXPORTS, eval_env, prerequisites
+
+pytestmark = pytest.mark.stack
+
+
+CHECK = r"""
+import sys
+from pipeline.services import ServiceError, check_services
+try:
+    print("ok:", "; ".join(check_services(timeout=10)))
+except ServiceError as e:
+    print(f"error: {e}"); sys.exit(1)
+"""
+
+CLIENTS = r"""
+import json, mlflow
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+exp = mlflow.set_experiment("across-hosts")
+with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+    mlflow.log_metric("psnr", 30.5)
+    mlflow.log_text("hello", "note.txt")
+got = MlflowClient().get_run(run.info.run_id).data.metrics
+with get_client(sync_client=True) as c:
+    pool = c.read_work_pool("rlfn-pool")
+import os, optuna
+storage = optuna.storages.RDBStorage(os.environ["RLFN_OPTUNA_STORAGE"])
+study = optuna.create_study(study_name="across-hosts", storage=storage, load_if_exists=True)
+print(json.dumps({"metrics": got, "pool": pool.name, "study": study.study_name}))
+"""
+
+PG = r"""
+import sys, psycopg
+host, port, pw, mode = sys.argv[1:5]
+extra = {"sslrootcert": sys.argv[5]} if len(sys.argv) > 5 else {}
+try:
+    with psycopg.connect(host=host, port=int(port), user="rlfn", password=pw, dbname="optuna",
+                         sslmode=mode, connect_timeout=5, **extra) as c:
+        print("ok", c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+              .fetchone()[0])
+except psycopg.OperationalError as e:
+    print("refused:", str(e).strip().splitlines()[-1]); sys.exit(1)
+"""
+
+HTTP = r"""
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(r.status, r.read(200).decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.code, e.read(200).decode(errors="replace")); sys.exit(1)
+except OSError as e:
+    print("unreachable:", getattr(e, "reason", e)); sys.exit(1)
+"""
+
+
+def _log_tails(state, n: int = 15) -> str:
+    """The last lines of each of the stack's logs (what a failed ``up`` points to)."""
+    out = []
+    for log in sorted((state / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-n:]
+        out.append(f"\n--- {log.name}\n" + "\n".join(lines))
+    return "".join(out)
+
+
+def _listeners(h) -> set[tuple[str, int]]:
+    out = h.root(["ss", "-ltnH"]).stdout
+    found = set()
+    for line in out.splitlines():
+        local = line.split()[3]
+        addr, port = local.rsplit(":", 1)
+        found.add((addr, int(port)))
+    return found
+
+
+def test_server_host_over_tls():
+    prerequisites()
+    for tool in ("nginx", "openssl", "ss"):
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            unavailable(f"command {tool!r} is not installed (apt-get install nginx openssl "
+                        "iproute2)")
+    with hosts("server", "client") as net:
+        srv, cli = net.hosts["server"], net.hosts["client"]
+        clone = install_project(srv, ROOT)  # the server host's own copy and environment
+        stack_sh = str(clone / "scripts" / "stack.sh")
+        cli_clone = install_project(cli, ROOT)  # the client host's own
+        py = str(cli_clone / ".venv" / "bin" / "python")
+        ports = {k: free_port() for k in ("pg", "mlflow", "prefect", "ssh")}
+        env = dict(RLFN_STACK_DIR=str(srv.home / "state"), RLFN_PROJECT_DIR=str(clone),
+                   RLFN_STACK_PG_PORT=str(ports["pg"]),
+                   RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
+                   RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
+                   RLFN_STACK_SSH_PORT=str(ports["ssh"]), RLFN_STACK_WORKER_POLL_S="1")
+        try:
+            r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)
+            print(r.stdout + r.stderr)
+            assert r.returncode == 0, r.stdout + r.stderr + _log_tails(srv.home / "state")
+            st = srv.run(["bash", stack_sh, "status"], timeout=120, **env)
+            assert st.returncode == 0 and "nginx" in st.stdout, st.stdout + st.stderr
+            exports = eval_env(srv.run(["bash", stack_sh, "env"], **env).stdout,
+                               EXPORTS + TLS_EXPORTS)
+            assert set(exports) == set(EXPORTS + TLS_EXPORTS), exports
+            assert exports["MLFLOW_TRACKING_URI"] == f"https://{srv.addr}:{ports['mlflow']}"
+            assert exports["PREFECT_API_URL"] == f"https://{srv.addr}:{ports['prefect']}/api"
+            assert "sslmode=verify-full" in exports["RLFN_OPTUNA_STORAGE"]
+            assert "http://" not in json.dumps(exports)
+
+            # on the server host: off loopback only the TLS ends, PostgreSQL and sshd listen
+            outside = {(a, p) for a, p in _listeners(srv) if not a.startswith("127.")}
+            assert outside == {(srv.addr, p) for p in ports.values()}, outside
+            for s in ("mlflow", "prefect"):
+                assert ("127.0.0.1", ports[s]) in _listeners(srv)
+
+            # the bundle: owner-only on the server host, carried to the client host, where
+            # `env --bundle` gives the exports with the CA kept in the client's own directory
+            b = srv.run(["bash", stack_sh, "bundle", str(srv.home / "team.bundle")], **env)
+            assert b.returncode == 0, b.stdout + b.stderr
+            assert (srv.home / "team.bundle").stat().st_mode & 0o777 == 0o600
+            secrets = json.loads((srv.home / "state" / "secrets" / "stack.json").read_text())
+            carried = cli.home / "team.bundle"
+            shutil.copy(srv.home / "team.bundle", carried)
+            os.chown(carried, cli.uid, cli.uid)
+            os.chmod(carried, 0o644)
+            cli_sh = ["bash", str(cli_clone / "scripts" / "stack.sh")]
+            loose = cli.run(cli_sh + ["env", "--bundle", str(carried)])
+            assert loose.returncode == 2 and loose.stderr.count("\n") == 1, loose.stderr
+            assert loose.stderr.startswith("error: env --bundle") and "chmod 600" in loose.stderr
+            os.chmod(carried, 0o600)
+            got = cli.run(cli_sh + ["env", "--bundle", str(carried)])
+            assert got.returncode == 0, got.stdout + got.stderr
+            client = eval_env(got.stdout, EXPORTS + TLS_EXPORTS)
+            ca = cli.home / ".config" / "rlfn-stack" / srv.addr / "ca.crt"
+            assert client["MLFLOW_TRACKING_SERVER_CERT_PATH"] == str(ca), client
+            assert f"sslrootcert={ca}" in client["RLFN_OPTUNA_STORAGE"], client
+            assert client == {k: v.replace(str(srv.home / "state" / "tls" / "ca.crt"), str(ca))
+                              for k, v in exports.items() if k != "RLFN_PROJECT_DIR"}
+            client["PREFECT_HOME"] = str(cli.home / "prefect")
+
+            ok = cli.run([py, "-c", CHECK], timeout=60, **client)
+            assert ok.returncode == 0 and ok.stdout.startswith("ok: MLflow https://"), \
+                ok.stdout + ok.stderr
+            work = cli.run([py, "-c", CLIENTS], timeout=180, **client)
+            assert work.returncode == 0, work.stdout + work.stderr
+            got = json.loads(work.stdout.strip().splitlines()[-1])
+            assert got == {"metrics": {"psnr": 30.5}, "pool": "rlfn-pool", "study": "across-hosts"}, got
+
+            # without the CA: refused, one line naming the service and why
+            no_ca = {k: v for k, v in client.items()
+                     if k not in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE")}
+            bad = cli.run([py, "-c", CHECK], timeout=60, **no_ca)
+            lines = bad.stdout.strip().splitlines()
+            assert bad.returncode == 1 and len(lines) == 1, bad.stdout + bad.stderr
+            assert lines[0].startswith("error: MLflow tracking server at https://"), lines
+            assert "certificate" in lines[0], lines
+
+            # the servers' plain HTTP is not reachable from the client
+            for s, path in (("mlflow", "/health"), ("prefect", "/api/health")):
+                for target in (f"http://{srv.addr}:{ports[s]}{path}",
+                               f"http://127.0.0.1:{ports[s]}{path}"):
+                    h = cli.run([py, "-c", HTTP, target], timeout=30)
+                    assert h.returncode == 1, (target, h.stdout)
+                    assert "unreachable" in h.stdout or "plain HTTP" in h.stdout, \
+                        (target, h.stdout)
+
+            # PostgreSQL: no SSL refused, verify-full with the CA accepted, without it refused
+            pw = secrets["db_password"]
+            base = [py, "-c", PG, srv.addr, str(ports["pg"]), pw]
+            plain = cli.run(base + ["disable"], timeout=30)
+            assert plain.returncode == 1 and "no encryption" in plain.stdout, plain.stdout
+            full = cli.run(base + ["verify-full", str(ca)], timeout=30)
+            assert full.returncode == 0 and full.stdout.strip() == "ok True", \
+                full.stdout + full.stderr
+            unverified = cli.run(base + ["verify-full"], timeout=30)
+            assert unverified.returncode == 1, unverified.stdout
+        finally:
+            d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
+            print(d.stdout + d.stderr)
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["up", "--host", "db.example"], {}, "error: --host 'db.example': not an IP address"),
+    (["up", "--host", "192.0.2.77"], {}, "error: --host '192.0.2.77': not an address of this host"),
+    (["up", "--host", "0.0.0.0"], {}, "error: --host '0.0.0.0': give one address"),
+    (["up"], {"RLFN_STACK_HOST": "::1"}, "error: RLFN_STACK_HOST '::1': only IPv4"),
+    (["up", "--host"], {}, "error: up --host: needs a value"),
+    (["up", "--hots", "1"], {}, "error: up: unknown option '--hots'"),
+    (["env", "--bundle", "/nonexistent/team.bundle"], {},
+     "error: env --bundle /nonexistent/team.bundle: No such file"),
+    (["bundle", "team.bundle"], {}, "error: bundle: no secrets at"),
+])
+def test_bad_input_is_one_error_line(tmp_path, args, env, says):
+    """Nothing is started or written: one ``error:`` line naming the flag, exit 2."""
+    state = tmp_path / "state"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), *args], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path,
+                       env={**clean_env(RLFN_STACK_DIR=str(state)), **env})
+    first = r.stderr.splitlines()[0] if r.stderr else ""
+    assert r.returncode == 2 and first.startswith(says), (r.returncode, r.stderr)
+    assert r.stdout == "" and not state.exists(), (r.stdout, list(tmp_path.iterdir()))
