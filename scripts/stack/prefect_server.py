@@ -151,13 +151,21 @@ def worker_row(ctx: Ctx) -> str:
 
 
 def _worker_online(ctx: Ctx, since: float | None = None) -> bool:
-    """Whether the pool shows our worker online (with a heartbeat after ``since``, a time
-    stamp: the entry of a worker stopped a minute ago still reads ONLINE)."""
+    """Whether the pool shows our worker online (see ``worker_online``)."""
+    return worker_online(local_url(ctx), _auth(ctx), POOL, WORKER_NAME, since)
+
+
+def worker_online(api: str, auth: str, pool: str, name: str, since: float | None = None,
+                  cafile: str | None = None) -> bool:
+    """Whether pool ``pool`` of the Prefect API at ``api`` shows worker ``name`` online (with a
+    heartbeat after ``since``, a time stamp: the entry of a worker stopped a minute ago still
+    reads ONLINE); https verified with ``cafile`` (default the stack's CA)."""
     from datetime import datetime
 
-    code, workers = _api(ctx, "POST", f"/work_pools/{POOL}/workers/filter", {})
+    code, workers = request("POST", f"{api}/work_pools/{pool}/workers/filter", {}, auth=auth,
+                            cafile=cafile)
     for w in workers if code == 200 and isinstance(workers, list) else []:
-        if w.get("name") != WORKER_NAME or w.get("status") != "ONLINE":
+        if w.get("name") != name or w.get("status") != "ONLINE":
             continue
         if since is None:
             return True

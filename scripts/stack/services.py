@@ -78,7 +78,7 @@ TABLE: tuple[Service, ...] = (
             row=prefect_server.worker_row, health=prefect_server.worker_health,
             stop=stop_daemon),
     Service("sshd", start=sshd.start, port=Port("RLFN_STACK_SSH_PORT", 52222), row=sshd.row,
-            health=sshd.health, stop=stop_daemon),
+            health=sshd.health, stop=stop_daemon, exports=sshd.exports),
 )
 
 
