@@ -12,6 +12,12 @@ as a person would hand it over), which runs ``stack.sh join FILE``:
   server's Prefect API over TLS, and the branch the worker host pushed over SSH is in the clone
   the client makes of ``RLFN_GIT_URL``;
 * ``dvc push`` from the worker host's clone puts the file's bytes in the server host's remote;
+* the server host runs no worker (``RLFN_STACK_WORKER=0``), so the deployment run
+  ``rlfn-repro/repro`` (targets ``degrade``: prepare and degrade of the tiny project, as
+  test_stack_repro's) dispatched from the client host is run by the worker host: COMPLETED,
+  its outputs pushed to the server's remote and ``dvc.lock`` committed to ``repro/<flow run
+  id>`` pushed to ``RLFN_GIT_URL``; on the client, checking out that branch and ``dvc pull``
+  restore the outputs byte for byte and ``dvc status`` of the stage is clean;
 * ``down`` on the worker host stops its worker (``status``: DOWN, exit 1).
 """
 
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,6 +37,7 @@ from hosts import hosts, install_project
 from prereq import ROOT, unavailable
 from servers import free_port
 from teamstack import eval_env, prerequisites
+from tinyproject import tiny_params
 
 pytestmark = pytest.mark.stack
 
@@ -44,6 +53,17 @@ with get_client(sync_client=True) as c:
     ws = c.read_workers_for_work_pool(sys.argv[1])
 print(json.dumps({w.name: str(getattr(w.status, "value", w.status)) for w in ws}))
 """
+
+FLOW_RUN = r"""
+import json, sys
+from uuid import UUID
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    fr = c.read_flow_run(UUID(sys.argv[1]))
+print(json.dumps({"state": fr.state_type.value, "message": fr.state.message if fr.state else "",
+                  "pool": fr.work_pool_name}))
+"""
+TRAIN_IMAGES = 4  # as test_stack_repro's tiny clone
 
 
 def _log_tails(state, n: int = 15) -> str:
@@ -77,8 +97,12 @@ def test_worker_host_joins():
     with hosts("server", "worker", "client") as net:
         srv, wrk, cli = net.hosts["server"], net.hosts["worker"], net.hosts["client"]
         clone = install_project(srv, ROOT)
-        # the server's project holds the working tree as a commit: the team's repository is
-        # seeded from its branches (the code the worker host then runs)
+        # the server's project holds the working tree as a commit, made tiny (test_stack_repro's
+        # params, 4 training images): the team's repository is seeded from its branches (the
+        # code and params the worker host then runs)
+        tiny_params(clone / "params.yaml", int8=False)
+        extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
+        _ok(srv.run(["git", "rm", "-q", *[str(p) for p in extra]], cwd=clone), "git rm")
         _ok(srv.run(["git", "add", "-A"], cwd=clone), "git add")
         _ok(srv.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q",
                      "--allow-empty", "-m", "the working tree under test"], cwd=clone),
@@ -92,7 +116,7 @@ def test_worker_host_joins():
                    RLFN_STACK_PG_PORT=str(ports["pg"]),
                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
-                   RLFN_STACK_SSH_PORT=str(ports["ssh"]), RLFN_STACK_WORKER_POLL_S="1")
+                   RLFN_STACK_SSH_PORT=str(ports["ssh"]), RLFN_STACK_WORKER="0")
         wsh = ["bash", str(wrk_clone / "scripts" / "stack.sh")]
         wstate = wrk.home / "state"
         wenv = dict(RLFN_STACK_DIR=str(wstate), RLFN_STACK_WORKER_POLL_S="1")
@@ -101,6 +125,8 @@ def test_worker_host_joins():
             print(r.stdout + r.stderr)
             _ok(r, "up", _log_tails(state))
             assert "git repository made at ssh://" in r.stdout, r.stdout
+            assert "\nworker " not in r.stdout, r.stdout
+            assert not (state / "run" / "worker.pid").exists()  # RLFN_STACK_WORKER=0: the pool's workers are other hosts'
             exports = eval_env(srv.run(["bash", stack_sh, "env"], **env).stdout, GIT_EXPORTS)
             git_url = f"ssh://{srv.user}@{srv.addr}:{ports['ssh']}{state}/git/rlfn-pipeline.git"
             assert exports["RLFN_GIT_URL"] == git_url, exports
@@ -201,6 +227,50 @@ def test_worker_host_joins():
             md5 = yaml.safe_load((project / "join-probe.bin.dvc").read_text())["outs"][0]["md5"]
             stored = state / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
             assert stored.is_file() and stored.read_text() == blob, (stored, p.stdout)
+
+            # a deployment run from the client host, run by the worker host
+            prefect = str(cli_clone / ".venv" / "bin" / "prefect")
+            cenv = dict(client, PREFECT_HOME=str(cli.home / "prefect"))
+            run = cli.run([prefect, "deployment", "run", "rlfn-repro/repro", "--params",
+                           json.dumps({"push": True, "targets": ["degrade"]}), "--watch",
+                           "--watch-interval", "2", "--watch-timeout", "900"],
+                          timeout=1000, **cenv)
+            out = run.stdout + run.stderr
+            print(out[-3000:])
+            m = re.search(r"UUID: ([0-9a-f-]{36})", out)
+            assert m, out
+            fr = json.loads(_ok(cli.run([py, "-c", FLOW_RUN, m.group(1)], timeout=120, **cenv),
+                                "flow run").strip().splitlines()[-1])
+            if fr["state"] != "COMPLETED":
+                print(_log_tails(wstate, 200))
+            assert fr["state"] == "COMPLETED", fr
+            assert fr["pool"] == "rlfn-pool", fr
+            lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+            assert {"prepare", "degrade"} <= set(lock), sorted(lock)  # the worker host's clone
+            branch = f"repro/{m.group(1)}"
+            on_server = _ok(srv.run(["git", "rev-parse", f"refs/heads/{branch}"], cwd=bare),
+                            "the repro branch on the server").strip()
+            _ok(cli.run(["git", "fetch", "-q", "origin"], cwd=cclone, timeout=300, **client),
+                "client fetch")
+            _ok(cli.run(["git", "checkout", "-q", branch], cwd=cclone, **client), "checkout")
+            assert _ok(cli.run(["git", "rev-parse", "HEAD"], cwd=cclone), "HEAD").strip() == \
+                on_server
+            cdvc = str(cli_clone / ".venv" / "bin" / "dvc")
+            ckey = cli.home / ".config" / "rlfn-stack" / srv.addr / "id_ed25519"
+            for cmd in (["remote", "add", "--local", "-d", "stack", doc["ssh"]["remote"]],
+                        ["remote", "modify", "--local", "stack", "keyfile", str(ckey)],
+                        ["pull", "-q", "--with-deps", "degrade"]):
+                _ok(cli.run([cdvc, *cmd], cwd=cclone, timeout=600, **client), f"dvc {cmd}")
+            for out_path in ("data/manifest.parquet", "data/lr"):
+                a, b = project / out_path, cclone / out_path
+                files = sorted(x.relative_to(a) for x in a.rglob("*") if x.is_file()) \
+                    if a.is_dir() else [Path()]
+                assert files, out_path
+                for f in files:
+                    assert (b / f).read_bytes() == (a / f).read_bytes(), (out_path, f)
+            st = cli.run([cdvc, "status", "--json", "--with-deps", "degrade"], cwd=cclone,
+                         timeout=300, **client)
+            assert json.loads(_ok(st, "dvc status")) == {}, st.stdout
 
             # down on the worker host stops its worker
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)

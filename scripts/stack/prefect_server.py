@@ -119,11 +119,17 @@ def start_deployments(ctx: Ctx) -> str:
     --all``, again when prefect.yaml or the project changed)."""
     project = Path(ctx.project_dir)
     want = _expected_deployments(project)
-    stamp = {"prefect.yaml": (project / "prefect.yaml").read_text(), "project": str(project)}
+    stamp = {"prefect.yaml": (project / "prefect.yaml").read_text(), "project": str(project),
+             "pull": "at run time"}
     have = _registered_deployments(ctx)
     if set(want) <= set(have) and read_json(RUN / "deployed.json") == stamp:
         return f"{len(want)} deployments already on {POOL}"
-    env = _client_env(ctx, RLFN_PROJECT_DIR=str(project))
+    # No RLFN_PROJECT_DIR here: `prefect deploy` fills prefect.yaml's {{ $RLFN_PROJECT_DIR }}
+    # from its own environment when set, baking this host's path into the deployment; unset,
+    # the placeholder is kept and each worker's flow run fills it with its own clone (a worker
+    # host's, `stack.sh join`).
+    env = _client_env(ctx)
+    env.pop("RLFN_PROJECT_DIR", None)
     r = run_logged("deploy", [PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env,
                    cwd=project, timeout=max(timeout_s(), 300))
     have = _registered_deployments(ctx)
