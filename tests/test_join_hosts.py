@@ -125,8 +125,9 @@ def test_worker_host_joins():
             print(r.stdout + r.stderr)
             _ok(r, "up", _log_tails(state))
             assert "git repository made at ssh://" in r.stdout, r.stdout
+            # RLFN_STACK_WORKER=0: the pool's workers are other hosts'
             assert "\nworker " not in r.stdout, r.stdout
-            assert not (state / "run" / "worker.pid").exists()  # RLFN_STACK_WORKER=0: the pool's workers are other hosts'
+            assert not (state / "run" / "worker.pid").exists()
             exports = eval_env(srv.run(["bash", stack_sh, "env"], **env).stdout, GIT_EXPORTS)
             git_url = f"ssh://{srv.user}@{srv.addr}:{ports['ssh']}{state}/git/rlfn-pipeline.git"
             assert exports["RLFN_GIT_URL"] == git_url, exports
