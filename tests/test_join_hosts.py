@@ -13,11 +13,12 @@ as a person would hand it over), which runs ``stack.sh join FILE``:
   the client makes of ``RLFN_GIT_URL``;
 * ``dvc push`` from the worker host's clone puts the file's bytes in the server host's remote;
 * the server host runs no worker (``RLFN_STACK_WORKER=0``), so the deployment run
-  ``rlfn-repro/repro`` (targets ``degrade``: prepare and degrade of the tiny project, as
-  test_stack_repro's) dispatched from the client host is run by the worker host: COMPLETED,
-  its outputs pushed to the server's remote and ``dvc.lock`` committed to ``repro/<flow run
-  id>`` pushed to ``RLFN_GIT_URL``; on the client, checking out that branch and ``dvc pull``
-  restore the outputs byte for byte and ``dvc status`` of the stage is clean;
+  ``rlfn-repro/repro --param push=true`` (the whole tiny pipeline, test_stack_repro's params)
+  dispatched from the client host is run by the worker host: COMPLETED, its outputs pushed to
+  the server's remote and ``dvc.lock`` committed to ``repro/<flow run id>`` pushed to
+  ``RLFN_GIT_URL``; on the client, checking out that branch and ``dvc pull`` restore the
+  outputs byte for byte and ``dvc status`` is clean; the champion loads on the client from the
+  tracking server over TLS and upscales an image;
 * ``down`` on the worker host stops its worker (``status``: DOWN, exit 1).
 """
 
@@ -37,7 +38,7 @@ from hosts import hosts, install_project
 from prereq import ROOT, unavailable
 from servers import free_port
 from teamstack import eval_env, prerequisites
-from tinyproject import tiny_params
+from tinyproject import DVC_STAGES, tiny_params
 
 pytestmark = pytest.mark.stack
 
@@ -64,6 +65,19 @@ print(json.dumps({"state": fr.state_type.value, "message": fr.state.message if f
                   "pool": fr.work_pool_name}))
 """
 TRAIN_IMAGES = 4  # as test_stack_repro's tiny clone
+CACHED = ("data/manifest.parquet", "data/lr", "data/patches", "models/stage1", "models/stage2",
+          "models/stage3")  # outputs DVC caches (pushed by the worker host, pulled by the client)
+
+PYFUNC = r"""
+import json
+import numpy as np
+import mlflow
+
+model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+out = np.asarray(model.predict(img))
+print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
+"""
 
 
 def _log_tails(state, n: int = 15) -> str:
@@ -88,6 +102,7 @@ def _ok(r: subprocess.CompletedProcess, what: str, extra: str = "") -> str:
     return r.stdout
 
 
+@pytest.mark.timeout(1800)  # the whole tiny pipeline runs on the worker host
 def test_worker_host_joins():
     prerequisites()
     for tool in ("nginx", "openssl", "ss"):
@@ -233,9 +248,9 @@ def test_worker_host_joins():
             prefect = str(cli_clone / ".venv" / "bin" / "prefect")
             cenv = dict(client, PREFECT_HOME=str(cli.home / "prefect"))
             run = cli.run([prefect, "deployment", "run", "rlfn-repro/repro", "--params",
-                           json.dumps({"push": True, "targets": ["degrade"]}), "--watch",
-                           "--watch-interval", "2", "--watch-timeout", "900"],
-                          timeout=1000, **cenv)
+                           json.dumps({"push": True}), "--watch",
+                           "--watch-interval", "2", "--watch-timeout", "1800"],
+                          timeout=1900, **cenv)
             out = run.stdout + run.stderr
             print(out[-3000:])
             m = re.search(r"UUID: ([0-9a-f-]{36})", out)
@@ -247,7 +262,7 @@ def test_worker_host_joins():
             assert fr["state"] == "COMPLETED", fr
             assert fr["pool"] == "rlfn-pool", fr
             lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-            assert {"prepare", "degrade"} <= set(lock), sorted(lock)  # the worker host's clone
+            assert set(DVC_STAGES) <= set(lock), sorted(lock)  # the worker host's clone
             branch = f"repro/{m.group(1)}"
             on_server = _ok(srv.run(["git", "rev-parse", f"refs/heads/{branch}"], cwd=bare),
                             "the repro branch on the server").strip()
@@ -260,18 +275,22 @@ def test_worker_host_joins():
             ckey = cli.home / ".config" / "rlfn-stack" / srv.addr / "id_ed25519"
             for cmd in (["remote", "add", "--local", "-d", "stack", doc["ssh"]["remote"]],
                         ["remote", "modify", "--local", "stack", "keyfile", str(ckey)],
-                        ["pull", "-q", "--with-deps", "degrade"]):
+                        ["pull", "-q"]):
                 _ok(cli.run([cdvc, *cmd], cwd=cclone, timeout=600, **client), f"dvc {cmd}")
-            for out_path in ("data/manifest.parquet", "data/lr"):
+            for out_path in CACHED:
                 a, b = project / out_path, cclone / out_path
                 files = sorted(x.relative_to(a) for x in a.rglob("*") if x.is_file()) \
                     if a.is_dir() else [Path()]
                 assert files, out_path
                 for f in files:
                     assert (b / f).read_bytes() == (a / f).read_bytes(), (out_path, f)
-            st = cli.run([cdvc, "status", "--json", "--with-deps", "degrade"], cwd=cclone,
-                         timeout=300, **client)
+            st = cli.run([cdvc, "status", "--json", "dvc.yaml"], cwd=cclone, timeout=300,
+                         **client)
             assert json.loads(_ok(st, "dvc status")) == {}, st.stdout
+            # the champion, from the tracking server over TLS, upscales x4 on the client
+            got = cli.run([py, "-c", PYFUNC], cwd=cli.home, timeout=600, **cenv)
+            assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
+                {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
 
             # down on the worker host stops its worker
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)
@@ -279,6 +298,7 @@ def test_worker_host_joins():
             st = wrk.run(wsh + ["status"], timeout=120, **wenv)
             assert st.returncode == 1 and "worker      DOWN" in st.stdout, st.stdout
         finally:
+            print(_log_tails(wstate, 30))
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)
             print(d.stdout + d.stderr)
             d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
