@@ -41,7 +41,7 @@ from pipeline.dvcops import ROOT, run_dvc
 from pipeline.entry import log, run_entry
 from rlfn.errors import RLFNError
 
-__all__ = ["retrain", "RetrainError"]
+__all__ = ["retrain", "RetrainError", "push_results"]
 
 COMMITTED = ("dvc.lock", "metrics", "plots", "reports")  # what a retrain branch records
 BRANCH_PREFIX = "retrain/"
@@ -184,6 +184,35 @@ def publish(work: Path, branch: str, message: str) -> str:
     _git(["push", "--quiet", "origin", f"{branch}:refs/heads/{branch}"], cwd=work,
          what=f"git push of {branch} to origin")
     return _git(["rev-parse", "HEAD"], cwd=work)
+
+
+def push_results(project: Path, repo: str, branch: str, message: str) -> str:
+    """Commit ``project``'s ``dvc.lock``, ``metrics/``, ``plots/``, ``reports/`` on top of its
+    HEAD as branch ``branch`` of ``repo`` (pushed there), leaving the project's own branch,
+    index and files as they are (a temporary index; no checkout): what ``repro`` with
+    ``push`` does on a worker whose clone others use too. Returns the commit."""
+    paths = [p for p in COMMITTED if (project / p).exists()]
+    with tempfile.TemporaryDirectory(prefix="rlfn-index-") as d:
+        env_index = {"GIT_INDEX_FILE": str(Path(d) / "index")}
+        _git_env(["read-tree", "HEAD"], project, env_index)
+        _git_env(["add", "--", *paths], project, env_index)
+        tree = _git_env(["write-tree"], project, env_index)
+    commit = _git([*IDENTITY, "commit-tree", tree, "-p", "HEAD", "-m", message], cwd=project)
+    _git(["push", "--quiet", repo, f"{commit}:refs/heads/{branch}"], cwd=project,
+         what=f"git push of {branch} to {repo}")
+    return commit
+
+
+def _git_env(args: list[str], cwd: Path, extra: dict[str, str]) -> str:
+    """``_git`` with ``extra`` in its environment (a temporary index)."""
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL,
+                       env={**os.environ, "GIT_TERMINAL_PROMPT": "0", **extra})
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise RetrainError(f"git {' '.join(args)}",
+                           msg[-1] if msg else f"exit code {r.returncode}")
+    return r.stdout.strip()
 
 
 def _summary_md(s: dict) -> str:

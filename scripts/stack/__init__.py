@@ -23,8 +23,11 @@ Off loopback (``up --host ADDR`` or ``RLFN_STACK_HOST``; 127.0.0.1 is the defaul
 entries start first and between: ``tls`` (a CA of the stack's own and a server certificate for
 ADDR, in ``tls/``, owner-only) and ``nginx`` (the TLS end of MLflow and Prefect on ADDR, at
 their ports; the servers stay on 127.0.0.1); PostgreSQL takes SSL (hostssl only from other
-hosts) and sshd listens on ADDR too. ``bundle FILE`` writes what another host needs (module
-``bundle``); ``env --bundle FILE`` uses it there. Work in progress: docs/multihost-status.md.
+hosts) and sshd listens on ADDR too, also serving the team's git repository (``git/``,
+``RLFN_GIT_URL``). ``bundle FILE`` writes what another host needs (module ``bundle``); ``env
+--bundle FILE`` uses it there; ``join FILE [--pool NAME]`` makes a worker host of another one
+(module ``join``: its own clone of RLFN_GIT_URL, DVC remote and Prefect worker; ``status`` and
+``down`` there are its worker's). Work in progress: docs/multihost-status.md.
 
 Modules: ``core`` (layout, settings, secrets, the context ``Ctx``), ``procs`` (daemons, pid
 files, logged commands, ports), ``web`` (HTTP, and the start and health check shared by the
@@ -38,8 +41,11 @@ Layout of the state directory::
     mlflow/              basic_auth.ini and the auth app's own SQLite database
     mlartifacts/         the artifacts the MLflow server stores
     prefect/             PREFECT_HOME
-    ssh/                 sshd_config, host key, authorized_keys, the client key, known_hosts
+    ssh/                 sshd_config, host key, authorized_keys, the client key, known_hosts,
+                         git_ssh_config (GIT_SSH_COMMAND's, off loopback)
     dvc-remote/          the DVC remote's storage
+    git/rlfn-pipeline.git  the team's git repository (off loopback; RLFN_GIT_URL)
+    project/             on a worker host (``join``): its clone of RLFN_GIT_URL
     logs/<service>.log   each service's output
     run/                 pid files (<service>.pid) and state.json (ports, project directory)
 
@@ -47,7 +53,8 @@ Other settings: ``RLFN_PROJECT_DIR`` (the clone the worker runs flows in and who
 .dvc/config.local gets the remote; default: this repository), ``RLFN_STACK_TIMEOUT`` (seconds a
 service gets to become ready, default 120), ``RLFN_STACK_MLFLOW_WORKERS`` (default 1),
 ``RLFN_STACK_WORKER_POLL_S`` (how often the worker asks for flow runs; Prefect's default 10),
-``RLFN_STACK_WORKER_LIMIT`` (flow runs the worker runs at once, default no limit; its flow runs
-then split the cores between them: ``RLFN_PROCESSES``, see rlfn.threads),
+``RLFN_STACK_WORKER=0`` (no worker on this host: the pool's workers join from others; recorded
+by ``up``), ``RLFN_STACK_WORKER_LIMIT`` (flow runs the worker runs at once, default no limit;
+its flow runs then split the cores between them: ``RLFN_PROCESSES``, see rlfn.threads),
 ``RLFN_STACK_PG_OS_USER`` (as root, the OS user PostgreSQL runs as; default postgres).
 """

@@ -1,12 +1,14 @@
 """The team's bundle (issue 23): one owner-only file a server host writes
 (``stack.sh bundle FILE``) and other hosts use (``stack.sh env --bundle FILE``; ``join FILE``
-is next): the client exports with their URLs and credentials, the CA certificate, the DVC
-remote's client key and its pinned host key. It holds secrets: 0600, never in git, handed over
-like a password.
+and ``join FILE``): the client exports with their URLs and credentials, the CA certificate,
+the DVC remote's client key and its pinned host key, the team's git repository
+(``RLFN_GIT_URL``, over the same sshd with the same key). It holds secrets: 0600, never in git,
+handed over like a password.
 
 Format: JSON, ``{"rlfn_stack_bundle": 1, "host", "exports": {...}, "ca_cert": PEM,
-"ssh": {"remote": URL, "key": PEM, "known_hosts": line}}``; in ``exports`` the CA file's path
-is ``{CA}``, replaced by where the client keeps it."""
+"ssh": {"remote": URL, "key": PEM, "known_hosts": line}, "git": {"url": URL}}``; in ``exports``
+the CA file's path is ``{CA}``, replaced by where the client keeps it; ``GIT_SSH_COMMAND`` is
+not in it: each client makes its own (an ssh config in its directory, ``sshd.ssh_config``)."""
 
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ def write(ctx: Ctx, exports: dict[str, str], path: Path) -> str:
         "rlfn_stack_bundle": VERSION,
         "host": ctx.host,
         "exports": {k: v.replace(str(CA_CERT), CA_MARK) for k, v in exports.items()
-                    if k != "RLFN_PROJECT_DIR"},
+                    if k not in ("RLFN_PROJECT_DIR", "GIT_SSH_COMMAND")},
         "ca_cert": CA_CERT.read_text(),
         "ssh": {"remote": f"{sshd.url(ctx)}{sshd.REMOTE_DIR}", "key": CLIENT_KEY.read_text(),
                 "known_hosts": "\n".join(pinned) + "\n"},
+        "git": {"url": sshd.git_url(ctx)},
     }
     if path.is_dir():
         raise StackError(f"bundle: {path} is a directory (give a file name)")
@@ -48,10 +51,10 @@ def write(ctx: Ctx, exports: dict[str, str], path: Path) -> str:
     return f"bundle for {ctx.host} written to {path} (owner-only: it holds the team's secrets)"
 
 
-def read(path: Path) -> dict:
-    """The bundle at ``path``; StackError (one line, naming ``env --bundle``) when it is missing,
-    readable by others, or not a bundle."""
-    where = f"env --bundle {path}"
+def read(path: Path, where: str = "") -> dict:
+    """The bundle at ``path``; StackError (one line, naming ``where``, default ``env --bundle
+    FILE``) when it is missing, readable by others, or not a bundle."""
+    where = where or f"env --bundle {path}"
     try:
         st = path.stat()
         text = path.read_text()
@@ -68,9 +71,10 @@ def read(path: Path) -> dict:
     if not isinstance(doc, dict) or doc.get("rlfn_stack_bundle") != VERSION:
         raise StackError(f"{where}: not a bundle of version {VERSION} (made by "
                          "`scripts/stack.sh bundle FILE`)")
-    for key in ("host", "exports", "ca_cert", "ssh"):
+    for key in ("host", "exports", "ca_cert", "ssh", "git"):
         if key not in doc:
-            raise StackError(f"{where}: incomplete bundle (no {key!r})")
+            raise StackError(f"{where}: incomplete bundle (no {key!r}; a bundle made before "
+                             "`stack.sh bundle` wrote it? make it again on the server host)")
     return doc
 
 
@@ -81,10 +85,14 @@ def client_dir(doc: dict) -> Path:
     return Path(base) if base else Path.home() / ".config" / "rlfn-stack" / doc["host"]
 
 
-def client_exports(path: Path) -> dict[str, str]:
-    """``stack.sh env --bundle FILE``: the bundle's CA, SSH key and pinned host key written to
-    the client's directory (0700, files 0600), and the exports with the CA's path there."""
-    doc = read(path)
+def client_exports(path: Path, doc: dict | None = None) -> dict[str, str]:
+    """``stack.sh env --bundle FILE``: the bundle's CA, SSH key, pinned host key and an ssh
+    config for git written to the client's directory (0700, files 0600), and the exports with
+    the CA's path there, ``RLFN_GIT_URL`` and ``GIT_SSH_COMMAND`` among them. ``doc``: the
+    bundle already read (``read``)."""
+    from stack import sshd
+
+    doc = doc if doc is not None else read(path)
     d = client_dir(doc)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -92,4 +100,9 @@ def client_exports(path: Path) -> dict[str, str]:
     write_private(ca, doc["ca_cert"])
     write_private(d / "id_ed25519", doc["ssh"]["key"])
     write_private(d / "known_hosts", doc["ssh"]["known_hosts"])
-    return {k: v.replace(CA_MARK, str(ca)) for k, v in doc["exports"].items()}
+    write_private(d / "ssh_config", sshd.ssh_config(doc["host"], d / "id_ed25519",
+                                                    d / "known_hosts"))
+    out = {k: v.replace(CA_MARK, str(ca)) for k, v in doc["exports"].items()}
+    out["RLFN_GIT_URL"] = doc["git"]["url"]
+    out["GIT_SSH_COMMAND"] = sshd.git_ssh_command(d / "ssh_config")
+    return out

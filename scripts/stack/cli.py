@@ -60,6 +60,13 @@ def _host_of_up(flag: str | None) -> str:
 def cmd_up(host: str | None = None) -> int:
     """Start what is not running, each entry once those it needs are up; one line each and
     one for the whole; 1 if any failed."""
+    from stack import join
+
+    if join.joined():
+        say(f"error: up: {rel(STACK)} is a worker host's (it joined "
+            f"{join.joined()['server']}): `scripts/stack.sh join FILE` starts its worker again",
+            err=True)
+        return 2
     try:
         os.environ[HOST_VAR] = _host_of_up(host)
     except StackError as e:
@@ -157,7 +164,12 @@ def cmd_bundle(file: str) -> int:
 
 
 def cmd_status() -> int:
-    """A row for each service: up, or DOWN and why; 1 if any is down."""
+    """A row for each service: up, or DOWN and why; 1 if any is down. On a worker host
+    (``join``): its worker's row."""
+    from stack import join
+
+    if join.joined():
+        return join.status()
     ctx = context(read_json(SECRETS) or None)
     rows = [s for s in active(ctx) if s.health is not None]
     with ThreadPoolExecutor(len(rows)) as ex:
@@ -177,9 +189,13 @@ def cmd_status() -> int:
 
 def cmd_down() -> int:
     """Stop every service, in reverse table order, keeping the data; 1 if one could not be."""
+    from stack import join
+
     if not STACK.exists():
         say(f"stack: nothing at {STACK}")
         return 0
+    if join.joined():
+        return join.down()
     rc = 0
     remote = context(None).remote
     for s in reversed(TABLE):
@@ -216,14 +232,14 @@ def locked(fn: Callable[[], int]) -> Callable[[], int]:
 
 
 USAGE = ("usage: scripts/stack.sh up [--host ADDR] | env [--bundle FILE] | status | down | "
-         "bundle FILE")
+         "bundle FILE | join FILE [--pool NAME]")
 
 
 def main(argv: list[str]) -> int:
     """Run the verb ``argv`` names; 2 with a usage line for anything else, one ``error:`` line
     for a bad option."""
     cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down,
-            "bundle": cmd_bundle}
+            "bundle": cmd_bundle, "join": None}
     if not argv or argv[0] not in cmds:
         print(USAGE, file=sys.stderr)
         return 2
@@ -234,7 +250,12 @@ def main(argv: list[str]) -> int:
             return 2
         return cmd_bundle(rest[0])
     opts: dict[str, str] = {}
-    allowed = {"up": ("--host",), "env": ("--bundle",)}.get(verb, ())
+    if verb == "join":
+        if not rest or rest[0].startswith("-"):
+            print(f"error: join: give the bundle FILE first\n{USAGE}", file=sys.stderr)
+            return 2
+        opts["file"] = rest.pop(0)
+    allowed = {"up": ("--host",), "env": ("--bundle",), "join": ("--pool",)}.get(verb, ())
     while rest:
         flag = rest.pop(0)
         value = None
@@ -249,6 +270,13 @@ def main(argv: list[str]) -> int:
                 return 2
             value = rest.pop(0)
         opts[flag.lstrip("-")] = value
-    fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down,
-          "env": lambda: cmd_env(opts.get("bundle"))}.get(verb, cmds[verb])
-    return locked(fn)() if verb in ("up", "down") else fn()
+    if verb == "join":
+        from stack.join import cmd_join
+        from stack.prefect_server import POOL
+
+        def fn() -> int:
+            return cmd_join(opts["file"], opts.get("pool", POOL))
+    else:
+        fn = {"up": lambda: cmd_up(opts.get("host")), "down": cmd_down,
+              "env": lambda: cmd_env(opts.get("bundle"))}.get(verb, cmds[verb])
+    return locked(fn)() if verb in ("up", "down", "join") else fn()

@@ -107,6 +107,7 @@ class Ctx:
     project_dir: str
     sec: dict | None
     host: str = HOST
+    worker: bool = True  # whether this host runs a worker (RLFN_STACK_WORKER=0: workers join)
 
     @property
     def remote(self) -> bool:
@@ -116,19 +117,23 @@ class Ctx:
 
     def recorded(self) -> dict:
         """What ``up`` records in ``run/state.json`` for the verbs after it."""
-        return {"ports": dict(self.ports), "project_dir": self.project_dir, "host": self.host}
+        return {"ports": dict(self.ports), "project_dir": self.project_dir, "host": self.host,
+                "worker": self.worker}
 
 
 def load_ctx(settings: Mapping[str, Port], sec: dict | None) -> Ctx:
     """The context with secrets ``sec``, each service's port by its setting in ``settings``:
-    ports and project directory the environment's (each port's variable, ``RLFN_PROJECT_DIR``),
-    else those the last ``up`` recorded, else the defaults."""
+    ports, project directory and worker the environment's (each port's variable,
+    ``RLFN_PROJECT_DIR``, ``RLFN_STACK_WORKER``), else those the last ``up`` recorded, else the
+    defaults."""
     st = read_json(STATE)
     ports = {s: int(os.environ.get(p.var) or st.get("ports", {}).get(s) or p.default)
              for s, p in settings.items()}
     project = os.environ.get("RLFN_PROJECT_DIR") or st.get("project_dir") or str(ROOT)
     host = os.environ.get(HOST_VAR) or st.get("host") or HOST
-    return Ctx(ports, settings, str(Path(project).resolve()), sec, host)
+    flag = os.environ.get("RLFN_STACK_WORKER", "").strip()
+    worker = flag not in ("0", "false", "no") if flag else bool(st.get("worker", True))
+    return Ctx(ports, settings, str(Path(project).resolve()), sec, host, worker)
 
 
 def check_host(addr: str, flag: str) -> str:

@@ -119,11 +119,17 @@ def start_deployments(ctx: Ctx) -> str:
     --all``, again when prefect.yaml or the project changed)."""
     project = Path(ctx.project_dir)
     want = _expected_deployments(project)
-    stamp = {"prefect.yaml": (project / "prefect.yaml").read_text(), "project": str(project)}
+    stamp = {"prefect.yaml": (project / "prefect.yaml").read_text(), "project": str(project),
+             "pull": "at run time"}
     have = _registered_deployments(ctx)
     if set(want) <= set(have) and read_json(RUN / "deployed.json") == stamp:
         return f"{len(want)} deployments already on {POOL}"
-    env = _client_env(ctx, RLFN_PROJECT_DIR=str(project))
+    # No RLFN_PROJECT_DIR here: `prefect deploy` fills prefect.yaml's {{ $RLFN_PROJECT_DIR }}
+    # from its own environment when set, baking this host's path into the deployment; unset,
+    # the placeholder is kept and each worker's flow run fills it with its own clone (a worker
+    # host's, `stack.sh join`).
+    env = _client_env(ctx)
+    env.pop("RLFN_PROJECT_DIR", None)
     r = run_logged("deploy", [PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env,
                    cwd=project, timeout=max(timeout_s(), 300))
     have = _registered_deployments(ctx)
@@ -151,13 +157,21 @@ def worker_row(ctx: Ctx) -> str:
 
 
 def _worker_online(ctx: Ctx, since: float | None = None) -> bool:
-    """Whether the pool shows our worker online (with a heartbeat after ``since``, a time
-    stamp: the entry of a worker stopped a minute ago still reads ONLINE)."""
+    """Whether the pool shows our worker online (see ``worker_online``)."""
+    return worker_online(local_url(ctx), _auth(ctx), POOL, WORKER_NAME, since)
+
+
+def worker_online(api: str, auth: str, pool: str, name: str, since: float | None = None,
+                  cafile: str | None = None) -> bool:
+    """Whether pool ``pool`` of the Prefect API at ``api`` shows worker ``name`` online (with a
+    heartbeat after ``since``, a time stamp: the entry of a worker stopped a minute ago still
+    reads ONLINE); https verified with ``cafile`` (default the stack's CA)."""
     from datetime import datetime
 
-    code, workers = _api(ctx, "POST", f"/work_pools/{POOL}/workers/filter", {})
+    code, workers = request("POST", f"{api}/work_pools/{pool}/workers/filter", {}, auth=auth,
+                            cafile=cafile)
     for w in workers if code == 200 and isinstance(workers, list) else []:
-        if w.get("name") != WORKER_NAME or w.get("status") != "ONLINE":
+        if w.get("name") != name or w.get("status") != "ONLINE":
             continue
         if since is None:
             return True

@@ -78,7 +78,7 @@ TABLE: tuple[Service, ...] = (
             row=prefect_server.worker_row, health=prefect_server.worker_health,
             stop=stop_daemon),
     Service("sshd", start=sshd.start, port=Port("RLFN_STACK_SSH_PORT", 52222), row=sshd.row,
-            health=sshd.health, stop=stop_daemon),
+            health=sshd.health, stop=stop_daemon, exports=sshd.exports),
 )
 
 
@@ -101,12 +101,15 @@ _check(TABLE)
 def active(ctx: Ctx) -> tuple[Service, ...]:
     """The table as ``ctx``'s host has it: all of it off loopback; on 127.0.0.1 without the
     ``remote_only`` entries, which are then no one's need (nothing waits on, or fails with,
-    an entry that is not there)."""
-    if ctx.remote:
+    an entry that is not there); without the ``worker`` when the host runs none
+    (``RLFN_STACK_WORKER=0``: the pool's workers are other hosts', ``stack.sh join``)."""
+    gone = set() if ctx.remote else {s.name for s in TABLE if s.remote_only}
+    if not ctx.worker:
+        gone.add("worker")
+    if not gone:
         return TABLE
-    gone = {s.name for s in TABLE if s.remote_only}
     return tuple(replace(s, needs=tuple(n for n in s.needs if n not in gone))
-                 for s in TABLE if not s.remote_only)
+                 for s in TABLE if s.name not in gone)
 
 
 def context(sec: dict | None) -> Ctx:

@@ -1,10 +1,15 @@
 """The DVC remote ``stack``: a private sshd (key only) on ``HOST`` (off loopback also on the
 stack's address; its host key pinned in ``known_hosts``), and this clone's default DVC remote
-over it (``.dvc/config.local``)."""
+over it (``.dvc/config.local``). Off loopback it also serves the team's git repository of the
+project (``git/rlfn-pipeline.git``, bare, seeded once with the project's branches):
+``RLFN_GIT_URL``, reached with ``GIT_SSH_COMMAND`` (``ssh -F <ssh config>``: the stack's key
+and pinned host key for the stack's address only; any other host as the user's own ssh
+config has it)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +21,8 @@ from stack.procs import pid_of, require_free, run_logged, spawn, wait_until
 
 NAME = "sshd"
 REMOTE_DIR = STACK / "dvc-remote"
+GIT_REPO = STACK / "git" / "rlfn-pipeline.git"
+GIT_SSH_CONFIG = SSH / "git_ssh_config"
 
 
 def _user() -> str:
@@ -32,7 +39,37 @@ def url(ctx: Ctx) -> str:
 
 def row(ctx: Ctx) -> str:
     """``status``'s text for it."""
-    return f"{url(ctx)} (DVC remote 'stack': {REMOTE_DIR})"
+    git = f"; git: {git_url(ctx)}" if ctx.remote else ""
+    return f"{url(ctx)} (DVC remote 'stack': {REMOTE_DIR}{git})"
+
+
+def git_url(ctx: Ctx) -> str:
+    """``RLFN_GIT_URL``: the team's git repository, over the stack's sshd."""
+    return f"{url(ctx)}{GIT_REPO}"
+
+
+def ssh_config(host: str, key: Path, known_hosts: Path) -> str:
+    """An ssh config for ``GIT_SSH_COMMAND="ssh -F FILE"``: for ``host`` the stack's key only
+    and its pinned host key (strict); every other host as the user's own ssh config (and the
+    system's) has it, so a shell with the exports still reaches other git servers."""
+    return ("# scripts/stack: git over SSH to the team's stack (RLFN_GIT_URL)\n"
+            f"Host {host}\n"
+            f'  IdentityFile "{key}"\n  IdentitiesOnly yes\n  IdentityAgent none\n'
+            f'  UserKnownHostsFile "{known_hosts}"\n  GlobalKnownHostsFile /dev/null\n'
+            "  StrictHostKeyChecking yes\n  BatchMode yes\n"
+            "Match all\n  Include ~/.ssh/config /etc/ssh/ssh_config\n")
+
+
+def git_ssh_command(config: Path) -> str:
+    """``GIT_SSH_COMMAND`` with the ssh config ``config`` (see ``ssh_config``)."""
+    return f"ssh -F {shlex.quote(str(config))}"
+
+
+def exports(ctx: Ctx) -> dict[str, str]:
+    """Off loopback: the team's git repository and what git needs to reach it."""
+    if not ctx.remote:
+        return {}
+    return {"RLFN_GIT_URL": git_url(ctx), "GIT_SSH_COMMAND": git_ssh_command(GIT_SSH_CONFIG)}
 
 
 def _bin() -> str:
@@ -105,6 +142,9 @@ def start(ctx: Ctx) -> str:
     hosts = (HOST, ctx.host) if ctx.remote else (HOST,)
     atomic_write(KNOWN_HOSTS, "".join(f"[{h}]:{port} {host_pub}\n" for h in hosts))
     dvc_msg = _dvc_remote(ctx)
+    if ctx.remote:
+        write_private(GIT_SSH_CONFIG, ssh_config(ctx.host, CLIENT_KEY, KNOWN_HOSTS))
+        dvc_msg += f"; {_git_repo(ctx)}"
     if pid_of(NAME) is not None and _answers(ctx):
         return f"already up at {where}; {dvc_msg}"
     for h in hosts:
@@ -159,3 +199,40 @@ def _dvc_remote(ctx: Ctx) -> str:
             raise StackError(f"sshd: `{' '.join(cmd[1:3])}` for remote 'stack' failed in "
                              f"{project}; read {rel(log_path(NAME))}")
     return f"dvc remote 'stack' set as default ({rel(cfg)})"
+
+
+def _git(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A git command, its output in the service's log."""
+    return run_logged(NAME, ["git", *args], env={**base_env(), "GIT_TERMINAL_PROMPT": "0"},
+                      cwd=cwd, timeout=300)
+
+
+def _git_repo(ctx: Ctx) -> str:
+    """The team's bare git repository (``GIT_REPO``), made when missing (in a temporary
+    directory, then renamed: never half made) and seeded, while it has no branch, with the
+    project's branches, its HEAD the project's current branch."""
+    made = False
+    if not (GIT_REPO / "HEAD").exists():
+        GIT_REPO.parent.mkdir(exist_ok=True)
+        tmp = GIT_REPO.with_name(GIT_REPO.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _git(["init", "-q", "--bare", str(tmp)]).returncode != 0:
+            raise StackError(f"sshd: git init --bare {rel(tmp)} failed; read "
+                             f"{rel(log_path(NAME))}")
+        tmp.rename(GIT_REPO)
+        made = True
+    refs = subprocess.run(["git", "for-each-ref", "--count=1", "refs/heads/"], cwd=GIT_REPO,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    project = Path(ctx.project_dir)
+    seeded = ""
+    if not refs and (project / ".git").exists():
+        if _git(["push", "-q", str(GIT_REPO), "refs/heads/*:refs/heads/*"],
+                cwd=project).returncode != 0:
+            raise StackError(f"sshd: seeding the git repository {rel(GIT_REPO)} from {project} "
+                             f"failed; read {rel(log_path(NAME))}")
+        head = subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=project,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        if head:
+            _git(["symbolic-ref", "HEAD", head], cwd=GIT_REPO)
+        seeded = f", seeded from {project}"
+    return f"git repository {'made' if made else 'kept'} at {git_url(ctx)}{seeded}"

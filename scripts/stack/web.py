@@ -17,9 +17,9 @@ from stack.procs import pid_of, require_free, spawn, wait_until
 
 def request(method: str, url: str, body: dict | None = None,
             auth: tuple[str, str] | str | None = None,
-            timeout: float = 5) -> tuple[int, object]:
+            timeout: float = 5, cafile: str | None = None) -> tuple[int, object]:
     """(status, decoded JSON or text); status 0 when nothing answered. An https URL is verified
-    with the stack's CA only (``tls/ca.crt``)."""
+    with the stack's CA only (``tls/ca.crt``; a joined host's: ``cafile``)."""
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if auth is not None:
         raw = auth if isinstance(auth, str) else f"{auth[0]}:{auth[1]}"
@@ -30,7 +30,7 @@ def request(method: str, url: str, body: dict | None = None,
     if url.startswith("https://"):
         import ssl
 
-        ssl_ctx = ssl.create_default_context(cafile=str(CA_CERT))
+        ssl_ctx = ssl.create_default_context(cafile=cafile or str(CA_CERT))
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=ssl_ctx) as r:
             status, text = r.status, r.read().decode(errors="replace")
