@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,9 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, small_fs):
 
     # space freed: the same command resumes from iteration 5, bit-exactly
     (small_fs / "filler").unlink()
+    t = time.monotonic()
     r = subprocess.run(_cmd(cfg, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    print(f"recovery: the rerun resumed and finished in {time.monotonic() - t:.1f} s")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "result.json").read_text())["resumed_from"] == 5
     # read, not mapped (load_file): a failure's traceback keeps no file of the tmpfs open
