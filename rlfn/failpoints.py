@@ -22,7 +22,9 @@ The points (where they are):
 * ``register.weights_logged`` (``pipeline.mlflow_registry.versions.log_and_register``): the
   weights uploaded to the tracking server, the pyfunc and the version not yet;
 * ``promote.locked`` (``pipeline.mlflow_registry.promotion.promote``): the promotion's lock
-  held, nothing read or moved yet.
+  held, nothing read or moved yet;
+* ``promote.lease_busy`` (``pipeline.mlflow_registry.locks``): a promotion found the
+  registry's lease held by another, live, and is about to wait for it.
 """
 
 from __future__ import annotations

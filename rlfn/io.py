@@ -11,11 +11,16 @@ to disk (fsync), and the temporary file is renamed over ``path`` (``os.replace``
 one file system); on any error the temporary file is removed and ``path`` is left as it was.
 ``atomic_target(path)`` is the same for writers that want a file name (a compiler, an
 exporter): it yields the temporary path and publishes it when the block ends without error.
+A full disk (``ENOSPC``, or a quota: ``EDQUOT``) in either is ``NoSpaceError``: a DataError
+(one ``error:`` line, exit 1) naming ``path`` and "no space left on device", still an OSError
+for callers that catch those; ``is_no_space(e)`` tells one (an OSError, or safetensors'
+error, which wraps the OS error in its message).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -33,6 +38,7 @@ from .errors import DataError
 
 __all__ = ["ImageError", "ImageInfo", "read_image", "decode_image", "write_png", "write_json",
            "encode_png", "list_images", "sha256_file", "atomic_write", "atomic_target", "publish",
+           "NoSpaceError", "is_no_space",
            "IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -42,6 +48,33 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 class ImageError(DataError, ValueError):
     """An image that cannot be used: ``ImageError(path, reason)``."""
+
+
+class NoSpaceError(DataError, OSError):
+    """A file that could not be written because its file system is full:
+    ``NoSpaceError(path, reason)``; ``errno`` is ``ENOSPC``."""
+
+    def __init__(self, where, reason=None):
+        super().__init__(where, reason)
+        self.errno = errno.ENOSPC
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` says a file system is full (ENOSPC or EDQUOT): an OSError with that errno,
+    or another error carrying the OS's words (safetensors: "... (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    text = str(e)
+    return any(f"os error {n})" in text for n in _NO_SPACE) or "No space left" in text
+
+
+def _no_space(path: Path, e: BaseException) -> NoSpaceError:
+    return NoSpaceError(path, f"no space left on device ({type(e).__name__}: "
+                              f"{getattr(e, 'strerror', None) or e}); nothing was written "
+                              "there: free space and rerun")
 
 
 @dataclass
@@ -245,6 +278,16 @@ def _temp_beside(path: Path, mode: int) -> tuple[int, Path]:
             continue
 
 
+def _new_temp(path: Path, mode: int) -> tuple[int, Path]:
+    """``_temp_beside``, a full file system (no inode left) said as ``NoSpaceError``."""
+    try:
+        return _temp_beside(path, mode)
+    except OSError as e:
+        if is_no_space(e):
+            raise _no_space(path, e) from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_target(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (an empty file) for a writer that wants a file
@@ -252,13 +295,15 @@ def atomic_target(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
     On an error it is removed. The folder is created when missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path, mode)
+    fd, tmp = _new_temp(path, mode)
     os.close(fd)
     try:
         yield tmp
         publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_no_space(e) and not isinstance(e, NoSpaceError):
+            raise _no_space(path, e) from e
         raise
 
 
@@ -269,7 +314,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable, *,
     ``mode``: the new file's permissions before the umask (``0o600``: private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path, mode)
+    fd, tmp = _new_temp(path, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
@@ -279,7 +324,9 @@ def atomic_write(path: str | Path, data: bytes | str | Callable, *,
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_no_space(e) and not isinstance(e, NoSpaceError):
+            raise _no_space(path, e) from e
         raise
     return path

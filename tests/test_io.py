@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from imagefiles import make, rgb
-from rlfn.io import (ImageError, atomic_target, atomic_write, list_images, read_image,
-                     write_png)
+from rlfn.errors import DataError
+from rlfn.io import (ImageError, NoSpaceError, atomic_target, atomic_write, is_no_space,
+                     list_images, read_image, write_png)
 
 CONVERTED = {"gray": "grayscale", "palette": "palette", "rgba": "alpha", "png16": "16-bit",
              "gray16": "16-bit", "cmyk": "CMYK"}
@@ -110,6 +111,38 @@ def test_atomic_write_publishes_whole_or_not_at_all(tmp_path):
         atomic_write(path, half)
     assert path.read_bytes() == b"three"  # the old file kept
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]  # no temp left
+
+
+def test_a_full_disk_is_one_error_naming_the_file(tmp_path):
+    """ENOSPC while publishing: NoSpaceError (a DataError, still an OSError) naming the path,
+    the old file kept, no temp left. The real full disk: test_chaos_disk.py."""
+    import errno
+
+    path = tmp_path / "w.bin"
+    atomic_write(path, b"old")
+
+    def full(f):
+        f.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NoSpaceError) as e:
+        atomic_write(path, full)
+    assert isinstance(e.value, DataError) and isinstance(e.value, OSError)
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value).startswith(f"{path}: no space left on device"), str(e.value)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]
+    with pytest.raises(NoSpaceError, match="no space left on device"):
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]
+    assert is_no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_no_space(RuntimeError("Error while serializing: I/O error: No space left on "
+                                    "device (os error 28)"))
+    assert not is_no_space(OSError(errno.EACCES, "Permission denied"))
+    with pytest.raises(PermissionError):  # other errors pass as they were
+        atomic_write(path, lambda f: (_ for _ in ()).throw(PermissionError("no")))
 
 
 def test_atomic_target_for_writers_that_want_a_name(tmp_path):

@@ -18,6 +18,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipeline.tags import LEASE
+from rlfn import failpoints
 
 __all__ = ["LeaseLost", "LEASE_TAG", "LEASE_TTL_S", "LEASE_SETTLE_S", "LEASE_GUARD_S"]
 
@@ -135,6 +136,8 @@ class _Lease:
                     if holder is not None and holder["token"] == self.token:
                         self.expires = expires
                         return self
+            if holder is not None and holder["token"] != self.token:
+                failpoints.hit("promote.lease_busy")  # tests: another holds it (else a no-op)
             if time.monotonic() + delay > deadline:
                 owner = holder["owner"] if holder else "nobody; last write failed"
                 raise TimeoutError(f"could not take the promotion lease of {self.name!r} within "

@@ -13,6 +13,8 @@ It is written to ``checkpoint.tmp/`` and swapped in with renames, so a crash at 
 leaves either the previous or the new checkpoint complete (``checkpoint.old/`` is used if a
 crash fell between the two renames). Loading runs no unpickling at all, and refuses a
 checkpoint of another architecture or scale, or whose files do not match their recorded hash.
+A full disk while writing is ``rlfn.io.NoSpaceError`` naming the checkpoint and the last
+complete one (kept); the partial ``checkpoint.tmp/`` is removed, giving its space back.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
-from ..io import sha256_file
+from ..io import NoSpaceError, is_no_space, sha256_file
 from ..models import RLFN
 from ..weights import WeightsError, infer_config, load_state_dict, save_model
 
@@ -80,6 +82,37 @@ def save_checkpoint(out_dir: str | Path, model: RLFN, optimizer: torch.optim.Opt
     final, tmp, old = out_dir / NAME, out_dir / f"{NAME}.tmp", out_dir / f"{NAME}.old"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_tmp(tmp, model, optimizer, state, provenance)
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        # the partial folder goes (its space back); the complete checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = find_checkpoint(out_dir)
+        try:
+            kept = (f"the last complete one, {last} (iteration "
+                    f"{json.loads((last / 'state.json').read_text())['iteration']}), is intact"
+                    if last is not None else "there is no earlier one")
+        except (OSError, ValueError, KeyError):
+            kept = f"the last complete one is {last}"
+        raise NoSpaceError(final, f"no space left on device while writing the checkpoint of "
+                                  f"iteration {state.iteration}; {kept}; free space and rerun "
+                                  "to resume") from e
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _write_tmp(tmp: Path, model: RLFN, optimizer: torch.optim.Optimizer, state: TrainState,
+               provenance: dict | None) -> None:
+    """The checkpoint's files in the folder ``tmp``, flushed to disk."""
     tmp.mkdir(parents=True)
     save_model(model, tmp / "model.safetensors", provenance)
     opt_tensors, groups = _optimizer_tensors(optimizer)
@@ -100,15 +133,6 @@ def save_checkpoint(out_dir: str | Path, model: RLFN, optimizer: torch.optim.Opt
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(out_dir)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:

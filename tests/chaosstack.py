@@ -1,0 +1,110 @@
+"""What the chaos tests (``-m chaos``, issue 24) share: a team stack whose clone is tiny
+(test_pipeline's params, 4 training images, committed before ``up``), clients run in processes
+of their own, and ``census``: everything the stack's services hold that a fault must not lose,
+counted by asking each service (MLflow's runs and their metrics, the registry's versions and
+aliases, every Optuna study's trials in PostgreSQL, Prefect's flow runs), so a case compares
+one census before the fault with one after."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from teamstack import Stack
+from tinyproject import tiny_params
+
+BIN = Path(sys.executable).parent
+MODEL = "rlfn-x4"
+TRAIN_IMAGES = 4
+
+# One client process: every MLflow run of the experiment (status, latest metrics), the
+# registered model's versions and aliases, every Optuna study's trials, every Prefect flow run.
+CENSUS = r'''
+import asyncio, json, os, sys
+import optuna
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+
+c = MlflowClient()
+exp = c.get_experiment_by_name("rlfn")
+runs = c.search_runs([exp.experiment_id], max_results=5000) if exp else []
+name = sys.argv[1]
+try:
+    aliases = dict(c.get_registered_model(name).aliases or {})
+except Exception:
+    aliases = None
+versions = sorted(([int(v.version), str(v.status), v.run_id,
+                    (v.tags or {}).get("rlfn.weights_sha256")]
+                   for v in c.search_model_versions(f"name = '{name}'")), key=lambda v: v[0])
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+storage = os.environ["RLFN_OPTUNA_STORAGE"]
+studies = {}
+for s in optuna.get_all_study_summaries(storage=storage):
+    st = optuna.load_study(study_name=s.study_name, storage=storage)
+    studies[s.study_name] = sorted([t.number, t.state.name, t.params, t.values]
+                                   for t in st.get_trials(deepcopy=False))
+
+async def flow_runs():
+    async with get_client() as client:
+        flows = {f.id: f.name for f in await client.read_flows(limit=200)}
+        out = []
+        while True:
+            page = await client.read_flow_runs(limit=200, offset=len(out))
+            out += page
+            if len(page) < 200:
+                return sorted([str(r.id), flows.get(r.flow_id), r.name, r.state_type.value]
+                              for r in out)
+
+print(json.dumps({
+    "runs": sorted([r.info.run_id, r.info.status, r.data.tags.get("dvc_stage"),
+                    dict(sorted(r.data.metrics.items()))] for r in runs),
+    "versions": versions, "aliases": aliases, "studies": studies,
+    "flow_runs": asyncio.run(flow_runs())}))
+'''
+
+
+def tiny_clone(clone: Path) -> None:
+    """The tiny params (no int8 backend) and 4 training images, committed in the clone."""
+    tiny_params(clone / "params.yaml", int8=False)
+    extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if extra:
+        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-qam", "tiny params for the chaos tests"], check=True,
+                   timeout=60)
+
+
+def run(stack: Stack, cmd: list[str], timeout: float = 900, check: bool = True,
+        env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=env or stack.client_env(), cwd=cwd or stack.clone,
+                       stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
+                             f"{r.stderr[-6000:]}")
+    return r
+
+
+def py(stack: Stack, code: str, *args: str, timeout: float = 300, env: dict | None = None):
+    """``code`` in a fresh interpreter (a client of the stack); its last line, as JSON."""
+    r = run(stack, [sys.executable, "-c", code, *args], timeout=timeout, env=env)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run(stack, [str(BIN / "dvc"), *args], **kw)
+
+
+def census(stack: Stack) -> dict:
+    """Everything the services hold (module docstring), as plain JSON values."""
+    return py(stack, CENSUS, MODEL)
+
+
+def counts(c: dict) -> dict:
+    """The census in figures (for the report lines)."""
+    return {"runs": len(c["runs"]), "metrics": sum(len(r[3]) for r in c["runs"]),
+            "versions": len(c["versions"]), "aliases": c["aliases"],
+            "trials": {k: len(v) for k, v in c["studies"].items()},
+            "flow_runs": len(c["flow_runs"])}
