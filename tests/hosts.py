@@ -114,6 +114,88 @@ class Net:
                                 start_new_session=True, **kw)
 
 
+def _await_line(stream, needle: str, timeout: float) -> str:
+    """Read ``stream`` (a pipe) until a line holding ``needle``; what was read. ``TimeoutError``
+    after ``timeout`` s or at end of stream without it."""
+    import selectors
+
+    sel, seen, buf = selectors.DefaultSelector(), [], ""
+    sel.register(stream, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            chunk = os.read(stream.fileno(), 4096).decode(errors="replace")
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            seen += lines
+            if any(needle in line for line in lines):
+                return "\n".join(seen)
+    finally:
+        sel.close()
+    raise TimeoutError(f"no line with {needle!r} within {timeout:.0f} s: {seen + [buf]}")
+
+
+SEND_UDP = r"""
+import socket, sys
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[3].encode(),
+                                                        (sys.argv[1], int(sys.argv[2])))
+"""
+END_PORT = 9  # discard: the capture's closing datagram
+
+
+def send_udp(src: Host, dst: Host, port: int, payload: str) -> None:
+    """One UDP datagram from ``src`` to ``dst`` (nothing needs to listen): a packet on the
+    bridge whose content the test knows."""
+    r = src.run(["/usr/bin/python3", "-c", SEND_UDP, dst.addr, str(port), payload])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@contextlib.contextmanager
+def capture(net: "Net", pcap: Path, timeout: float = 30) -> Iterator[Path]:
+    """tcpdump on the bridge: every packet between the hosts, whole (``-s 0``), written to
+    ``pcap``. Won by construction, no clock: the block starts once tcpdump says it listens;
+    when it ends, one host sends the other a closing datagram and the capture stops only after
+    tcpdump has printed it (``--print``, in order: every packet before it is written)."""
+    src, dst = list(net.hosts.values())[:2]
+    p = subprocess.Popen(["ip", "netns", "exec", net.switch_ns, "tcpdump", "--immediate-mode",
+                          "-U", "-l", "-n", "-s", "0", "-i", net.bridge, "-w", str(pcap),
+                          "--print"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        _await_line(p.stderr, "listening on", timeout)
+        yield pcap
+        send_udp(src, dst, END_PORT, "rlfn-capture-end")
+        _await_line(p.stdout, f"> {dst.addr}.{END_PORT}: UDP", timeout)
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+
+
+def secrets_seen(pcap: Path, secrets_: dict[str, str]) -> list[str]:
+    """The names of the ``secrets_`` whose text, or its base64 (HTTP Basic carries
+    ``user:password`` so), is anywhere in the captured bytes."""
+    import base64
+
+    data = pcap.read_bytes()
+    found = []
+    for name, value in secrets_.items():
+        raw = value.encode()
+        forms = {raw, base64.b64encode(raw), base64.b64encode(raw).rstrip(b"=")}
+        if any(f and f in data for f in forms):
+            found.append(name)
+    return found
+
+
 def prerequisites() -> None:
     """Namespaces and users can be made here, or ``unavailable`` with the reason."""
     if os.geteuid() != 0:

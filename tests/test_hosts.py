@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hosts import _ip, assert_homes_private, hosts
+from hosts import (_await_line, _ip, assert_homes_private, capture, hosts, secrets_seen,
+                   send_udp)
 
 pytestmark = pytest.mark.stack
 
@@ -57,7 +58,7 @@ def test_hosts_reach_each_other_only_over_the_bridge():
 
         cap = net.switch(["tcpdump", "-l", "-n", "-i", net.bridge, "-c", "1",
                           f"tcp and src host {a.addr} and dst host {b.addr} and dst port 24680"])
-        time.sleep(1.0)  # tcpdump's capture is open before the first packet
+        _await_line(cap.stderr, "listening on", 30)  # the capture is open: no clock
         servers = [_listen(b, b.addr, 24680), _listen(b, "127.0.0.1", 24681)]
         try:
             r = a.run([PY, "-c", CONNECT, b.addr, "24680"])
@@ -122,3 +123,24 @@ def _running_as(uid: int) -> list[str]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def test_the_capture_finds_a_secret_sent_in_clear(tmp_path):
+    """The check the end-to-end test makes of its capture (``hosts.secrets_seen``) finds a
+    secret that did cross the bridge in clear, as itself and as HTTP Basic's base64 of
+    ``user:secret``, and not one that never crossed: the capture is open before the first
+    packet and flushed when it stops."""
+    import base64
+
+    with hosts("alpha", "beta") as net:
+        a, b = net.hosts["alpha"], net.hosts["beta"]
+        pcap = tmp_path / "bridge.pcap"
+        os_pass = "s3cret-" + tmp_path.name
+        basic = base64.b64encode(f"rlfn:{os_pass}-basic".encode()).decode()
+        with capture(net, pcap):
+            for payload in (os_pass, f"Authorization: Basic {basic}"):
+                send_udp(a, b, 24682, payload)
+        assert pcap.stat().st_size > 0
+        assert secrets_seen(pcap, {"clear": os_pass, "basic": f"rlfn:{os_pass}-basic",
+                                   "never sent": f"{os_pass}-never"}) == ["clear", "basic"]
+
