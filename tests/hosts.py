@@ -136,7 +136,7 @@ def _await_line(stream, needle: str, timeout: float) -> str:
                 return "\n".join(seen)
     finally:
         sel.close()
-    raise TimeoutError(f"no line with {needle!r} within {timeout:.0f} s: {seen + [buf]}")
+    raise TimeoutError(f"no line with {needle!r} within {timeout:.0f} s: {(seen + [buf])[-5:]}")
 
 
 SEND_UDP = r"""
@@ -155,21 +155,26 @@ def send_udp(src: Host, dst: Host, port: int, payload: str) -> None:
 
 
 @contextlib.contextmanager
-def capture(net: "Net", pcap: Path, timeout: float = 30) -> Iterator[Path]:
+def capture(net: "Net", pcap: Path, timeout: float = 60) -> Iterator[Path]:
     """tcpdump on the bridge: every packet between the hosts, whole (``-s 0``), written to
-    ``pcap``. Won by construction, no clock: the block starts once tcpdump says it listens;
-    when it ends, one host sends the other a closing datagram and the capture stops only after
-    tcpdump has printed it (``--print``, in order: every packet before it is written)."""
+    ``pcap`` as it comes (``--immediate-mode -U``). Won by construction, no clock: the block
+    starts once tcpdump says it listens; when it ends, one host sends another a closing
+    datagram with a token of its own, and the capture stops only once the token is in the
+    file (packets are written in order: every packet before it is there)."""
     src, dst = list(net.hosts.values())[:2]
     p = subprocess.Popen(["ip", "netns", "exec", net.switch_ns, "tcpdump", "--immediate-mode",
-                          "-U", "-l", "-n", "-s", "0", "-i", net.bridge, "-w", str(pcap),
-                          "--print"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          "-U", "-n", "-s", "0", "-i", net.bridge, "-w", str(pcap)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          start_new_session=True)
     try:
         _await_line(p.stderr, "listening on", timeout)
         yield pcap
-        send_udp(src, dst, END_PORT, "rlfn-capture-end")
-        _await_line(p.stdout, f"> {dst.addr}.{END_PORT}: UDP", timeout)
+        token = f"rlfn-capture-end-{secrets.token_hex(8)}".encode()
+        send_udp(src, dst, END_PORT, token.decode())
+        deadline = time.monotonic() + timeout
+        while not _tail_has(pcap, token):
+            assert time.monotonic() < deadline, f"tcpdump wrote no closing datagram to {pcap}"
+            time.sleep(0.1)
     finally:
         p.send_signal(signal.SIGINT)
         try:
@@ -177,8 +182,13 @@ def capture(net: "Net", pcap: Path, timeout: float = 30) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-        p.stdout.close()
         p.stderr.close()
+
+
+def _tail_has(path: Path, token: bytes, tail: int = 1 << 16) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+        return token in f.read()
 
 
 def secrets_seen(pcap: Path, secrets_: dict[str, str]) -> list[str]:

@@ -19,11 +19,15 @@ as a person would hand it over), which runs ``stack.sh join FILE``:
   ``RLFN_GIT_URL``; on the client, checking out that branch and ``dvc pull`` restore the
   outputs byte for byte and ``dvc status`` is clean; the champion loads on the client from the
   tracking server over TLS and upscales an image;
+* nothing secret on the wire (item 5): tcpdump on the bridge from the join to the champion's
+  check holds more bytes than the outputs pulled and none of the passwords ``up`` made,
+  MLflow's HTTP Basic ``user:password`` (plain or base64) or a line of a private key;
 * ``down`` on the worker host stops its worker (``status``: DOWN, exit 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hosts import hosts, install_project
+from hosts import capture, hosts, install_project, secrets_seen
 from prereq import ROOT, unavailable
 from servers import free_port
 from teamstack import eval_env, prerequisites
@@ -95,6 +99,21 @@ def _carry(src, h, name: str = "team.bundle"):
     os.chown(dst, h.uid, h.uid)
     os.chmod(dst, 0o600)
     return dst
+
+
+def _secrets(state: Path) -> dict[str, str]:
+    """What must never cross the bridge in clear: every password the server's ``up`` made
+    (``secrets/stack.json``: PostgreSQL's, MLflow's, Prefect's auth string), MLflow's
+    ``user:password`` (HTTP Basic), and each base64 line of the private keys (the DVC remote's
+    and git's client key, the CA's and the servers' TLS keys)."""
+    doc = json.loads((state / "secrets" / "stack.json").read_text())
+    out = {f"secret {k}": v for k, v in doc.items() if isinstance(v, str) and len(v) >= 12}
+    keys = [state / "ssh" / "id_ed25519", *sorted((state / "tls").glob("*.key"))]
+    assert len(keys) >= 2, keys
+    for key in keys:
+        body = [ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")]
+        out.update({f"{key.name} line {i}": ln for i, ln in enumerate(body) if len(ln) >= 40})
+    return out
 
 
 def _ok(r: subprocess.CompletedProcess, what: str, extra: str = "") -> str:
@@ -170,6 +189,10 @@ def test_worker_host_joins():
             assert pool.stderr.startswith("error: join --pool 'gpu pool'"), pool.stderr
             assert not wstate.exists() and not client_dir.exists(), \
                 (list(wrk.home.iterdir()), loose.stderr)
+
+            # from here to the champion on the client, every packet on the bridge is captured
+            wire = contextlib.ExitStack()
+            pcap = wire.enter_context(capture(net, net.base / "bridge.pcap"))
 
             # the join
             j = wrk.run(wsh + ["join", str(carried)], timeout=600, **wenv)
@@ -292,12 +315,25 @@ def test_worker_host_joins():
             assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
                 {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
 
+            # nothing secret on the wire: the capture holds the run's traffic (more bytes than
+            # the outputs the client pulled) and none of the secrets, plain or base64
+            wire.close()
+            pulled = sum(f.stat().st_size for o in CACHED for f in
+                         ((cclone / o).rglob("*") if (cclone / o).is_dir() else [cclone / o])
+                         if f.is_file())
+            assert pcap.stat().st_size > pulled > 0, (pcap.stat().st_size, pulled)
+            secret = _secrets(state)
+            assert len(secret) >= 5, sorted(secret)
+            assert secrets_seen(pcap, secret) == [], "in clear on the bridge"
+
             # down on the worker host stops its worker
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)
             assert d.returncode == 0 and "worker      stopped" in d.stdout, d.stdout + d.stderr
             st = wrk.run(wsh + ["status"], timeout=120, **wenv)
             assert st.returncode == 1 and "worker      DOWN" in st.stdout, st.stdout
         finally:
+            if "wire" in locals():
+                wire.close()  # a failure before the capture's end: stop tcpdump
             print(_log_tails(wstate, 30))
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)
             print(d.stdout + d.stderr)
