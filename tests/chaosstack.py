@@ -7,15 +7,12 @@ one census before the fault with one after."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
-from teamstack import Stack
+from teamstack import Stack, py
 from tinyproject import tiny_params
 
-BIN = Path(sys.executable).parent
 MODEL = "rlfn-x4"
 TRAIN_IMAGES = 4
 
@@ -74,27 +71,6 @@ def tiny_clone(clone: Path) -> None:
         subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
     subprocess.run([*git, "commit", "-qam", "tiny params for the chaos tests"], check=True,
                    timeout=60)
-
-
-def run(stack: Stack, cmd: list[str], timeout: float = 900, check: bool = True,
-        env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=env or stack.client_env(), cwd=cwd or stack.clone,
-                       stdin=subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
-                             f"{r.stderr[-6000:]}")
-    return r
-
-
-def py(stack: Stack, code: str, *args: str, timeout: float = 300, env: dict | None = None):
-    """``code`` in a fresh interpreter (a client of the stack); its last line, as JSON."""
-    r = run(stack, [sys.executable, "-c", code, *args], timeout=timeout, env=env)
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
-    return run(stack, [str(BIN / "dvc"), *args], **kw)
 
 
 def census(stack: Stack) -> dict:

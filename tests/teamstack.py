@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -150,3 +151,33 @@ def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
             print("\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in times.items()))
         assert d.returncode == 0, d.stdout + d.stderr
         assert not left, f"processes survived `stack.sh down`: {left}"
+
+
+# ------------------------------------------------------------ commands as a client of a stack
+BIN = Path(sys.executable).parent  # this environment's console scripts (dvc, prefect)
+
+
+def run(stack: Stack, cmd: list[str], timeout: float = 900, check: bool = True,
+        env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` in the stack's clone with its client environment (``env``: another one); with
+    ``check`` an AssertionError holding the output's tails when it fails. ``timeout`` is a
+    hang guard."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=env or stack.client_env(), cwd=cwd or stack.clone,
+                       stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
+                             f"{r.stderr[-6000:]}")
+    return r
+
+
+def py(stack: Stack, code: str, *args: str, timeout: float = 300, env: dict | None = None,
+       cwd: Path | None = None):
+    """``code`` in a fresh interpreter (a client of the stack); its last line, as JSON."""
+    r = run(stack, [sys.executable, "-c", code, *args], timeout=timeout, env=env, cwd=cwd)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run(stack, [str(BIN / "dvc"), *args], **kw)
+

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from chaosstack import census, counts, dvc, py, tiny_clone
-from teamstack import stack_up
+from chaosstack import census, counts, tiny_clone
+from teamstack import dvc, py, stack_up
 from tinyproject import DVC_STAGES
 
 pytestmark = pytest.mark.chaos

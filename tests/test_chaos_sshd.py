@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaosstack import dvc, run, tiny_clone
+from chaosstack import tiny_clone
 from servers import _group_alive
-from teamstack import Stack, stack_up
+from teamstack import Stack, dvc, run, stack_up
 
 pytestmark = pytest.mark.chaos
 

@@ -39,10 +39,9 @@ import yaml
 
 from faults import armed_env, release, wait_reached
 from servers import _group_alive, free_port
-from teamstack import Stack, http, stack_up
+from teamstack import BIN, Stack, dvc, http, py, run, stack_up
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_params
 
-BIN = Path(sys.executable).parent
 MODEL = "rlfn-x4"
 TRAIN_IMAGES = 4  # as test_pipeline's copy: enough for the tiny params, fast to prepare
 TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module
@@ -151,29 +150,8 @@ def stack():
         yield st
 
 
-def _run(stack: Stack, cmd: list[str], timeout: float = 600, check: bool = True,
-         env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=env or stack.client_env(), cwd=cwd or stack.clone,
-                       stdin=subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n"
-                             f"{r.stderr[-6000:]}")
-    return r
-
-
-def _py(stack: Stack, code: str, *args: str, timeout: float = 300, cwd: Path | None = None):
-    """Run ``code`` in a fresh interpreter (a client of the stack); its last line, as JSON."""
-    r = _run(stack, [sys.executable, "-c", code, *args], timeout=timeout, cwd=cwd)
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
-    return _run(stack, [str(BIN / "dvc"), *args], **kw)
-
-
 def _registry(stack: Stack, *flags: str) -> dict:
-    return _py(stack, REGISTRY, MODEL, *flags)
+    return py(stack, REGISTRY, MODEL, *flags)
 
 
 def _sha256_tree(root: Path, paths: list[str]) -> dict[str, str]:
@@ -220,9 +198,9 @@ def _flow_run_logs(env: dict, run_id: str) -> list[str]:
 # (a repro took 11 min beside CI and helpers, over 20 at load 17)
 @pytest.mark.timeout(3300)  # the fixture's cold `up` and the whole repro count here
 def test_dvc_repro_against_the_stack(stack):
-    head = _run(stack, ["git", "rev-parse", "HEAD"]).stdout.strip()
+    head = run(stack, ["git", "rev-parse", "HEAD"]).stdout.strip()
     t0 = time.monotonic()
-    r = _dvc(stack, "repro", timeout=3000)
+    r = dvc(stack, "repro", timeout=3000)
     TIMES["dvc repro against the stack"] = time.monotonic() - t0
     out = r.stdout + r.stderr
     print(f"\ndvc repro against the stack: {TIMES['dvc repro against the stack']:.1f} s")
@@ -238,18 +216,18 @@ def test_dvc_repro_against_the_stack(stack):
     commits = {}
     for stage, rs in runs.items():
         assert [x["status"] for x in rs] == ["FINISHED"], (stage, rs)
-        run = rs[0]
-        commits[stage] = run["tags"]["git_commit"]
-        assert run["artifact_uri"].startswith("mlflow-artifacts:/"), run["artifact_uri"]
-        for a in run["artifacts"]:
-            assert (arts / run["run_id"] / "artifacts" / a).exists(), (stage, a)
+        mlrun = rs[0]
+        commits[stage] = mlrun["tags"]["git_commit"]
+        assert mlrun["artifact_uri"].startswith("mlflow-artifacts:/"), mlrun["artifact_uri"]
+        for a in mlrun["artifacts"]:
+            assert (arts / mlrun["run_id"] / "artifacts" / a).exists(), (stage, a)
     print(f"git_commit tags: {commits}")
     assert all(c.startswith(head) for c in commits.values()), (head, commits)
     assert commits["prepare"] == head  # the committed clone: clean before the repro writes
     assert "manifest.summary.json" in runs["prepare"][0]["artifacts"]
     for k in (1, 2, 3):
-        run = runs[f"train_stage@{k}"][0]
-        stored = arts / run["run_id"] / "artifacts" / "weights" / "model.safetensors"
+        mlrun = runs[f"train_stage@{k}"][0]
+        stored = arts / mlrun["run_id"] / "artifacts" / "weights" / "model.safetensors"
         assert stored.read_bytes() == (stack.clone / "models" / f"stage{k}" /
                                        "model.safetensors").read_bytes(), k
     parents = {x["tags"]["rlfn.repro_id"] for rs in runs.values() for x in rs}
@@ -267,7 +245,7 @@ def test_dvc_repro_against_the_stack(stack):
         {"promoted": 1, "version": 3}
 
     # Prefect: every stage's flow run, recorded by the server, COMPLETED
-    flow_runs = _py(stack, PREFECT_RUNS)
+    flow_runs = py(stack, PREFECT_RUNS)
     by_name: dict[str, list[str]] = {}
     for fr in flow_runs:
         by_name.setdefault(fr["name"], []).append(fr["state"])
@@ -277,13 +255,13 @@ def test_dvc_repro_against_the_stack(stack):
 
     # the champion, loaded by name in another process (another directory), upscales x4
     t = time.monotonic()
-    got = _py(stack, PYFUNC, cwd=stack.state.parent)
+    got = py(stack, PYFUNC, cwd=stack.state.parent)
     TIMES["pyfunc load + predict (another process)"] = time.monotonic() - t
     assert got == {"shape": [80, 96, 3], "dtype": "uint8"}, got
 
     # DVC: push to the stack's remote over SSH, delete every cached output and the local
     # cache, pull: the same bytes, from the remote
-    outs = _py(stack, OUTS)
+    outs = py(stack, OUTS)
     assert {o["stage"] for o in outs} == set(DVC_STAGES), outs
     cached = sorted({o["path"] for o in outs if o["cache"]})
     uncached = sorted({o["path"] for o in outs if not o["cache"]})
@@ -294,7 +272,7 @@ def test_dvc_repro_against_the_stack(stack):
     before = _sha256_tree(stack.clone, cached)
     assert len(before) >= 10, before
     t = time.monotonic()
-    push = _dvc(stack, "push")
+    push = dvc(stack, "push")
     TIMES["dvc push (ssh)"] = time.monotonic() - t
     assert re.search(r"\d+ files? pushed", push.stdout + push.stderr), push.stdout + push.stderr
     remote = stack.state / "dvc-remote" / "files" / "md5"
@@ -303,16 +281,16 @@ def test_dvc_repro_against_the_stack(stack):
         p = stack.clone / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(stack.clone / ".dvc" / "cache")
-    st = json.loads(_dvc(stack, "status", "--json", "dvc.yaml").stdout)
+    st = json.loads(dvc(stack, "status", "--json", "dvc.yaml").stdout)
     assert set(st) >= {"prepare", "degrade", "patches", *[f"train_stage@{k}" for k in (1, 2, 3)]}
     t = time.monotonic()
-    pull = _dvc(stack, "pull")
+    pull = dvc(stack, "pull")
     TIMES["dvc pull (ssh)"] = time.monotonic() - t
     assert "fetched" in (pull.stdout + pull.stderr).lower() or \
         "added" in (pull.stdout + pull.stderr).lower(), pull.stdout + pull.stderr
     after = _sha256_tree(stack.clone, cached)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
-    assert json.loads(_dvc(stack, "status", "--json", "dvc.yaml").stdout) == {}
+    assert json.loads(dvc(stack, "status", "--json", "dvc.yaml").stdout) == {}
 
 
 # --------------------------------------------------------------------------- 2
@@ -326,7 +304,7 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     env = stack.client_env()
     runs_before = {r["run_id"] for r in _registry(stack)["runs"]}
     t = time.monotonic()
-    r = _run(stack, [str(BIN / "prefect"), "deployment", "run", "rlfn-repro/repro"],
+    r = run(stack, [str(BIN / "prefect"), "deployment", "run", "rlfn-repro/repro"],
              timeout=120)
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
     fr = _wait_flow_run(env, run_id, 1500)
@@ -341,7 +319,7 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     new = [x for x in _registry(stack)["runs"] if x["run_id"] not in runs_before]
     assert not [x for x in new if x["tags"].get("rlfn.kind") == "stage"], new
     # ... and the workspace is as dvc.lock says
-    st = _dvc(stack, "status", "--json", "dvc.yaml")
+    st = dvc(stack, "status", "--json", "dvc.yaml")
     assert json.loads(st.stdout) == {}, st.stdout
 
 
@@ -356,10 +334,10 @@ def origin(stack) -> Path:
     holding what test 1 trained (dvc.lock, metrics; the data is on the remote ``stack``)."""
     bare = stack.state.parent / "origin.git"
     git = ["git", "-C", str(stack.clone), "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(stack, [*git, "add", "dvc.lock", "metrics", "plots", "reports"])
-    _run(stack, [*git, "commit", "-qm", "what test 1 trained"])
-    _run(stack, ["git", "clone", "-q", "--bare", str(stack.clone), str(bare)])
-    _run(stack, [*git, "remote", "set-url", "origin", str(bare)])
+    run(stack, [*git, "add", "dvc.lock", "metrics", "plots", "reports"])
+    run(stack, [*git, "commit", "-qm", "what test 1 trained"])
+    run(stack, ["git", "clone", "-q", "--bare", str(stack.clone), str(bare)])
+    run(stack, [*git, "remote", "set-url", "origin", str(bare)])
     return bare
 
 
@@ -370,9 +348,9 @@ def _push_params(stack: Stack, change, message: str) -> str:
     change(prm)
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
     git = ["git", "-C", str(stack.clone), "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(stack, [*git, "commit", "-qam", message])
-    _run(stack, [*git, "push", "-q", "origin", "HEAD:main"])
-    return _run(stack, [*git, "rev-parse", "HEAD"]).stdout.strip()
+    run(stack, [*git, "commit", "-qam", message])
+    run(stack, [*git, "push", "-q", "origin", "HEAD:main"])
+    return run(stack, [*git, "rev-parse", "HEAD"]).stdout.strip()
 
 
 def _retrain(stack: Stack, label: str, *args: str, ok: bool = True) -> dict:
@@ -380,7 +358,7 @@ def _retrain(stack: Stack, label: str, *args: str, ok: bool = True) -> dict:
     PREFECT_API_URL: the deployment dispatched and watched; what it left behind. With ``ok``
     the flow run must have COMPLETED on the pool (and the command exited 0)."""
     t = time.monotonic()
-    r = _run(stack, ["bash", "scripts/retrain.sh", *args], timeout=900, check=False)
+    r = run(stack, ["bash", "scripts/retrain.sh", *args], timeout=900, check=False)
     took = time.monotonic() - t
     m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
     assert m, r.stdout + r.stderr
@@ -511,7 +489,7 @@ def test_a_stage_refuses_a_server_it_cannot_use(stack, fault):
         url = env["MLFLOW_TRACKING_URI"]
         service = "MLflow tracking server"
     t = time.monotonic()
-    r = _run(stack, [sys.executable, "-m", "pipeline.promote"], env=env, check=False,
+    r = run(stack, [sys.executable, "-m", "pipeline.promote"], env=env, check=False,
              timeout=180)
     took = time.monotonic() - t
     TIMES[f"promote refused ({fault})"] = took
@@ -578,7 +556,7 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
 
         # (d) while the stage is held (it holds DVC's lock), a second repro is refused by DVC
         assert stage.poll() is None, "\n".join(lines[-60:])
-        second = _dvc(stack, "repro", check=False, timeout=120)
+        second = dvc(stack, "repro", check=False, timeout=120)
         so = second.stdout + second.stderr
         print(f"\nsecond dvc repro: exit {second.returncode}: {so.strip()[-400:]}")
         assert second.returncode != 0, so
@@ -633,10 +611,10 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
         (killed[0]["run_id"], "FAILED"), (parents[0]["run_id"], "FAILED")}, entries
     assert killed[0]["status"] == parents[0]["status"] == "RUNNING"
     # ... and DVC records nothing of the stage: its outputs differ from dvc.lock
-    status = json.loads(_dvc(stack, "status", "--json").stdout)
+    status = json.loads(dvc(stack, "status", "--json").stdout)
     assert "train_stage@1" in status, status
     # the next stage that reaches the server records their ends: FAILED, the journal empty
-    _dvc(stack, "repro", "--force", "--single-item", "prepare", timeout=600)
+    dvc(stack, "repro", "--force", "--single-item", "prepare", timeout=600)
     runs = {r["run_id"]: r for r in _registry(stack)["runs"]}
     assert runs[killed[0]["run_id"]]["status"] == "FAILED", runs[killed[0]["run_id"]]
     assert runs[parents[0]["run_id"]]["status"] == "FAILED", runs[parents[0]["run_id"]]

@@ -189,14 +189,7 @@ def _start_worker(j: dict, exports: dict, restart: bool) -> str:
            "--name", j["worker"]]
     env = base_env(PREFECT_HOME=str(STACK / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    **exports, RLFN_PROJECT_DIR=j["project_dir"])
-    if os.environ.get("RLFN_STACK_WORKER_POLL_S"):
-        env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
-    limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
-    if limit:
-        if not limit.isdigit() or int(limit) < 1:
-            raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
-        cmd += ["--limit", limit]
-        env["RLFN_PROCESSES"] = limit
+    prefect_server.worker_settings(cmd, env)
     (STACK / "prefect").mkdir(exist_ok=True)
     os.chmod(STACK / "prefect", 0o700)
     t = time.time()

@@ -195,6 +195,21 @@ def worker_health(ctx: Ctx) -> str | None:
     return None
 
 
+def worker_settings(cmd: list[str], env: dict) -> None:
+    """The worker's settings from the environment, on any host (this one's or a joined one's):
+    ``RLFN_STACK_WORKER_POLL_S`` (how often it asks for flow runs; Prefect's default 10 s) and
+    ``RLFN_STACK_WORKER_LIMIT`` (flow runs at once, ``--limit``; its flow runs then share the
+    cores, ``RLFN_PROCESSES`` for rlfn.threads), added to ``cmd`` and ``env``."""
+    if os.environ.get("RLFN_STACK_WORKER_POLL_S"):
+        env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
+    limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
+    if limit:
+        if not limit.isdigit() or int(limit) < 1:
+            raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
+        cmd += ["--limit", limit]
+        env["RLFN_PROCESSES"] = limit
+
+
 def start_worker(ctx: Ctx, client_exports: dict[str, str]) -> str:
     """``up``: ``prefect worker start`` on the pool, in the project; its flow runs inherit
     ``client_exports`` (the stack's clients)."""
@@ -205,14 +220,7 @@ def start_worker(ctx: Ctx, client_exports: dict[str, str]) -> str:
            "--name", WORKER_NAME]
     env = _client_env(ctx, **{k: v for k, v in client_exports.items()
                               if not k.startswith("PREFECT_")})
-    if os.environ.get("RLFN_STACK_WORKER_POLL_S"):  # how often it asks for flow runs (def. 10)
-        env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
-    limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
-    if limit:
-        if not limit.isdigit() or int(limit) < 1:
-            raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
-        cmd += ["--limit", limit]
-        env["RLFN_PROCESSES"] = limit  # its flow runs share the cores (rlfn.threads)
+    worker_settings(cmd, env)
     t = time.time()
     p = spawn("worker", cmd, env, ctx.project_dir)
     wait_until("worker", lambda: _worker_online(ctx, since=t), p, f"{where} (worker online)")
