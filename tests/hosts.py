@@ -338,8 +338,49 @@ def hosts(*names: str, hostnames: bool = False) -> Iterator[Net]:
     assert not left, f"test hosts survived their teardown: {left}"
 
 
+_SITE_MOUNTS: dict[Path, Path] = {}
+
+
+def _traversable(path: Path) -> bool:
+    """Whether a user other than the owner can reach ``path``: every folder above it o+x."""
+    return all(os.stat(p).st_mode & 0o001 for p in path.parents)
+
+
+def _readable_site(site: Path) -> Path:
+    """``site`` where the hosts' users can read it. A clone in a folder only its owner can enter
+    (a fresh clone in `mktemp -d`, or under /root) hides its ``.venv`` from them: then the
+    folder is bind-mounted, read-only, at ``/tmp/rlfn-hosts-site-<token>`` (once per process;
+    unmounted when it exits). Read-only, so nothing done through it can touch the project's
+    environment."""
+    site = site.resolve()
+    if _traversable(site):
+        return site
+    if site not in _SITE_MOUNTS:
+        import atexit
+
+        mnt = Path(f"/tmp/rlfn-hosts-site-{secrets.token_hex(4)}")
+        mnt.mkdir(mode=0o755)
+        for args in (["--bind", str(site), str(mnt)],
+                     ["-o", "remount,bind,ro", str(mnt)]):
+            r = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+                mnt.rmdir()
+                unavailable(f"test hosts: {site} is not readable by other users and cannot be "
+                            f"bind-mounted where it is ({r.stderr.strip()})")
+        _SITE_MOUNTS[site] = mnt
+        atexit.register(_unmount_site, mnt)
+    return _SITE_MOUNTS[site]
+
+
+def _unmount_site(mnt: Path) -> None:
+    if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60).returncode == 0:
+        mnt.rmdir()
+
+
 def make_venv(h: Host, where: Path, venv: Path) -> Path:
-    """A virtual environment at ``where`` for host ``h``'s user, on the system's Python, that
+    """A virtual environment at ``where`` (a clone's ``.venv``: that clone's ``rlfn`` and
+    ``pipeline`` are the ones it imports) for host ``h``'s user, on the system's Python, that
     sees ``venv``'s packages (this machine's project environment; its own interpreter may be in
     a home no other user can enter, as pyenv's under /root), and its console scripts (dvc,
     mlflow, prefect) as its own: what a host's ``scripts/setup.sh`` would have made, without a
@@ -349,9 +390,12 @@ def make_venv(h: Host, where: Path, venv: Path) -> Path:
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(where)], check=True,
                    capture_output=True, timeout=120)
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    site = venv / "lib" / ver / "site-packages"
+    site = _readable_site(venv / "lib" / ver / "site-packages")
+    # the project's packages come from the host's own clone (the folder holding ``where``),
+    # found on sys.path before the project environment's editable finder (which names the
+    # machine's checkout, a folder the host's user may not enter and, if it can, other code)
     (where / "lib" / ver / "site-packages" / "_rlfn_host.pth").write_text(
-        f"import site; site.addsitedir({str(site)!r})\n")
+        f"{where.resolve().parent}\nimport site; site.addsitedir({str(site)!r})\n")
     old = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info < (3, 11, 3))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     if old == "True":  # redis (Prefect's docket) imports async_timeout before 3.11.3
