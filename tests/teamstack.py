@@ -153,6 +153,16 @@ def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
         assert not left, f"processes survived `stack.sh down`: {left}"
 
 
+def log_tails(state: Path, n: int = 15) -> str:
+    """The last ``n`` lines of each of a stack's logs (``state``/logs: what a failed ``up``
+    points to), for a failing assertion's message."""
+    out = []
+    for log in sorted((state / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-n:]
+        out.append(f"\n--- {log.name}\n" + "\n".join(lines))
+    return "".join(out)
+
+
 # ------------------------------------------------------------ commands as a client of a stack
 BIN = Path(sys.executable).parent  # this environment's console scripts (dvc, prefect)
 

@@ -41,7 +41,7 @@ import yaml
 from hosts import capture, hosts, install_project, secrets_seen
 from prereq import ROOT, unavailable
 from servers import free_port
-from teamstack import eval_env, prerequisites
+from teamstack import eval_env, log_tails, prerequisites
 from tinyproject import DVC_STAGES, tiny_params
 
 pytestmark = pytest.mark.stack
@@ -82,14 +82,6 @@ img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
 out = np.asarray(model.predict(img))
 print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
 """
-
-
-def _log_tails(state, n: int = 15) -> str:
-    out = []
-    for log in sorted((state / "logs").glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-n:]
-        out.append(f"\n--- {log.name}\n" + "\n".join(lines))
-    return "".join(out)
 
 
 def _carry(src, h, name: str = "team.bundle"):
@@ -157,7 +149,7 @@ def test_worker_host_joins():
         try:
             r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)
             print(r.stdout + r.stderr)
-            _ok(r, "up", _log_tails(state))
+            _ok(r, "up", log_tails(state))
             assert "git repository made at ssh://" in r.stdout, r.stdout
             # RLFN_STACK_WORKER=0: the pool's workers are other hosts'
             assert "\nworker " not in r.stdout, r.stdout
@@ -197,7 +189,7 @@ def test_worker_host_joins():
             # the join
             j = wrk.run(wsh + ["join", str(carried)], timeout=600, **wenv)
             print(j.stdout + j.stderr)
-            _ok(j, "join", _log_tails(wstate))
+            _ok(j, "join", log_tails(wstate))
             project = wstate / "project"
             joined = json.loads((wstate / "run" / "state.json").read_text())["joined"]
             assert joined["pool"] == "rlfn-pool" and joined["project_dir"] == str(project)
@@ -281,7 +273,7 @@ def test_worker_host_joins():
             fr = json.loads(_ok(cli.run([py, "-c", FLOW_RUN, m.group(1)], timeout=120, **cenv),
                                 "flow run").strip().splitlines()[-1])
             if fr["state"] != "COMPLETED":
-                print(_log_tails(wstate, 200))
+                print(log_tails(wstate, 200))
             assert fr["state"] == "COMPLETED", fr
             assert fr["pool"] == "rlfn-pool", fr
             lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
@@ -334,7 +326,7 @@ def test_worker_host_joins():
         finally:
             if "wire" in locals():
                 wire.close()  # a failure before the capture's end: stop tcpdump
-            print(_log_tails(wstate, 30))
+            print(log_tails(wstate, 30))
             d = wrk.run(wsh + ["down"], timeout=120, **wenv)
             print(d.stdout + d.stderr)
             d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)

@@ -17,7 +17,7 @@ import pytest
 from hosts import hosts, install_project
 from prereq import ROOT, unavailable
 from servers import clean_env, free_port
-from teamstack import EXPORTS, TLS_EXPORTS, eval_env, prerequisites
+from teamstack import EXPORTS, TLS_EXPORTS, eval_env, log_tails, prerequisites
 
 pytestmark = pytest.mark.stack
 
@@ -73,15 +73,6 @@ except OSError as e:
 """
 
 
-def _log_tails(state, n: int = 15) -> str:
-    """The last lines of each of the stack's logs (what a failed ``up`` points to)."""
-    out = []
-    for log in sorted((state / "logs").glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-n:]
-        out.append(f"\n--- {log.name}\n" + "\n".join(lines))
-    return "".join(out)
-
-
 def _listeners(h) -> set[tuple[str, int]]:
     out = h.root(["ss", "-ltnH"]).stdout
     found = set()
@@ -113,7 +104,7 @@ def test_server_host_over_tls():
         try:
             r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)
             print(r.stdout + r.stderr)
-            assert r.returncode == 0, r.stdout + r.stderr + _log_tails(srv.home / "state")
+            assert r.returncode == 0, r.stdout + r.stderr + log_tails(srv.home / "state")
             st = srv.run(["bash", stack_sh, "status"], timeout=120, **env)
             assert st.returncode == 0 and "nginx" in st.stdout, st.stdout + st.stderr
             exports = eval_env(srv.run(["bash", stack_sh, "env"], **env).stdout,
