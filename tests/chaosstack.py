@@ -7,14 +7,9 @@ one census before the fault with one after."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 from teamstack import Stack, py
-from tinyproject import tiny_params
 
 MODEL = "rlfn-x4"
-TRAIN_IMAGES = 4
 
 # One client process: every MLflow run of the experiment (status, latest metrics), the
 # registered model's versions and aliases, every Optuna study's trials, every Prefect flow run.
@@ -60,17 +55,6 @@ print(json.dumps({
     "versions": versions, "aliases": aliases, "studies": studies,
     "flow_runs": asyncio.run(flow_runs())}))
 '''
-
-
-def tiny_clone(clone: Path) -> None:
-    """The tiny params (no int8 backend) and 4 training images, committed in the clone."""
-    tiny_params(clone / "params.yaml", int8=False)
-    extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
-    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
-    if extra:
-        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
-    subprocess.run([*git, "commit", "-qam", "tiny params for the chaos tests"], check=True,
-                   timeout=60)
 
 
 def census(stack: Stack) -> dict:

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from chaosstack import census, counts, tiny_clone
+from chaosstack import census, counts
+from tinyproject import tiny_clone
 from teamstack import dvc, py, stack_up
 from tinyproject import DVC_STAGES
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaosstack import tiny_clone
+from tinyproject import tiny_clone
 from servers import _group_alive
 from teamstack import Stack, dvc, run, stack_up
 

@@ -42,7 +42,7 @@ from hosts import capture, hosts, install_project, secrets_seen
 from prereq import ROOT, unavailable
 from servers import free_port
 from teamstack import eval_env, log_tails, prerequisites
-from tinyproject import DVC_STAGES, tiny_params
+from tinyproject import DVC_STAGES, TRAIN_IMAGES, tiny_params
 
 pytestmark = pytest.mark.stack
 
@@ -68,7 +68,6 @@ with get_client(sync_client=True) as c:
 print(json.dumps({"state": fr.state_type.value, "message": fr.state.message if fr.state else "",
                   "pool": fr.work_pool_name}))
 """
-TRAIN_IMAGES = 4  # as test_stack_repro's tiny clone
 CACHED = ("data/manifest.parquet", "data/lr", "data/patches", "models/stage1", "models/stage2",
           "models/stage3")  # outputs DVC caches (pushed by the worker host, pulled by the client)
 

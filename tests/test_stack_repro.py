@@ -40,10 +40,9 @@ import yaml
 from faults import armed_env, release, wait_reached
 from servers import _group_alive, free_port
 from teamstack import BIN, Stack, dvc, http, py, run, stack_up
-from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_params
+from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_clone
 
 MODEL = "rlfn-x4"
-TRAIN_IMAGES = 4  # as test_pipeline's copy: enough for the tiny params, fast to prepare
 TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module
 
 # A client of the tracking server in a process of its own: the experiment's runs, the
@@ -130,22 +129,11 @@ pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waitin
 
 
 # --------------------------------------------------------------------------- the stack
-def _tiny_clone(clone: Path) -> None:
-    """The tiny params (as test_pipeline) and 4 training images, committed in the clone."""
-    tiny_params(clone / "params.yaml", int8=False)
-    extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
-    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
-    if extra:
-        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
-    subprocess.run([*git, "commit", "-qam", "tiny params for the stack tests"], check=True,
-                   timeout=60)
-
-
 @pytest.fixture(scope="module")
 def stack():
     """The team stack (teamstack.stack_up), its clone made tiny before ``up``; the worker
     runs two flow runs at most."""
-    with stack_up("rlfn-stack-repro-", prepare=_tiny_clone, times=TIMES,
+    with stack_up("rlfn-stack-repro-", prepare=tiny_clone, times=TIMES,
                   RLFN_STACK_WORKER_LIMIT="2") as st:
         yield st
 

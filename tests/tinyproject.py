@@ -5,6 +5,7 @@ test_stack_repro.py, test_tune.py and test_stack.py."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,21 @@ def tiny_params(p: Path, iterations: int = 4, int8: bool = True) -> None:
 TUNE_TRAIN = dict(model="rlfn_ntire", scale=4, hr_dir="hr", val_hr_dir="val", iterations=30,
              batch_size=2, patch_size=64, lr=1e-3, val_every=10, checkpoint_every=10,
              log_every=5, num_workers=0, threads=1, epoch_iterations=10, amp="off", seed=0)
+
+
+TRAIN_IMAGES = 4  # as test_pipeline's copy: enough for the tiny params, fast to prepare
+
+
+def tiny_clone(clone: Path) -> None:
+    """A team-stack test's clone made tiny: the tiny params (no int8 backend) and
+    ``TRAIN_IMAGES`` training images, committed (the stack's ``prepare`` hook)."""
+    tiny_params(clone / "params.yaml", int8=False)
+    extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if extra:
+        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-qam", "tiny params for the stack tests"], check=True,
+                   timeout=60)
 
 
 def tune_project(d: Path, tune: dict, train: dict | None = None) -> Path:
