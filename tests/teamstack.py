@@ -77,7 +77,9 @@ def eval_env(script: str, names: tuple[str, ...] = EXPORTS) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in pairs if k.decode() in names}
 
 
-def prerequisites() -> None:
+def prerequisites(off_loopback: bool = False) -> None:
+    """What ``scripts/stack.sh`` needs here, or ``unavailable`` naming it; ``off_loopback``:
+    also what ``up --host`` adds (nginx, openssl, ss)."""
     for name in ("psycopg", "asyncpg", "dvc_ssh", "flask_wtf", "optuna", "mlflow", "prefect"):
         require_module(name, extra="pipeline")
     for tool in ("initdb", "pg_ctl", "ssh", "ssh-keygen", "git"):
@@ -87,6 +89,10 @@ def prerequisites() -> None:
     if os.geteuid() != 0 and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
         unavailable("sshd is not installed and only root can install it (apt-get install "
                     "openssh-server)")
+    for tool in ("nginx", "openssl", "ss") if off_loopback else ():
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            unavailable(f"command {tool!r} is not installed (apt-get install nginx openssl "
+                        "iproute2)")
 
 
 def http(method: str, url: str, body=None, auth: str | None = None) -> tuple[int, str]:

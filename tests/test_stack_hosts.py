@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from hosts import hosts, install_project
-from prereq import ROOT, unavailable
+from prereq import ROOT
 from servers import clean_env, free_port
 from teamstack import EXPORTS, TLS_EXPORTS, eval_env, log_tails, prerequisites
 
@@ -84,11 +84,7 @@ def _listeners(h) -> set[tuple[str, int]]:
 
 
 def test_server_host_over_tls():
-    prerequisites()
-    for tool in ("nginx", "openssl", "ss"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            unavailable(f"command {tool!r} is not installed (apt-get install nginx openssl "
-                        "iproute2)")
+    prerequisites(off_loopback=True)
     with hosts("server", "client") as net:
         srv, cli = net.hosts["server"], net.hosts["client"]
         clone = install_project(srv, ROOT)  # the server host's own copy and environment
