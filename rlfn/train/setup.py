@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -99,6 +100,14 @@ def _agree(mine: dict, rank: int, world: int) -> tuple[str, list[dict]]:
     return got[0]["digest"], hosts
 
 
+def _end_process_group() -> None:
+    """At exit of a rank that started the group (``rlfn train`` under torchrun): end it. Left
+    to interpreter teardown, gloo's threads abort the process ("terminate called without an
+    active exception", SIGABRT) often enough that torchrun failed complete reruns."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _from_rank0(value):
     """``value`` as rank 0 has it, on every rank (the others pass ``None``)."""
     box = [value]
@@ -142,6 +151,7 @@ class RunContext:
             torch.cuda.set_device(device)  # NCCL's object collectives use the current device
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            atexit.register(_end_process_group)
         if cfg.batch_size % world:
             raise ConfigError("batch_size", f"{cfg.batch_size} is not divisible by the {world} "
                                             f"processes (WORLD_SIZE) that share each batch")
