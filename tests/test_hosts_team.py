@@ -154,9 +154,13 @@ class Team:
         return str(self.cli_clone / ".venv" / "bin" / "python")
 
     def runner_of(self, flow_run_id: str) -> list[str]:
-        """The worker hosts whose worker's log names ``flow_run_id`` (it took the run)."""
+        """The worker hosts that ran ``flow_run_id``: the flow run's own first line ("View at
+        .../flow-run/<id>") is in that host's worker log only (a worker that lost the race for
+        the run logs "submitting" then "Aborted submission", never that line)."""
+        line = f"/runs/flow-run/{flow_run_id}"
         return [n for n, st in self.wstate.items()
-                if flow_run_id in (st / "logs" / "worker.log").read_text(errors="replace")]
+                if any("View at" in x and x.rstrip().endswith(line) for x in
+                       (st / "logs" / "worker.log").read_text(errors="replace").splitlines())]
 
     def logs(self) -> str:
         return "".join(_log_tails(st, 40) for st in self.wstate.values())
