@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +71,14 @@ def commit_stage(stage: str) -> None:
     try:
         run_dvc(["commit", "-f", target], echo=False)
     except RLFNError as e:
+        missing = re.search(r"dependency '([^']+)' does not exist", e.reason)
+        if missing:  # a stage that ran without an optional input (tune without the patches
+            # store, on a worker host where the pipeline never ran): its work is done and kept
+            # (the study, MLflow); dvc.lock cannot record it, and says nothing false either
+            log.warning(f"{stage}: outputs not recorded in dvc.lock (dvc commit {target}): "
+                        f"its dependency {missing.group(1)!r} is not in {ROOT}; the stage ran "
+                        "without it")
+            return
         raise RLFNError(f"dvc commit {target} (in {ROOT})",
                         f"the stage ran outside dvc repro and its outputs could not be "
                         f"recorded: {e.reason[-500:]}") from None

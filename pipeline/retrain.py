@@ -1,9 +1,9 @@
 """Flow ``rlfn-retrain`` (deployment ``retrain``): retrain a git ref of the project on the
 team's compute and leave what was trained one ``git checkout && dvc pull`` away.
 
-1. check out ``ref`` of ``repo`` (a git URL or path; default this project's ``origin``) in a
-   fresh work directory: an unknown ref, an unreachable repo or one without DVC is one clear
-   error, before anything runs or is pushed;
+1. check out ``ref`` of ``repo`` (a git URL or path; default ``RLFN_GIT_URL``, else this
+   project's ``origin``) in a fresh work directory: an unknown ref, an unreachable repo or
+   one without DVC is one clear error, before anything runs or is pushed;
 2. start from the newest earlier retrain of the same commit (branch ``retrain/*`` whose parent
    is that commit) when there is one, so that a rerun with nothing changed trains nothing;
 3. ``dvc pull`` (the worker's DVC remote: this project's ``.dvc/config.local`` is carried
@@ -71,7 +71,13 @@ def project_dir() -> Path:
 
 
 def default_repo() -> str:
-    """The project's ``origin`` (the worker's checkout)."""
+    """The team's git repository ``RLFN_GIT_URL`` when set (team mode across hosts: ``stack.sh
+    env``/``join`` export it, as the repro flow's ``push`` uses it), else the project's
+    ``origin`` (the worker's checkout). A worker whose checkout has another origin (the server
+    host's own worker: its project's upstream) so still pushes to the team's repository."""
+    team = os.environ.get("RLFN_GIT_URL", "").strip()
+    if team:
+        return team
     proj = project_dir()
     try:
         url = _git(["remote", "get-url", "origin"], cwd=proj)
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     settings are the ref's own ``params.yaml``, checked by the stages it runs."""
     p = argparse.ArgumentParser(prog="python -m pipeline.retrain", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", default=None, help="git URL or path (default: origin)")
+    p.add_argument("--repo", default=None, help="git URL or path (default: $RLFN_GIT_URL, else origin)")
     p.add_argument("--ref", default="main", help="branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="dvc repro --force")
     p.add_argument("--workdir", default=None,

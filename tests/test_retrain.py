@@ -69,8 +69,8 @@ def project(tmp_path) -> dict:
     return {"bare": bare, "remote": remote, "worker": worker, "tmp": tmp_path}
 
 
-def _retrain(p: dict, *args: str) -> subprocess.CompletedProcess:
-    env = clean_env(RLFN_PROJECT_DIR=str(p["worker"]),
+def _retrain(p: dict, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    env = clean_env(RLFN_PROJECT_DIR=str(p["worker"]), **{"RLFN_GIT_URL": "", **extra},
                     RLFN_RETRAIN_SUMMARY=str(p["tmp"] / "summary.md"),
                     PREFECT_HOME=str(p["tmp"] / "prefect-home"),
                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -147,3 +147,18 @@ def test_bad_input_is_one_error_and_pushes_nothing(project, case):
     assert _branches(project["bare"]) == []
     assert not [f for f in project["remote"].rglob("*") if f.is_file()] \
         if project["remote"].exists() else True
+
+
+@pytest.mark.timeout(600)
+def test_the_team_repository_wins_over_origin(project):
+    """``RLFN_GIT_URL`` set (team mode across hosts) and the worker's checkout's origin another
+    repository (the server host's own worker: its project's upstream): the retrain checks out
+    and pushes to ``RLFN_GIT_URL``; the origin gets nothing."""
+    upstream = project["tmp"] / "upstream.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(project["bare"]), str(upstream)],
+                   check=True, timeout=120)
+    _git(project["worker"], "remote", "set-url", "origin", str(upstream))
+    r = _retrain(project, RLFN_GIT_URL=str(project["bare"]))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    assert len(_branches(project["bare"])) == 1, r.stdout[-3000:]
+    assert _branches(upstream) == []

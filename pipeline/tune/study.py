@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,35 @@ def _store_for(spec: TuneSpec, patch_size: int, scale: int) -> str:
     return str(store_from_folder(spec.data["hr_dir"], scale, patch_size,
                                  spec.trials_dir / "_hr_store" / f"p{patch_size}",
                                  progress=False))
+
+
+def _still_needed(study, spec: TuneSpec, t_end: float | None, log) -> bool:
+    """Whether this process should start another trial: fewer than ``n_trials`` finished and
+    not already enough with the trials running elsewhere (another process sharing the study).
+    Such live trials are waited for: when one finishes it counts, when its process died the
+    heartbeat fails it (``fail_stale_trials``, after ``grace_s``) and a trial is run in its
+    place. Checking every finished trial only (Optuna's ``MaxTrialsCallback``, as before) let
+    a process start a trial while another's last needed one was running: n_trials + 1 finished
+    with two processes. False past ``tune.timeout_s``."""
+    import optuna
+
+    waiting = False
+    while t_end is None or time.monotonic() < t_end:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        c = _counts(study)
+        done = sum(c[s] for s in FINISHED)
+        if done >= spec.n_trials:
+            return False
+        if done + c["RUNNING"] < spec.n_trials:
+            return True
+        if not waiting:
+            log.info(f"{done} finished and {c['RUNNING']} running elsewhere make "
+                     f"n_trials={spec.n_trials}: waiting for those to end")
+            waiting = True
+        time.sleep(max(1, spec.heartbeat_s))
+    return False
 
 
 def _counts(study) -> dict[str, int]:
@@ -244,10 +274,14 @@ def tune(params_file: str = "params.yaml") -> dict:
 
         if missing > 0:
             catch = (FloatingPointError, torch.cuda.OutOfMemoryError)  # a bad config: FAIL
-            study.optimize(objective, n_trials=missing, timeout=spec.timeout_s or None,
-                           catch=catch, callbacks=[optuna.study.MaxTrialsCallback(
-                               spec.n_trials, states=tuple(getattr(
-                                   optuna.trial.TrialState, s) for s in FINISHED))])
+            t_end = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+            # one trial at a time, each only while the study still needs it, counting the
+            # trials other processes run (_still_needed): processes sharing the study finish
+            # n_trials between them, not up to n_trials + processes - 1
+            for _ in range(missing):
+                if not _still_needed(study, spec, t_end, log):
+                    break
+                study.optimize(objective, n_trials=1, catch=catch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
