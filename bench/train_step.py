@@ -3,8 +3,10 @@
     .venv/bin/python bench/train_step.py [--model rlfn] [--batch 16] [--patch 128] [--steps 20]
 
 "plain": NCHW float32, the textbook loop. "channels_last fp32": the layout alone. "ours": what
-rlfn.train.engine does by default (channels_last; bf16 autocast on CUDA and on CPUs with
-native bf16, see rlfn.device.bf16_native). Run on a CUDA machine to
+rlfn.train.engine does by default (channels_last; bf16 autocast where it trains faster: CUDA
+and CPUs with AMX, see rlfn.device.bf16_trains_faster); where bf16 runs natively the table
+also has channels_last bf16 autocast, chosen or not. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``
+in the environment caps oneDNN below AMX (the class of CPUs without it). Run on a CUDA machine to
 get the GPU table (the card is named). One run, same machine, alternating order.
 
     .venv/bin/python bench/train_step.py --data --batch 64 --patch 256 [--warmup 3 --steps 8]
@@ -20,6 +22,7 @@ num_workers, prefetching, pin_memory + non_blocking copy on CUDA) + the same ste
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlfn.models import build_model  # noqa: E402
-from rlfn.device import bf16_native  # noqa: E402
+from rlfn.device import (ISA_CAP_ENV, bf16_native, bf16_trains_faster,  # noqa: E402
+                         cpu_amx_usable)
 
 
 def make_step(model, opt, channels_last: bool, bf16: bool, device):
@@ -72,10 +76,17 @@ def main() -> None:
     lr = (torch.rand(args.batch, 3, args.patch // args.scale, args.patch // args.scale,
                      generator=g) * 255).to(device)
     hr = (torch.rand(args.batch, 3, args.patch, args.patch, generator=g) * 255).to(device)
-    bf16 = bf16_native(device)
+    ours = bf16_trains_faster(device)  # amp: auto (rlfn.train.step.use_bf16)
+    isa = next((os.environ[k] for k in ISA_CAP_ENV if os.environ.get(k)), None)
+    print(f"bf16: {'native' if bf16_native(device) else 'not native'}"
+          f"{f', AMX {cpu_amx_usable()}' if device.type == 'cpu' else ''}"
+          f"{f' (oneDNN capped to {isa})' if isa else ''}; amp auto picks "
+          f"{'bf16' if ours else 'fp32'}")
     variants = {"plain (NCHW fp32)": (False, False),
-                "channels_last fp32": (True, False),
-                f"ours (channels_last{', bf16 autocast' if bf16 else ''})": (True, bf16)}
+                "channels_last fp32": (True, False)}
+    if bf16_native(device):  # both ways wherever bf16 runs: what auto chose against the other
+        variants["channels_last, bf16 autocast"] = (True, True)
+    variants[f"ours (channels_last{', bf16 autocast' if ours else ' fp32'})"] = (True, ours)
     steps = {}
     for label, (cl, bf16) in variants.items():
         torch.manual_seed(0)
@@ -109,7 +120,6 @@ def data_mode(args) -> None:
     from rlfn.train.data.IterationBatches (the trainer's DataLoader, workers, pinning,
     non_blocking copy) + the same step; (c) the loader alone. Alternating (a)/(b)."""
     import json
-    import os
     import platform
     from rlfn.train.config import TrainConfig
     from rlfn.train.data import IterationBatches, open_training_data
@@ -124,7 +134,7 @@ def data_mode(args) -> None:
     if args.workers is not None:
         cfg.num_workers = args.workers
     ds = open_training_data(cfg, args.store_dir, progress=False)
-    bf16 = bf16_native(device)
+    bf16 = bf16_trains_faster(device)
     torch.manual_seed(0)
     m = build_model(args.model, args.scale).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(m.parameters(), lr=5e-4)

@@ -195,14 +195,30 @@ def test_missing_data_and_bad_file(tmp_path):
         load_config(None, ["hr_dir=x"], stage=0)
 
 
-def test_bf16_autocast_choice():
-    from rlfn.device import cpu_has_bf16
+def test_bf16_autocast_choice(monkeypatch):
+    from rlfn.device import cpu_amx_usable, cpu_has_bf16
     from rlfn.train.step import use_bf16
 
     cpu = torch.device("cpu")
+    auto = TrainConfig(hr_dir="x", amp="auto")
     assert not use_bf16(TrainConfig(hr_dir="x", amp="off"), cpu)
     assert use_bf16(TrainConfig(hr_dir="x", amp="bf16"), cpu)
-    assert use_bf16(TrainConfig(hr_dir="x", amp="auto"), cpu) == cpu_has_bf16()
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    amx = bool(torch.cpu._is_amx_tile_supported())
+    assert cpu_amx_usable() == amx
+    assert use_bf16(auto, cpu) == (cpu_has_bf16() and amx)
+    # oneDNN capped below AMX (what bench/main_job.py --isa AVX512_CORE_BF16 sets): fp32, as
+    # on a CPU with AVX512-BF16 and no AMX, where bf16 autocast trains slower
+    for cap in ("AVX512_CORE_BF16", "avx2"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert not cpu_amx_usable() and not use_bf16(auto, cpu), cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN's older name
+    assert not use_bf16(auto, cpu)
+    for cap in ("AVX512_CORE_AMX", "ALL"):  # AMX allowed: as without a cap
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
+        assert cpu_amx_usable() == amx and use_bf16(auto, cpu) == (cpu_has_bf16() and amx), cap
 
 
 # ------------------------------------------------------------------ contrastive loss

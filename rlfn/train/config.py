@@ -97,7 +97,7 @@ class TrainConfig:
     # speed
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = True
-    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with AMX) | bf16 | off
     threads: int = 0  # torch intra-op threads on CPU, 0 = the process's cores (rlfn.threads)
     stage: int = 1  # which warm-start stage this is (recorded; the values above are its own)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..device import bf16_native
+from ..device import bf16_trains_faster
 from .config import TrainConfig
 from .losses import ContrastiveLoss, bicubic_upsample
 from .schedule import lr_at
@@ -19,10 +19,11 @@ __all__ = ["TrainStep", "StepLosses", "LossMeter", "use_bf16"]
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """``amp: bf16``, or ``amp: auto`` where bf16 is native (CUDA, CPUs with AVX512-BF16/AMX:
-    bench/train_step.py measured 1.7x over channels_last fp32 on such a CPU, with the same
-    Set5 PSNR after 1000 iterations)."""
-    return cfg.amp == "bf16" or (cfg.amp == "auto" and bf16_native(device))
+    """``amp: bf16``, or ``amp: auto`` where bf16 trains faster (``rlfn.device.
+    bf16_trains_faster``: CUDA, CPUs with AMX; bench/train_step.py measured 1.7x over
+    channels_last fp32 with AMX, the same Set5 PSNR after 1000 iterations; without AMX fp32
+    is faster)."""
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and bf16_trains_faster(device))
 
 
 @dataclass
