@@ -31,7 +31,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -56,6 +56,9 @@ class Host:
     user: str
     home: Path
     hostname: str | None = None  # its own hostname (a UTS namespace per command); None: shared
+    # what popen() started: teardown kills each one's process group first (a command still
+    # between `ip netns exec` and runuser is in neither the namespace nor the user's uid yet)
+    started: list[subprocess.Popen] = field(default_factory=list)
 
     @property
     def uid(self) -> int:
@@ -87,8 +90,10 @@ class Host:
     def popen(self, cmd: list[str], cwd: Path | str | None = None,
               **env: str) -> subprocess.Popen:
         """Start ``cmd`` on this host as its user, in a session of its own."""
-        return subprocess.Popen(self.argv(cmd, cwd, **env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        p = subprocess.Popen(self.argv(cmd, cwd, **env), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.started.append(p)
+        return p
 
     def root(self, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """Run ``cmd`` as root in this host's namespace (interfaces, routes)."""
@@ -283,7 +288,16 @@ def teardown(net: Net) -> list[str]:
         with contextlib.suppress(KeyError):
             uids.add(h.uid)
     nss = {net.switch_ns, *(h.ns for h in net.hosts.values())}
-    _kill(_procs_of(uids, nss))
+    for h in net.hosts.values():
+        for p in h.started:
+            if p.poll() is None:  # its leader not yet reaped: the group id is still its own
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+    for _ in range(5):  # again while one turns up (a command that had not yet switched user)
+        pids = _procs_of(uids, nss)
+        if not pids:
+            break
+        _kill(pids)
     plant = os.environ.get("RLFN_HOSTS_PLANT", "")
     for ns in nss:
         if plant != "keep-namespace":
