@@ -1,7 +1,8 @@
 """Tiny projects for the tests that run the pipeline for real: the stage and flow-run names of
 ``dvc repro``, the params that make the whole pipeline train in minutes on 2 cores
-(``tiny_params``), and a minimal tuning project (``tune_project``). Used by test_pipeline.py,
-test_stack_repro.py, test_tune.py and test_stack.py."""
+(``tiny_params``; ``tiny_clone``: a team-stack test's clone made tiny, committed), and a
+minimal tuning project (``tune_project``). Used by test_pipeline.py, test_stack_repro.py,
+test_tune.py, test_stack.py, the chaos tests and test_hosts_team.py."""
 
 from __future__ import annotations
 
