@@ -1,37 +1,45 @@
-"""A team on several hosts (issue 23 item 4, second and third bullets): hosts made by
-tests/hosts.py (each its own network namespace, Unix user and home; no shared disk). The server
-host runs ``RLFN_STACK_WORKER=0 stack.sh up --host <its address>`` (no worker of its own) and
-writes the bundle; two worker hosts ``join`` it (each its own clone of ``RLFN_GIT_URL``, a
-Prefect worker on ``rlfn-pool`` taking one flow run at a time); a client host has the bundle's
-exports (``env --bundle``). Then:
+"""A team on several hosts (issue 23, items 2, 4 and 5): hosts made by tests/hosts.py (each its
+own network namespace, Unix user and home; no shared disk). The module's stack is brought up
+once (fixture ``team``): the server host runs ``RLFN_STACK_WORKER=0 stack.sh up --host <its
+address>`` (no worker of its own) on a clone made tiny (tinyproject's pipeline params, 4
+training images, a tiny Optuna study) and writes the bundle; worker host ``w2`` joins (its own
+clone of ``RLFN_GIT_URL``, a Prefect worker on ``rlfn-pool`` taking one flow run at a time); a
+client host has the bundle's exports (``env --bundle``). Then, in this order (each later test
+needs what the earlier ones left):
 
-* **one Optuna study drained by two worker hosts at once**: the client dispatches the
-  deployment ``rlfn-tune/tune`` twice; each run is taken by a different worker host (each
-  worker's log names its run) and reaches the first trial's step ``PAUSE_STEP`` on its host
-  (failpoint ``train.step``, armed through the run's job variables) before either is let go:
-  both train trials of the same study at the same time, by construction. The study lives on the
-  server's PostgreSQL, reached over TLS (``RLFN_OPTUNA_STORAGE`` with ``sslmode=verify-full``
-  and the bundle's CA). Read from the client: exactly ``n_trials`` finished, none failed or
-  left running, no draw (``lr``) repeated; each worker host's clone holds the trial folders it
-  ran, the two sets disjoint, both non-empty, their union every trial; every trial a nested run
-  (under one stage run per host) on the tracking server, found from the client over TLS.
-* **a retrain from the client**: ``bash scripts/retrain.sh <branch>`` on the client host (the
-  workflow's command) dispatches ``rlfn-retrain/retrain``; a worker host runs it (its log names
-  the flow run), reproduces the tiny pipeline and pushes ``retrain/<flow run id>`` over SSH to
-  the team's repository on the server host (``RLFN_GIT_URL``). In the server's bare repository:
-  the branch's parent is the branch retrained, its ``dvc.lock`` has every stage and differs from
-  the parent's, ``reports/promotion.json`` has the promote stage's decision; its outputs are in
-  the server's DVC remote (pushed by the worker host: the client clones the branch, ``dvc pull``
-  from the bundle's remote restores them, ``dvc status`` is clean); the retrain's MLflow run
-  names the branch.
+1. ``test_worker_host_joins``: bad input to ``join`` on ``w1`` (a bundle readable by others, a
+   bad ``--pool``: one ``error:`` line, exit 2, nothing written); ``w1`` joins: its own clone at
+   the team repository's HEAD, its DVC remote from the bundle, ``status`` up, ONLINE on the
+   pool from the client over TLS; git over SSH and ``dvc push`` from ``w1`` reach the server;
+   ``rlfn-repro/repro --param push=true`` dispatched from the client runs the whole tiny
+   pipeline on a worker host (its log names the flow run) and pushes ``repro/<id>``; the client
+   checks it out, ``dvc pull`` restores the worker's bytes, ``dvc status`` is clean, and the
+   champion loads from the tracking server over TLS and upscales; tcpdump on the bridge from
+   the join to the champion's check holds none of the stack's secrets (item 5).
+2. ``test_two_worker_hosts_drain_one_study``: the client dispatches ``rlfn-tune/tune`` twice;
+   each run is taken by a different worker host and reaches the first trial's step
+   ``PAUSE_STEP`` (failpoint ``train.step``) before either is let go: both train trials of one
+   study (the server's PostgreSQL over TLS, ``sslmode=verify-full``) at once, by construction.
+   Exactly ``n_trials`` finished, none failed or left running, no draw repeated; each host's
+   clone holds the trials it ran (disjoint, both non-empty, all of them); every trial a nested
+   run on the tracking server under one stage run per host.
+3. ``test_retrain_from_the_client_runs_on_a_worker_host``: the client branches off test 1's
+   ``repro/<id>`` (its outputs already in the server's DVC remote) with only stage 3 longer,
+   pushes it to ``RLFN_GIT_URL`` and runs ``bash scripts/retrain.sh <branch>``: a worker host
+   pulls, reruns ``train_stage@3`` onward only and pushes ``retrain/<flow run id>``, whose
+   parent is the branch, ``dvc.lock`` every stage (the ones before stage 3 as the parent's),
+   ``reports/promotion.json`` the decision; the client clones it, ``dvc pull`` restores the
+   outputs, ``dvc status`` is clean; the retrain's MLflow run names the branch.
+4. ``test_down_stops_a_worker_host``: ``down`` on ``w1`` stops its worker (``status`` DOWN).
 
-Marked ``stack`` and ``multihost_slow`` (the retrain reproduces the whole tiny pipeline on a
-worker host): ~12-15 min on 2 busy cores (setup ~1-2 min, the study ~2-4 min, the
-retrain ~9 min).
+Marked ``stack``; ~15 min on 2 busy cores (measured beside a CI run: the stack 1 min, test 1 8
+min with the whole tiny pipeline, the study 1 min, the retrain of stage 3 onward 4.5 min,
+teardown 0.5 min); each test's timeout is about twice that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,28 +47,39 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hosts import Host, hosts, install_project
-from prereq import ROOT, unavailable
+from hosts import Host, Net, capture, hosts, install_project, secrets_seen
+from prereq import ROOT
 from servers import free_port
-from teamstack import eval_env, prerequisites
-from tinyproject import DVC_STAGES, tiny_params
+from teamstack import eval_env, log_tails, prerequisites
+from tinyproject import DVC_STAGES, tiny_clone
 
-pytestmark = [pytest.mark.stack, pytest.mark.multihost_slow]
+pytestmark = pytest.mark.stack
 
+GIT_EXPORTS = ("RLFN_GIT_URL", "GIT_SSH_COMMAND")
 CLIENT_EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                   "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
-                  "MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE",
-                  "RLFN_GIT_URL", "GIT_SSH_COMMAND")
-TRAIN_IMAGES = 4
+                  "MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE", *GIT_EXPORTS)
 N_TRIALS = 4
 PAUSE_STEP = 3  # the failpoint train.step@3: both hosts inside a trial, gated together
 FP_DIR = "failpoints"  # relative: the flow run's working directory, the worker host's clone
+CACHED = ("data/manifest.parquet", "data/lr", "data/patches", "models/stage1", "models/stage2",
+          "models/stage3")  # outputs DVC caches (pushed by the worker host, pulled by the client)
+BEFORE_STAGE3 = ("prepare", "degrade", "patches", "train_stage@1", "train_stage@2")
+STAGE3_ITERATIONS = 8  # the retrained branch's only change (the tiny params train 4)
+
+WORKERS = r"""
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    ws = c.read_workers_for_work_pool(sys.argv[1])
+print(json.dumps({w.name: str(getattr(w.status, "value", w.status)) for w in ws}))
+"""
 
 # the flow runs' states, from the client, once every one of them is final (bounded)
 WAIT_RUNS = r"""
@@ -78,6 +97,17 @@ with get_client(sync_client=True) as c:
 print(json.dumps({str(fr.id): {"state": fr.state_type.value if fr.state_type else None,
                                "message": fr.state.message if fr.state else "",
                                "pool": fr.work_pool_name} for fr in frs}))
+"""
+
+PYFUNC = r"""
+import json
+import numpy as np
+import mlflow
+
+model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+out = np.asarray(model.predict(img))
+print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
 """
 
 TUNE_STATE = r"""
@@ -107,6 +137,7 @@ c = MlflowClient()
 exp = c.get_experiment_by_name("rlfn")
 runs = c.search_runs([exp.experiment_id], "tags.`rlfn.kind` = 'retrain'", max_results=100)
 print(json.dumps([{"branch": r.data.tags.get("rlfn.retrain.branch"),
+                   "stages": r.data.tags.get("rlfn.retrain.stages"),
                    "promoted": r.data.tags.get("promotion.promoted")} for r in runs]))
 """
 
@@ -117,6 +148,7 @@ def _ok(r: subprocess.CompletedProcess, what: str, extra: str = "") -> str:
 
 
 def _carry(src: Path, h: Host, name: str = "team.bundle") -> Path:
+    """The bundle copied to host ``h`` (its user's, 0600): as a person hands it over."""
     dst = h.home / name
     shutil.copy(src, dst)
     os.chown(dst, h.uid, h.uid)
@@ -124,31 +156,65 @@ def _carry(src: Path, h: Host, name: str = "team.bundle") -> Path:
     return dst
 
 
-def _log_tails(state: Path, n: int = 15) -> str:
-    out = []
-    for log in sorted((state / "logs").glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-n:]
-        out.append(f"\n--- {state}/logs/{log.name}\n" + "\n".join(lines))
-    return "".join(out)
+def _secrets(state: Path) -> dict[str, str]:
+    """What must never cross the bridge in clear: every password the server's ``up`` made
+    (``secrets/stack.json``: PostgreSQL's, MLflow's, Prefect's auth string), MLflow's
+    ``user:password`` (HTTP Basic), and each base64 line of the private keys (the DVC remote's
+    and git's client key, the CA's and the servers' TLS keys)."""
+    doc = json.loads((state / "secrets" / "stack.json").read_text())
+    out = {f"secret {k}": v for k, v in doc.items() if isinstance(v, str) and len(v) >= 12}
+    keys = [state / "ssh" / "id_ed25519", *sorted((state / "tls").glob("*.key"))]
+    assert len(keys) >= 2, keys
+    for key in keys:
+        body = [ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")]
+        out.update({f"{key.name} line {i}": ln for i, ln in enumerate(body) if len(ln) >= 40})
+    return out
 
 
 @dataclass
 class Team:
+    net: Net
     srv: Host
+    srv_env: dict[str, str]        # what the server's stack.sh runs with (state, ports)
+    stack_sh: str                  # the server clone's scripts/stack.sh
+    up_out: str                    # what the server's `up` printed
     workers: dict[str, Host]       # name -> host
+    tools: dict[str, Path]         # name -> the worker host's tool clone (its .venv runs join)
     wstate: dict[str, Path]        # name -> its join state directory
+    wenv: dict[str, dict]          # name -> what its stack.sh runs with
     cli: Host
     cli_clone: Path
     client: dict[str, str]         # the client's exports (env --bundle)
     state: Path                    # the server's state directory
     bare: Path                     # the team's git repository on the server host
-    branch: str                    # the branch the team's repository was seeded with
-    head: str
+    head: str                      # the commit the team's repository was seeded with
+    git_url: str
     study: str
-    remote: str                    # the DVC remote's URL (the bundle's ssh.remote)
+    bundle: dict                   # the bundle (JSON) the server wrote
+    repro: str | None = field(default=None)  # repro/<id>, once test 1 checked it out and pulled
 
     def project(self, name: str) -> Path:
         return self.wstate[name] / "project"
+
+    def wsh(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``stack.sh ARGS`` on worker host ``name`` (its tool clone's, its state directory)."""
+        return self.workers[name].run(["bash", str(self.tools[name] / "scripts" / "stack.sh"),
+                                       *args], timeout=timeout, **self.wenv[name])
+
+    def join(self, name: str) -> subprocess.CompletedProcess:
+        """``join`` on worker host ``name`` with the bundle carried there."""
+        j = self.wsh(name, "join", str(_carry(self.srv.home / "team.bundle",
+                                             self.workers[name])), timeout=600)
+        print(j.stdout + j.stderr)
+        _ok(j, f"join on {name}", log_tails(self.wstate[name]))
+        return j
+
+    def both_joined(self) -> None:
+        """Every worker host joined (test 1 joins ``w1``; when it failed before, or did not run,
+        the later tests join it here)."""
+        for n in self.workers:
+            if not (self.wstate[n] / "run" / "state.json").is_file():
+                self.join(n)
 
     def cenv(self) -> dict[str, str]:
         return dict(self.client, PREFECT_HOME=str(self.cli.home / "prefect"))
@@ -156,34 +222,54 @@ class Team:
     def py(self) -> str:
         return str(self.cli_clone / ".venv" / "bin" / "python")
 
+    def cdvc(self) -> str:
+        return str(self.cli_clone / ".venv" / "bin" / "dvc")
+
     def runner_of(self, flow_run_id: str) -> list[str]:
         """The worker hosts that ran ``flow_run_id``: the flow run's own first line ("View at
         .../flow-run/<id>") is in that host's worker log only (a worker that lost the race for
         the run logs "submitting" then "Aborted submission", never that line)."""
         line = f"/runs/flow-run/{flow_run_id}"
-        return [n for n, st in self.wstate.items()
-                if any("View at" in x and x.rstrip().endswith(line) for x in
-                       (st / "logs" / "worker.log").read_text(errors="replace").splitlines())]
+        logs = {n: st / "logs" / "worker.log" for n, st in self.wstate.items()}
+        return [n for n, log in logs.items() if log.is_file() and
+                any("View at" in x and x.rstrip().endswith(line)
+                    for x in log.read_text(errors="replace").splitlines())]
 
     def logs(self) -> str:
-        return "".join(_log_tails(st, 40) for st in self.wstate.values())
+        return "".join(log_tails(st, 40) for st in self.wstate.values())
+
+    def pull_on_client(self, branch: str, where: Path) -> None:
+        """The client's clone of ``RLFN_GIT_URL`` at ``branch`` in ``where`` (cloned, or fetched
+        and checked out), its DVC remote the bundle's, ``dvc pull``, ``dvc status`` clean."""
+        if not where.exists():
+            _ok(self.cli.run(["git", "clone", "-q", self.git_url, str(where)], timeout=300,
+                             **self.client), "client clone")
+        _ok(self.cli.run(["git", "fetch", "-q", "origin"], cwd=where, timeout=300,
+                         **self.client), "client fetch")
+        _ok(self.cli.run(["git", "checkout", "-q", branch], cwd=where, **self.client),
+            f"checkout {branch}")
+        ckey = self.cli.home / ".config" / "rlfn-stack" / self.srv.addr / "id_ed25519"
+        for cmd in (["remote", "add", "--local", "-f", "-d", "stack", self.bundle["ssh"]["remote"]],
+                    ["remote", "modify", "--local", "stack", "keyfile", str(ckey)],
+                    ["pull", "-q"]):
+            _ok(self.cli.run([self.cdvc(), *cmd], cwd=where, timeout=300, **self.client),
+                f"dvc {cmd}")
+        st = self.cli.run([self.cdvc(), "status", "--json", "dvc.yaml"], cwd=where, timeout=300,
+                          **self.client)
+        assert json.loads(_ok(st, "dvc status")) == {}, st.stdout
 
 
 @pytest.fixture(scope="module")
 def team():
-    prerequisites()
-    for tool in ("nginx", "openssl", "ss"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            unavailable(f"command {tool!r} is not installed (apt-get install nginx openssl "
-                        "iproute2)")
+    prerequisites(off_loopback=True)
     study = f"team-{uuid.uuid4().hex[:8]}"
     with hosts("server", "w1", "w2", "client") as net:
         srv, cli = net.hosts["server"], net.hosts["client"]
         workers = {n: net.hosts[n] for n in ("w1", "w2")}
         clone = install_project(srv, ROOT)
-        # the team's code and params: the tiny pipeline (test_join_hosts's) and a tiny study
+        # the team's code and params, committed (the team repository is seeded from them): the
+        # tiny pipeline and a tiny study (a random sampler with a seed, lr only, 8 iterations)
         p = clone / "params.yaml"
-        tiny_params(p, int8=False)
         prm = yaml.safe_load(p.read_text())
         prm["tune"].update(study=study, n_trials=N_TRIALS, sampler={"name": "random", "seed": 3},
                            pruner={"name": "none"}, heartbeat_s=2, grace_s=30,
@@ -194,14 +280,7 @@ def team():
                            space={"lr": {"type": "float", "low": 1e-3, "high": 4e-3,
                                          "log": True}})
         p.write_text(yaml.safe_dump(prm, sort_keys=False))
-        extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
-        _ok(srv.run(["git", "rm", "-q", *[str(x) for x in extra]], cwd=clone), "git rm")
-        _ok(srv.run(["git", "add", "-A"], cwd=clone), "git add")
-        _ok(srv.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q",
-                     "--allow-empty", "-m", "the working tree under test"], cwd=clone),
-            "git commit")
-        branch = _ok(srv.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=clone),
-                     "branch").strip()
+        tiny_clone(clone, wrap=srv.argv)
         head = _ok(srv.run(["git", "rev-parse", "HEAD"], cwd=clone), "HEAD").strip()
         stack_sh = str(clone / "scripts" / "stack.sh")
         tools = {n: install_project(h, ROOT) for n, h in workers.items()}
@@ -217,38 +296,33 @@ def team():
         # one flow run at a time per worker host: two runs dispatched together go to both hosts
         wenv = {n: dict(RLFN_STACK_DIR=str(wstate[n]), RLFN_STACK_WORKER_POLL_S="1",
                         RLFN_STACK_WORKER_LIMIT="1") for n in workers}
-        wsh = {n: ["bash", str(tools[n] / "scripts" / "stack.sh")] for n in workers}
         try:
             r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)
             print(r.stdout + r.stderr)
-            _ok(r, "up", _log_tails(state))
-            assert "\nworker " not in r.stdout, r.stdout  # the pool's workers are other hosts'
+            _ok(r, "up", log_tails(state))
             _ok(srv.run(["bash", stack_sh, "bundle", str(srv.home / "team.bundle")], **env),
                 "bundle")
-            for n, h in workers.items():
-                carried = _carry(srv.home / "team.bundle", h)
-                j = h.run(wsh[n] + ["join", str(carried)], timeout=600, **wenv[n])
-                print(j.stdout + j.stderr)
-                _ok(j, f"join on {n}", _log_tails(wstate[n]))
+            bundle = json.loads((srv.home / "team.bundle").read_text())
             got = cli.run(["bash", str(cli_clone / "scripts" / "stack.sh"), "env", "--bundle",
                            str(_carry(srv.home / "team.bundle", cli))])
             client = eval_env(_ok(got, "env --bundle"), CLIENT_EXPORTS)
             assert set(client) == set(CLIENT_EXPORTS), sorted(client)
-            storage = client["RLFN_OPTUNA_STORAGE"]
-            assert storage.startswith("postgresql") and f"@{srv.addr}:" in storage \
-                and "sslmode=verify-full" in storage, storage.split("@")[-1]
-            remote = json.loads((srv.home / "team.bundle").read_text())["ssh"]["remote"]
-            yield Team(srv, workers, wstate, cli, cli_clone, client, state,
-                       state / "git" / "rlfn-pipeline.git", branch, head, study, remote)
+            t = Team(net, srv, env, stack_sh, r.stdout, workers, tools, wstate, wenv, cli,
+                     cli_clone, client, state, state / "git" / "rlfn-pipeline.git", head,
+                     f"ssh://{srv.user}@{srv.addr}:{ports['ssh']}{state}/git/rlfn-pipeline.git",
+                     study, bundle)
+            t.join("w2")  # w1 joins in test_worker_host_joins, after its bad input
+            yield t
         finally:
-            for n, h in workers.items():
-                for st in ("worker.log",):
-                    log = wstate[n] / "logs" / st
-                    if log.is_file():
-                        print(f"--- {n}: {log}\n" + "\n".join(
-                            log.read_text(errors="replace").splitlines()[-30:]))
-                d = h.run(wsh[n] + ["down"], timeout=120, **wenv[n])
-                print(d.stdout + d.stderr)
+            for n in workers:
+                log = wstate[n] / "logs" / "worker.log"
+                if log.is_file():
+                    print(f"--- {n}: {log}\n" + "\n".join(
+                        log.read_text(errors="replace").splitlines()[-30:]))
+                if (wstate[n] / "run" / "state.json").is_file():
+                    d = workers[n].run(["bash", str(tools[n] / "scripts" / "stack.sh"), "down"],
+                                       timeout=120, **wenv[n])
+                    print(d.stdout + d.stderr)
             d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
             print(d.stdout + d.stderr)
 
@@ -263,21 +337,171 @@ def _deploy_run(t: Team, name: str, *args: str) -> str:
 
 
 def _wait_runs(t: Team, ids: list[str], limit: float) -> dict:
-    r = t.cli.run([t.py(), "-c", WAIT_RUNS, str(limit), *ids], timeout=limit + 300,
+    r = t.cli.run([t.py(), "-c", WAIT_RUNS, str(limit), *ids], timeout=limit + 60,
                   **t.cenv())
     return json.loads(_ok(r, "flow runs").strip().splitlines()[-1])
 
 
-@pytest.mark.timeout(2400)  # the hosts, the stack, two joins (setup) and the study
+@pytest.mark.timeout(1200)  # the module's stack (setup, ~1 min) and the whole tiny pipeline (~8)
+def test_worker_host_joins(team: Team):
+    t = team
+    srv, wrk, cli = t.srv, t.workers["w1"], t.cli
+    wstate = t.wstate["w1"]
+    # the server: a team repository seeded with the project's HEAD, no worker of its own
+    assert "git repository made at ssh://" in t.up_out, t.up_out
+    assert "\nworker " not in t.up_out, t.up_out  # RLFN_STACK_WORKER=0
+    assert not (t.state / "run" / "worker.pid").exists()
+    exports = eval_env(srv.run(["bash", t.stack_sh, "env"], **t.srv_env).stdout, GIT_EXPORTS)
+    assert exports["RLFN_GIT_URL"] == t.git_url, exports
+    assert _ok(srv.run(["git", "rev-parse", "HEAD"], cwd=t.bare), "bare HEAD").strip() == t.head
+    assert t.bundle["git"] == {"url": t.git_url}, t.bundle["git"]
+    assert t.client["RLFN_GIT_URL"] == t.git_url
+    assert t.client["PREFECT_API_URL"].startswith(f"https://{srv.addr}:")
+
+    # bad input: one error line naming it, exit 2, nothing written
+    carried = _carry(srv.home / "team.bundle", wrk)
+    client_dir = wrk.home / ".config" / "rlfn-stack" / srv.addr
+    os.chmod(carried, 0o644)
+    loose = t.wsh("w1", "join", str(carried))
+    assert loose.returncode == 2 and loose.stderr.count("\n") == 1, loose.stderr
+    assert loose.stderr.startswith(f"error: join {carried}: readable by others"), loose.stderr
+    os.chmod(carried, 0o600)
+    pool = t.wsh("w1", "join", str(carried), "--pool", "gpu pool")
+    assert pool.returncode == 2 and pool.stderr.count("\n") == 1, pool.stderr
+    assert pool.stderr.startswith("error: join --pool 'gpu pool'"), pool.stderr
+    assert not wstate.exists() and not client_dir.exists(), \
+        (list(wrk.home.iterdir()), loose.stderr)
+
+    # from here to the champion on the client, every packet on the bridge is captured
+    wire = contextlib.ExitStack()
+    try:
+        pcap = wire.enter_context(capture(t.net, t.net.base / "bridge.pcap"))
+        t.join("w1")
+        project = t.project("w1")
+        joined = json.loads((wstate / "run" / "state.json").read_text())["joined"]
+        assert joined["pool"] == "rlfn-pool" and joined["project_dir"] == str(project)
+        worker_name = joined["worker"]
+        assert wrk.addr in worker_name, worker_name
+        origin = _ok(wrk.run(["git", "remote", "get-url", "origin"], cwd=project), "origin")
+        assert origin.strip() == t.git_url
+        assert _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
+        local = (project / ".dvc" / "config.local").read_text()
+        assert f"url = {t.bundle['ssh']['remote']}" in local, local
+        assert f"keyfile = {client_dir / 'id_ed25519'}" in local, local
+        assert "remote = stack" in local, local
+        st = t.wsh("w1", "status")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert st.stdout.startswith("worker      up    ") and worker_name in st.stdout, \
+            st.stdout
+
+        # both worker hosts, seen from the client through the server's Prefect API over TLS
+        w = cli.run([t.py(), "-c", WORKERS, "rlfn-pool"], timeout=120, **t.cenv())
+        workers = json.loads(_ok(w, "workers").strip().splitlines()[-1])
+        assert workers.get(worker_name) == "ONLINE", workers
+        assert sorted(workers.values()) == ["ONLINE", "ONLINE"], workers
+
+        # git over SSH from the worker host: a branch pushed to RLFN_GIT_URL ...
+        wexp = eval_env(_ok(wrk.run(["bash", str(t.tools["w1"] / "scripts" / "stack.sh"),
+                                     "env", "--bundle", str(carried)]), "env"), CLIENT_EXPORTS)
+        git_id = ["-c", "user.name=w", "-c", "user.email=w@localhost"]
+        (project / "join-probe.txt").write_text(f"from {wrk.name}\n")
+        os.chown(project / "join-probe.txt", wrk.uid, wrk.uid)
+        for cmd in (["checkout", "-q", "-b", "join-probe"], ["add", "join-probe.txt"],
+                    [*git_id, "commit", "-q", "-m", "a commit of the worker host"],
+                    ["push", "-q", "origin", "join-probe"]):
+            _ok(wrk.run(["git", *cmd], cwd=project, timeout=120, **wexp), f"git {cmd}")
+        pushed = _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip()
+        assert _ok(srv.run(["git", "rev-parse", "refs/heads/join-probe"], cwd=t.bare),
+                   "server's branch").strip() == pushed
+        # ... is in the client host's own clone of RLFN_GIT_URL
+        cclone = cli.home / "team-clone"
+        _ok(cli.run(["git", "clone", "-q", t.git_url, str(cclone)], timeout=300, **t.client),
+            "client clone")
+        assert _ok(cli.run(["git", "rev-parse", "origin/join-probe"], cwd=cclone),
+                   "client's branch").strip() == pushed
+        # without the bundle's ssh config git cannot reach it (no key, no pinned host key)
+        bare_env = {k: v for k, v in t.client.items() if k != "GIT_SSH_COMMAND"}
+        refused = cli.run(["git", "ls-remote", t.git_url], timeout=120,
+                          GIT_SSH_COMMAND="ssh -o BatchMode=yes", **bare_env)
+        assert refused.returncode != 0, refused.stdout
+
+        # dvc push from the worker host reaches the server host's remote
+        dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
+        blob = os.urandom(64).hex() + "\n"
+        (project / "join-probe.bin").write_text(blob)
+        os.chown(project / "join-probe.bin", wrk.uid, wrk.uid)
+        _ok(wrk.run([dvc, "add", "-q", "join-probe.bin"], cwd=project, timeout=300, **wexp),
+            "dvc add")
+        p = wrk.run([dvc, "push", "join-probe.bin.dvc"], cwd=project, timeout=300, **wexp)
+        _ok(p, "dvc push")
+        md5 = yaml.safe_load((project / "join-probe.bin.dvc").read_text())["outs"][0]["md5"]
+        stored = t.state / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
+        assert stored.is_file() and stored.read_text() == blob, (stored, p.stdout)
+
+        # a deployment run from the client host, run by a worker host (the server runs none)
+        prefect = str(t.cli_clone / ".venv" / "bin" / "prefect")
+        run = cli.run([prefect, "deployment", "run", "rlfn-repro/repro", "--params",
+                       json.dumps({"push": True}), "--watch",
+                       "--watch-interval", "2", "--watch-timeout", "900"],
+                      timeout=960, **t.cenv())
+        out = run.stdout + run.stderr
+        print(out[-3000:])
+        m = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert m, out
+        fid = m.group(1)
+        fr = _wait_runs(t, [fid], 60)[fid]
+        assert fr["state"] == "COMPLETED", (fr, t.logs())
+        assert fr["pool"] == "rlfn-pool", fr
+        runner = t.runner_of(fid)
+        assert len(runner) == 1, (runner, t.logs())
+        print(f"repro {fid} ran on {runner[0]}")
+        ran_in = t.project(runner[0])
+        lock = yaml.safe_load((ran_in / "dvc.lock").read_text())["stages"]
+        assert set(DVC_STAGES) <= set(lock), sorted(lock)  # the worker host's clone
+        branch = f"repro/{fid}"
+        on_server = _ok(srv.run(["git", "rev-parse", f"refs/heads/{branch}"], cwd=t.bare),
+                        "the repro branch on the server").strip()
+        # the client checks it out and pulls the worker's bytes of every cached output
+        t.pull_on_client(branch, cclone)
+        assert _ok(cli.run(["git", "rev-parse", "HEAD"], cwd=cclone), "HEAD").strip() == \
+            on_server
+        for out_path in CACHED:
+            a, b = ran_in / out_path, cclone / out_path
+            files = sorted(x.relative_to(a) for x in a.rglob("*") if x.is_file()) \
+                if a.is_dir() else [Path()]
+            assert files, out_path
+            for f in files:
+                assert (b / f).read_bytes() == (a / f).read_bytes(), (out_path, f)
+        t.repro = branch  # what test 3 retrains on top of
+        # the champion, from the tracking server over TLS, upscales x4 on the client
+        got = cli.run([t.py(), "-c", PYFUNC], cwd=cli.home, timeout=600, **t.cenv())
+        assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
+            {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
+    finally:
+        wire.close()  # the capture's end (or, after a failure, tcpdump stopped)
+
+    # nothing secret on the wire: the capture holds the run's traffic (more bytes than the
+    # outputs the client pulled) and none of the secrets, plain or base64
+    pulled = sum(f.stat().st_size for o in CACHED for f in
+                 ((cclone / o).rglob("*") if (cclone / o).is_dir() else [cclone / o])
+                 if f.is_file())
+    assert pcap.stat().st_size > pulled > 0, (pcap.stat().st_size, pulled)
+    secret = _secrets(t.state)
+    assert len(secret) >= 5, sorted(secret)
+    assert secrets_seen(pcap, secret) == [], "in clear on the bridge"
+
+
+@pytest.mark.timeout(300)  # the study: two tune runs, 4 trials of 8 iterations (~1-1.5 min)
 def test_two_worker_hosts_drain_one_study(team: Team):
     t = team
+    t.both_joined()
     fp_env = json.dumps({"RLFN_FAILPOINTS": f"train.step@{PAUSE_STEP}",
-                         "RLFN_FAILPOINT_DIR": FP_DIR, "RLFN_FAILPOINT_TIMEOUT_S": "1200"})
+                         "RLFN_FAILPOINT_DIR": FP_DIR, "RLFN_FAILPOINT_TIMEOUT_S": "240"})
     ids = [_deploy_run(t, "rlfn-tune/tune", "--job-variable", f"env={fp_env}")
            for _ in range(2)]
     # both hosts inside a trial of the study at once: each paused at the failpoint
     markers = {n: t.project(n) / FP_DIR / "train.step.reached" for n in t.workers}
-    deadline = time.monotonic() + 1200  # a bound on waiting (each host's marker, as root)
+    deadline = time.monotonic() + 150  # a bound on waiting (each host's marker, as root)
     while not all(m.exists() for m in markers.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     waited = {n: m.exists() for n, m in markers.items()}
@@ -287,7 +511,7 @@ def test_two_worker_hosts_drain_one_study(team: Team):
                     f"{t.logs()}")
     for n, h in t.workers.items():  # let both go on
         _ok(h.run(["touch", str(t.project(n) / FP_DIR / "train.step.release")]), "release")
-    states = _wait_runs(t, ids, 1500)
+    states = _wait_runs(t, ids, 150)
     assert all(s["state"] == "COMPLETED" for s in states.values()), (states, t.logs())
     assert all(s["pool"] == "rlfn-pool" for s in states.values()), states
     # each run taken by another worker host (one flow run at a time each)
@@ -295,8 +519,10 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     assert sorted(sum(runners.values(), [])) == sorted(t.workers), runners
 
     # the study, read from the client over TLS (verify-full against the bundle's CA)
-    r = t.cli.run([t.py(), "-c", TUNE_STATE, t.study, t.client["RLFN_OPTUNA_STORAGE"]],
-                  timeout=300, **t.cenv())
+    storage = t.client["RLFN_OPTUNA_STORAGE"]
+    assert storage.startswith("postgresql") and f"@{t.srv.addr}:" in storage \
+        and "sslmode=verify-full" in storage, storage.split("@")[-1]
+    r = t.cli.run([t.py(), "-c", TUNE_STATE, t.study, storage], timeout=300, **t.cenv())
     trials = json.loads(_ok(r, "the study").strip().splitlines()[-1])
     print(f"\nstudy {t.study}: {[(x['number'], x['state'], x['params']) for x in trials]}")
     by_state: dict[str, list] = {}
@@ -327,11 +553,31 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     assert len({x["parent"] for x in trial_runs.values()}) == 2, trial_runs
 
 
-@pytest.mark.timeout(3600)  # the whole tiny pipeline reproduced on a worker host
+@pytest.mark.timeout(600)  # stage 3 onward of the tiny pipeline on a worker host (~4.5 min)
 def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     t = team
-    r = t.cli.run(["bash", "scripts/retrain.sh", t.branch], cwd=t.cli_clone, timeout=3000,
-                  **t.cenv())
+    if t.repro is None:
+        pytest.skip("needs the branch repro/<id> that test_worker_host_joins pushes and pulls "
+                    "(it failed or did not run in this session: run the module whole)")
+    t.both_joined()
+    # the client's change on top of test 1's repro: stage 3 longer, nothing else
+    src = t.cli.home / "retrain-src"
+    _ok(t.cli.run(["git", "clone", "-q", "-b", t.repro, t.git_url, str(src)], timeout=300,
+                  **t.client), "clone of the repro branch")
+    p = src / "params.yaml"
+    prm = yaml.safe_load(p.read_text())
+    prm["train_stages"]["3"]["iterations"] = STAGE3_ITERATIONS
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    ref = "stage3-longer"
+    git_id = ["-c", "user.name=c", "-c", "user.email=c@localhost"]
+    for cmd in ([*git_id, "commit", "-qam", "stage 3 longer"],
+                ["push", "-q", "origin", f"HEAD:refs/heads/{ref}"]):
+        _ok(t.cli.run(["git", *cmd], cwd=src, timeout=120, **t.client), f"git {cmd}")
+    base = _ok(t.cli.run(["git", "rev-parse", "HEAD"], cwd=src), "HEAD").strip()
+
+    summary = t.cli.home / "retrain-summary.md"
+    r = t.cli.run(["bash", "scripts/retrain.sh", ref], cwd=t.cli_clone, timeout=540,
+                  RLFN_RETRAIN_SUMMARY=str(summary), **t.cenv())
     out = r.stdout + r.stderr
     print(out[-3000:])
     m = re.search(r"UUID: ([0-9a-f-]{36})", out)
@@ -342,33 +588,44 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
                                                                        t.logs())
     assert states[fid]["pool"] == "rlfn-pool"
     assert len(t.runner_of(fid)) == 1, t.runner_of(fid)  # a worker host ran it
+    md = summary.read_text()
+    print(md)
+    assert "train_stage@3" in md and "train_stage@1" not in md, md  # only stage 3 onward
 
     # the branch, pushed over SSH to the team's repository on the server host
     b = f"retrain/{fid}"
     git = lambda *a: t.srv.run(["git", *a], cwd=t.bare)  # noqa: E731
     tip = _ok(git("rev-parse", f"refs/heads/{b}"), f"{b} on the server").strip()
-    assert _ok(git("rev-parse", f"{tip}^"), "parent").strip() == t.head
+    assert _ok(git("rev-parse", f"{tip}^"), "parent").strip() == base
     lock_text = _ok(git("show", f"{tip}:dvc.lock"), "dvc.lock")
-    parent_lock = git("show", f"{t.head}:dvc.lock").stdout
+    parent_lock = _ok(git("show", f"{base}:dvc.lock"), "the parent's dvc.lock")
     assert lock_text != parent_lock
     lock = yaml.safe_load(lock_text)["stages"]
     assert set(DVC_STAGES) <= set(lock), sorted(lock)
+    before = yaml.safe_load(parent_lock)["stages"]
+    assert all(lock[s] == before[s] for s in BEFORE_STAGE3), \
+        [s for s in BEFORE_STAGE3 if lock[s] != before[s]]  # not rerun
+    assert lock["train_stage@3"] != before["train_stage@3"]
     promo = json.loads(_ok(git("show", f"{tip}:reports/promotion.json"), "promotion.json"))
     assert "decision" in promo and "promoted" in promo, promo
     # its outputs are in the server's DVC remote (pushed by the worker host): the client's clone
     # of RLFN_GIT_URL at that branch, `dvc pull` from the bundle's remote, `dvc status` clean
-    cclone = t.cli.home / "team-clone"
-    _ok(t.cli.run(["git", "clone", "-q", "-b", b, t.client["RLFN_GIT_URL"], str(cclone)],
-                  timeout=300, **t.client), "client clone")
-    cdvc = str(t.cli_clone / ".venv" / "bin" / "dvc")
-    ckey = t.cli.home / ".config" / "rlfn-stack" / t.srv.addr / "id_ed25519"
-    for cmd in (["remote", "add", "--local", "-d", "stack", t.remote],
-                ["remote", "modify", "--local", "stack", "keyfile", str(ckey)], ["pull", "-q"]):
-        _ok(t.cli.run([cdvc, *cmd], cwd=cclone, timeout=900, **t.client), f"dvc {cmd}")
+    cclone = t.cli.home / "retrain-clone"
+    t.pull_on_client(b, cclone)
     assert (cclone / "models" / "stage3" / "model.safetensors").is_file()
-    st = t.cli.run([cdvc, "status", "--json", "dvc.yaml"], cwd=cclone, timeout=300, **t.client)
-    assert json.loads(_ok(st, "dvc status")) == {}, st.stdout
-    # the retrain's MLflow run names the branch (read from the client)
+    # the retrain's MLflow run names the branch and the stages it reran (read from the client)
     r = t.cli.run([t.py(), "-c", RETRAIN_RUNS], timeout=300, **t.cenv())
     runs = json.loads(_ok(r, "retrain runs").strip().splitlines()[-1])
     assert [x["branch"] for x in runs] == [b], runs
+    reran = set(runs[0]["stages"].split(","))
+    assert "train_stage@3" in reran and not reran & set(BEFORE_STAGE3), runs
+
+
+@pytest.mark.timeout(300)  # with the module's teardown (~30 s): worker hosts, server, hosts
+def test_down_stops_a_worker_host(team: Team):
+    t = team
+    t.both_joined()
+    d = t.wsh("w1", "down")
+    assert d.returncode == 0 and "worker      stopped" in d.stdout, d.stdout + d.stderr
+    st = t.wsh("w1", "status")
+    assert st.returncode == 1 and "worker      DOWN" in st.stdout, st.stdout

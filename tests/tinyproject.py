@@ -1,12 +1,14 @@
 """Tiny projects for the tests that run the pipeline for real: the stage and flow-run names of
 ``dvc repro``, the params that make the whole pipeline train in minutes on 2 cores
-(``tiny_params``), and a minimal tuning project (``tune_project``). Used by test_pipeline.py,
-test_stack_repro.py, test_tune.py and test_stack.py."""
+(``tiny_params``; ``tiny_clone``: a team-stack test's clone made tiny, committed), and a
+minimal tuning project (``tune_project``). Used by test_pipeline.py, test_stack_repro.py,
+test_tune.py, test_stack.py, the chaos tests and test_hosts_team.py."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from PIL import Image
@@ -64,16 +66,21 @@ TUNE_TRAIN = dict(model="rlfn_ntire", scale=4, hr_dir="hr", val_hr_dir="val", it
 TRAIN_IMAGES = 4  # as test_pipeline's copy: enough for the tiny params, fast to prepare
 
 
-def tiny_clone(clone: Path) -> None:
+def tiny_clone(clone: Path, wrap: Callable[[list[str]], list[str]] = list) -> None:
     """A team-stack test's clone made tiny: the tiny params (no int8 backend) and
-    ``TRAIN_IMAGES`` training images, committed (the stack's ``prepare`` hook)."""
+    ``TRAIN_IMAGES`` training images, committed with every other change of its working tree
+    (the stack's ``prepare`` hook; a test host's clone from ``hosts.install_project`` holds the
+    working tree under test). ``wrap`` makes the command line each git command runs as (a
+    test host's ``Host.argv``: as the host's user, who owns the clone)."""
     tiny_params(clone / "params.yaml", int8=False)
     extra = sorted((clone / "data" / "sample" / "train").glob("*.png"))[TRAIN_IMAGES:]
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
     if extra:
-        subprocess.run([*git, "rm", "-q", *[str(p) for p in extra]], check=True, timeout=60)
-    subprocess.run([*git, "commit", "-qam", "tiny params for the stack tests"], check=True,
-                   timeout=60)
+        subprocess.run(wrap([*git, "rm", "-q", *[str(p) for p in extra]]), check=True,
+                       timeout=60)
+    subprocess.run(wrap([*git, "add", "-A"]), check=True, timeout=60)
+    subprocess.run(wrap([*git, "commit", "-q", "--allow-empty", "-m",
+                         "tiny params for the stack tests"]), check=True, timeout=60)
 
 
 def tune_project(d: Path, tune: dict, train: dict | None = None) -> Path:
