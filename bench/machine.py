@@ -6,17 +6,11 @@ from __future__ import annotations
 import os
 import platform
 
+import sys
+from pathlib import Path
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # rlfn.machine: no torch needed
+from rlfn.machine import cpu_model  # noqa: E402,F401 - the bench scripts import it from here
 
 
 def machine(**extra) -> dict:

@@ -12,7 +12,10 @@ backend, reference) and the Pareto points.
 Pareto (``profile.pareto``): the official weights listed there (files that are absent are
 skipped with a note), every warm-start stage's model and every registered version of ``rlfn-x<scale>``
 (deduplicated by weights sha256) are each scored on the listed sets (absent sets skipped)
-and timed on the first ``pareto.max_images`` LR images with ``pareto.backend``.
+and timed on the first ``pareto.max_images`` LR images with ``pareto.backend``. The official
+weights' points come from stage ``pareto_official`` (``pareto.official_out``), not scored again
+here, while that file was made with these settings and for a file of the recorded sha256
+(otherwise that model is scored here, said in one line); ``pipeline.pareto`` has the rules.
 ``pareto.extra_backends`` adds the final model with other (lossy) backends; int8 is
 calibrated on the patch store of the model's scale (``patches.out``, a dep of this stage).
 ``plots/pareto.csv`` (a DVC plot) and ``plots/pareto.png``; both logged to MLflow.
@@ -24,6 +27,7 @@ since the last run is picked up on the next change to this stage's inputs (or
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,19 +38,18 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.entry import log, main
+from pipeline.pareto import available_sets, official_settings, pareto_point, time_architecture
 from pipeline.settings import ParetoSettings, ProfileSettings, Settings, load_settings
 from pipeline.tracking import log_dict_metrics, stage_run
 from rlfn.errors import ConfigError, DataError
-from rlfn.evaluate import evaluate_folder
 from rlfn.backends import BACKENDS, check_backend, make_engine
 from rlfn.engine import BackendError
 from rlfn.io import write_json
 from rlfn.io import sha256_file
 from rlfn.models import build_model, model_names
 from rlfn.pareto import pareto_front, plot_pareto
-from rlfn.profile import profile_report, profile_runtime
+from rlfn.profile import profile_report, timing_machine
 from rlfn.threads import configure_threads
-from rlfn.upscale import ModelUpscaler
 from rlfn.weights import load_model
 
 CSV_FIELDS = ["label", "kind", "set", "psnr_y", "ssim_y", "runtime_ms", "params", "on_front",
@@ -126,55 +129,74 @@ def _backend_candidates(s: Settings) -> list[dict]:
     return out
 
 
-@task(cache_policy=NO_CACHE)  # DVC is the cache; inputs need not hash
-def pareto_point(c: dict, scale: int, pp: ParetoSettings, input_dir: str, sets: dict,
-                 timed: dict | None = None,
-                 calibration: str | None = None) -> tuple[list[dict], dict]:
-    """One model's rows (a row per set) and its runtime. A CNN's runtime depends on its
-    architecture and backend, not on its weights: ``timed`` ((architecture, backend) ->
-    runtime) has the ones already timed in this chart (every stage and registered version of
-    one architecture is timed once). ``c["backend"]``: another backend than ``pp.backend``.
-    ``calibration``: the int8 backend's calibration data (the patch store)."""
-    loaded = load_model(c["path"], scale=scale)
-    backend = c.get("backend") or pp.backend
-    engine = make_engine(loaded.model, backend, "cpu", calibration=calibration)
-    key = f"{loaded.name}/{backend}"
-    rt = (timed or {}).get(key)
-    if rt is None:
-        rt = profile_runtime(engine, input_dir, pp.max_images, pp.warmup)
-    rows = []
-    for set_name, hr_dir in sets.items():
-        rep = evaluate_folder(ModelUpscaler(engine), hr_dir, progress=True,
-                              desc=f"{c['label']} {set_name}")
-        if rep.errors:
-            raise DataError(hr_dir, f"pareto {c['label']} on {set_name}: "
-                                    + "; ".join(rep.errors))
-        rows.append({"label": c["label"], "kind": c["kind"], "set": set_name,
-                     "psnr_y": round(rep.mean["psnr_y"], 4),
-                     "ssim_y": round(rep.mean["ssim_y"], 5),
-                     "runtime_ms": round(rt["median_ms"], 2), "params": rt["params"],
-                     "backend": backend, "sha256": c["sha256"][:16]})
-    return rows, {key: rt}
+def _official(s: Settings, sets: dict[str, str]) -> dict[str, dict]:
+    """The points of ``pareto.official_out`` (stage ``pareto_official``) that hold here, by
+    sha256: made with this chart's settings, for a file that still has that sha256. Where the
+    file is missing or made with other settings: {} (every official model scored here), said
+    in one line."""
+    pp = s.profile.pareto
+    f = Path(pp.official_out)
+    if not f.is_file():
+        log.warning(f"profile: {f} not found (stage pareto_official); the official weights "
+                    f"are scored here")
+        return {}
+    try:
+        rec = json.loads(f.read_text())
+        settings, models = rec["settings"], rec["models"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(str(f), f"not a pareto_official file ({e}); run dvc repro -f "
+                                f"pareto_official") from None
+    want = official_settings(s, sets)
+    if settings != want:
+        diff = sorted(k for k in want if settings.get(k) != want[k])
+        log.warning(f"profile: {f} was made with other settings ({', '.join(diff)}); the "
+                    f"official weights are scored here")
+        return {}
+    return {m["sha256"]: {**m, "machine": rec.get("machine")} for m in models if m["rows"]}
+
+
+def _official_rows(c: dict, rec: dict, pp: ParetoSettings, s: Settings, timed: dict) -> list[dict]:
+    """An official model's rows from its record; its runtime reused on the machine it was
+    timed on, else its architecture timed here (once per chart)."""
+    key = f"{rec['arch']}/{pp.backend}"
+    if key not in timed:
+        if rec["runtime"] is not None and rec["machine"] == timing_machine():
+            timed[key] = rec["runtime"]
+        else:
+            log.info(f"profile: {c['label']}: recorded on {rec['machine']}; timing "
+                     f"{rec['arch']} here")
+            timed[key] = time_architecture(rec["arch"], s.scale, pp.backend, pp,
+                                           s.profile.input_dir)
+    rt = timed[key]
+    return [{**r, "label": c["label"], "runtime_ms": round(rt["median_ms"], 2),
+             "params": rt["params"]} for r in rec["rows"]]
 
 
 def pareto(s: Settings) -> list[dict]:
     pp = s.profile.pareto
-    sets = {}
-    for name, hr in pp.sets.items():
-        if Path(hr).is_dir():
-            sets[name] = hr
-        else:
-            log.warning(f"profile: {name} ({hr}) not found; no {name} panel")
+    sets = available_sets(pp)
     if not sets:
         log.warning("profile: no Pareto sets available; chart skipped")
         return []
+    official = _official(s, sets)
     with tempfile.TemporaryDirectory(prefix="rlfn-registry-") as tmp:
-        rows, timed = [], {}
+        rows, timed, reused = [], {}, []
         for c in _candidates(s, Path(tmp)) + _backend_candidates(s):
-            more, rt = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed,
-                                    calibration=str(s.patches.store(s.scale)))
+            rec = official.get(c["sha256"]) if c["kind"] == "official" else None
+            if rec is not None:
+                rows += _official_rows(c, rec, pp, s, timed)
+                reused.append(c["label"])
+                continue
+            if c["kind"] == "official" and official:
+                log.warning(f"profile: {c['path']}: sha256 {c['sha256'][:16]} is not the one "
+                            f"{pp.official_out} scored; scored here")
+            more, rt, _ = pareto_point(c, s.scale, pp, s.profile.input_dir, sets, timed,
+                                       calibration=str(s.patches.store(s.scale)))
             rows += more
             timed.update(rt)
+    if reused:
+        log.info(f"profile: official points reused from {pp.official_out}: "
+                 f"{', '.join(reused)}")
     for set_name in sets:
         sel = [r for r in rows if r["set"] == set_name]
         for r, f in zip(sel, pareto_front([r["runtime_ms"] for r in sel],

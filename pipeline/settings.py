@@ -153,6 +153,7 @@ class ParetoSettings(_Section):
     # the final model again with each of these backends (lossy ones: int8, bf16, ...): one
     # point per backend; a backend that cannot run here is left out with a warning
     extra_backends: list[str] = []
+    official_out: str = "reports/pareto_official.json"  # stage pareto_official's points
     csv: str = "plots/pareto.csv"
     png: str = "plots/pareto.png"
 

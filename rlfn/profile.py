@@ -12,6 +12,7 @@ NTIRE parameter/FLOP/activation counts are in ``rlfn.complexity``.
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import statistics
 import time
@@ -24,9 +25,10 @@ from torch import nn
 
 from .engine import Engine, as_engine
 from .io import list_images, read_image
+from .machine import cpu_model
 from .upscale import to_tensor
 
-__all__ = ["count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report",
+__all__ = ["timing_machine", "count_params", "time_inference", "peak_rss_mb", "profile_runtime", "profile_report",
            "traffic_bytes", "copy_bandwidth_gbs", "peak_bandwidth", "PEAK_GBS"]
 
 # Peak DRAM bandwidth (GB/s, 1e9 bytes) of GPUs by a substring of
@@ -37,6 +39,14 @@ PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "B200": 8000.0,
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def timing_machine() -> dict:
+    """What a CPU runtime depends on besides the model and backend: the CPU's model name, the
+    threads this process computes with and an instruction-set cap (oneDNN's
+    ``ONEDNN_MAX_CPU_ISA``). Two timings compare only when these are equal."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA") or None}
 
 
 def count_params(model: nn.Module) -> int:

@@ -193,12 +193,13 @@ def test_every_source_file_change_reruns_the_stages_that_import_it(project, repr
     try:
         f.write_text(text + "\n# touched\n")
         changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
-        assert changed == {*TRAIN_STAGES, "evaluate", "profile", "promote"}, changed
+        assert changed == {*TRAIN_STAGES, "evaluate", "pareto_official", "profile",
+                           "promote"}, changed
         b.write_text(b_text + "\n# touched\n")
         f.write_text(text)
         changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
         b.write_text(b_text)
-        assert changed == {"evaluate", "profile"}, changed
+        assert changed == {"evaluate", "pareto_official", "profile"}, changed
         (project / "pipeline" / "entry.py").write_text(
             (project / "pipeline" / "entry.py").read_text() + "\n# touched\n")
         f.write_text(text)
@@ -285,7 +286,13 @@ def test_param_change_reruns_exactly_its_stages(project, repro):
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
     assert changed == {"profile", "train_stage@3", "evaluate", "promote"}  # (evaluate,
-    # profile and promote read the stage list)
+    # profile and promote read the stage list); a training param never reruns the official
+    # weights' Pareto points (pareto_official)
+    prm["profile"]["pareto"]["max_images"] += 1  # what the official points depend on
+    p.write_text(yaml.safe_dump(prm, sort_keys=False))
+    changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+    assert changed == {"profile", "train_stage@3", "evaluate", "promote", "pareto_official"}
+    prm["profile"]["pareto"]["max_images"] -= 1
     prm["profile"]["warmup"] = 1
     prm["train_stages"]["3"]["contrastive_weight"] = 0.1
     p.write_text(yaml.safe_dump(prm, sort_keys=False))
@@ -346,3 +353,48 @@ def test_dvc_push_and_pull_with_the_local_remote(project, repro):
     shutil.rmtree(project / "models")
     _run(["dvc", "pull"], project)
     assert weights.read_bytes() == data
+
+
+@pytest.mark.timeout(900)  # two short repros of pareto_official and profile (~1-2 min each)
+def test_official_points_scored_once_and_reused_by_profile(project, repro, pretrained):
+    """Stage pareto_official scores the official weights (here rlfn_x4 on Set5: the published
+    32.24 dB) into reports/pareto_official.json; profile charts them from that file, without
+    scoring them again; a weights file whose sha256 is not the recorded one is scored by
+    profile itself, said in one line. (A training param never reruns pareto_official:
+    test_param_change_reruns_exactly_its_stages.)"""
+    link = project.parent / "shared"  # ../shared as params.yaml names it
+    p = project / "params.yaml"
+    text = p.read_text()
+    prm = yaml.safe_load(text)
+    prm["profile"]["pareto"]["models"] = ["../shared/pretrained/rlfn_x4.pth"]
+    prm["profile"]["pareto"]["sets"] = {"Set5": "data/sample/Set5"}  # (B100 is in ../shared)
+    link.symlink_to(pretrained.parent)
+    try:
+        p.write_text(yaml.safe_dump(prm, sort_keys=False))
+        r = _run(["dvc", "repro", "profile"], project)
+        out = r.stdout + r.stderr
+        assert "Running stage 'pareto_official'" in out and "Running stage 'profile'" in out
+        rec = json.loads((project / "reports" / "pareto_official.json").read_text())
+        assert rec["absent"] == [] and [m["label"] for m in rec["models"]] == ["rlfn_x4"]
+        assert rec["models"][0]["sha256"].startswith("8c7edb57dfc89048")  # ../shared/README.md
+        (row,) = rec["models"][0]["rows"]
+        assert row["set"] == "Set5" and abs(row["psnr_y"] - 32.24) < 0.005, row  # published
+        psnr = row["psnr_y"]
+        assert "official points reused from reports/pareto_official.json: rlfn_x4" in out
+        with open(project / "plots" / "pareto.csv") as fh:
+            charted = [x for x in csv.DictReader(fh) if x["kind"] == "official"]
+        assert [(x["label"], float(x["psnr_y"])) for x in charted] == [("rlfn_x4", psnr)]
+        # a record that does not match the file there: profile scores the model itself
+        rec["models"][0]["sha256"] = "0" * 64
+        rec["models"][0]["rows"][0]["psnr_y"] = 1.0
+        (project / "reports" / "pareto_official.json").write_text(json.dumps(rec))
+        r = _run(["dvc", "repro", "--single-item", "--force", "profile"], project)
+        out = r.stdout + r.stderr
+        assert "Running stage 'pareto_official'" not in out
+        assert "is not the one reports/pareto_official.json scored; scored here" in out
+        with open(project / "plots" / "pareto.csv") as fh:
+            charted = [x for x in csv.DictReader(fh) if x["kind"] == "official"]
+        assert [(x["label"], float(x["psnr_y"])) for x in charted] == [("rlfn_x4", psnr)]
+    finally:
+        link.unlink(missing_ok=True)
+        p.write_text(text)

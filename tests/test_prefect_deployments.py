@@ -34,6 +34,7 @@ def test_every_stage_has_a_deployment_that_loads():
         "settings", "stage_config", "services",
         "repro_server",
         "lineage",  # the report behind `rlfn lineage`, not a flow
+        "pareto",  # the Pareto points' code, shared by pareto_official and profile
         "ablation_report"}  # a report generator over `dvc exp show`, not a flow
     modules = {e.split(":")[0].removeprefix("pipeline.") for e in entries.values()}
     assert stages <= modules, stages - modules

@@ -16,9 +16,10 @@ from PIL import Image
 from imagefiles import rgb
 
 TRAIN_STAGES = ["train_stage@1", "train_stage@2", "train_stage@3"]
-DVC_STAGES = ["prepare", "degrade", "patches", *TRAIN_STAGES, "evaluate", "profile", "promote"]
+DVC_STAGES = ["prepare", "degrade", "patches", *TRAIN_STAGES, "evaluate", "pareto_official",
+              "profile", "promote"]
 FLOW_RUNS = ["prepare", "degrade", "patches", "train-stage1", "train-stage2", "train-stage3",
-             "evaluate", "profile", "promote"]
+             "evaluate", "pareto_official", "profile", "promote"]
 
 PREFECT_RUNS = """
 import asyncio, json
