@@ -197,3 +197,29 @@ def py(stack: Stack, code: str, *args: str, timeout: float = 300, env: dict | No
 def dvc(stack: Stack, *args: str, **kw) -> subprocess.CompletedProcess:
     return run(stack, [str(BIN / "dvc"), *args], **kw)
 
+
+# A client's scripts against the stack (python -c): the champion loaded from the registry
+# upscales an image; the tune stage's runs on the tracking server.
+PYFUNC = r"""
+import json
+import numpy as np
+import mlflow
+
+model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
+img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+out = np.asarray(model.predict(img))
+print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
+"""
+
+
+TUNE_RUNS = r"""
+import json, sys
+from mlflow import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name("rlfn")
+runs = c.search_runs([exp.experiment_id], "tags.dvc_stage = 'tune'", max_results=1000)
+print(json.dumps([{"id": r.info.run_id, "status": r.info.status,
+                   "kind": r.data.tags.get("rlfn.kind"), "study": r.data.tags.get("optuna.study"),
+                   "parent": r.data.tags.get("mlflow.parentRunId"),
+                   "state": r.data.tags.get("optuna.state")} for r in runs]))
+"""

@@ -57,7 +57,7 @@ import yaml
 from hosts import Host, Net, capture, hosts, install_project, secrets_seen
 from prereq import ROOT
 from servers import free_port
-from teamstack import eval_env, log_tails, prerequisites
+from teamstack import PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites
 from tinyproject import DVC_STAGES, tiny_clone
 
 pytestmark = pytest.mark.stack
@@ -100,16 +100,6 @@ print(json.dumps({str(fr.id): {"state": fr.state_type.value if fr.state_type els
                                "pool": fr.work_pool_name} for fr in frs}))
 """
 
-PYFUNC = r"""
-import json
-import numpy as np
-import mlflow
-
-model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
-img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-out = np.asarray(model.predict(img))
-print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
-"""
 
 TUNE_STATE = r"""
 import json, sys
@@ -119,17 +109,6 @@ print(json.dumps([{"number": t.number, "state": t.state.name, "params": t.params
                    "run": t.user_attrs.get("mlflow_run_id")} for t in study.get_trials()]))
 """
 
-TUNE_RUNS = r"""
-import json, sys
-from mlflow import MlflowClient
-c = MlflowClient()
-exp = c.get_experiment_by_name("rlfn")
-runs = c.search_runs([exp.experiment_id], "tags.dvc_stage = 'tune'", max_results=1000)
-print(json.dumps([{"id": r.info.run_id, "status": r.info.status,
-                   "kind": r.data.tags.get("rlfn.kind"), "study": r.data.tags.get("optuna.study"),
-                   "parent": r.data.tags.get("mlflow.parentRunId"),
-                   "state": r.data.tags.get("optuna.state")} for r in runs]))
-"""
 
 RETRAIN_RUNS = r"""
 import json

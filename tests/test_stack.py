@@ -26,7 +26,7 @@ import yaml
 
 from prereq import ROOT, require_tool
 from servers import _group_alive, clean_env
-from teamstack import EXPORTS, SERVICES, STACK_SH, http, stack_up
+from teamstack import EXPORTS, SERVICES, STACK_SH, TUNE_RUNS, http, stack_up
 from tinyproject import tune_project
 
 pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waiting on servers)
@@ -313,18 +313,6 @@ study = optuna.load_study(study_name=sys.argv[1], storage=sys.argv[2])
 print(json.dumps([{"number": t.number, "state": t.state.name, "params": t.params,
                    "steps": len(t.intermediate_values), "run": t.user_attrs.get("mlflow_run_id")}
                   for t in study.get_trials()]))
-"""
-
-TUNE_RUNS = r"""
-import json, sys
-from mlflow import MlflowClient
-c = MlflowClient()
-exp = c.get_experiment_by_name("rlfn")
-runs = c.search_runs([exp.experiment_id], "tags.dvc_stage = 'tune'", max_results=1000)
-print(json.dumps([{"id": r.info.run_id, "status": r.info.status,
-                   "kind": r.data.tags.get("rlfn.kind"), "study": r.data.tags.get("optuna.study"),
-                   "parent": r.data.tags.get("mlflow.parentRunId"),
-                   "state": r.data.tags.get("optuna.state")} for r in runs]))
 """
 
 

@@ -39,7 +39,7 @@ import yaml
 
 from faults import armed_env, release, wait_reached
 from servers import _group_alive, free_port
-from teamstack import BIN, Stack, dvc, http, py, run, stack_up
+from teamstack import BIN, PYFUNC, Stack, dvc, http, py, run, stack_up
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_clone
 
 MODEL = "rlfn-x4"
@@ -103,16 +103,6 @@ print(json.dumps({"experiment_id": exp.experiment_id if exp else None, "runs": o
                   "versions": sorted(versions, key=lambda v: v["version"])}))
 '''
 
-PYFUNC = r'''
-import json
-import numpy as np
-import mlflow
-
-model = mlflow.pyfunc.load_model("models:/rlfn-x4@champion")
-img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-out = np.asarray(model.predict(img))
-print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
-'''
 
 # The outputs of dvc.yaml's stages (DVC's own view), whether DVC caches them (push/pull).
 OUTS = r'''
