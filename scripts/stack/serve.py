@@ -28,6 +28,8 @@ import fcntl
 import json
 import os
 import re
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,8 @@ from urllib.parse import urlencode
 
 from rlfn.io import atomic_write
 from stack import mlflow_server, nginx
-from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
-                        rel, timeout_s)
+from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, open_log,
+                        read_json, rel, timeout_s)
 from stack.procs import (children, pid_of, port_free, require_free, run_logged, spawn,
                          stop_daemon, wait_until)
 from stack.web import probe, request
@@ -272,9 +274,39 @@ def _answers(ctx: Ctx) -> bool:
 
 
 def _reload(exe: str) -> None:
-    r = run_logged(NAME, [exe, "-s", "reload", "-c", str(CONF), "-p", str(DIR), "-e", "stderr"])
+    r = run_logged(NAME, _reload_cmd(exe))
     if r.returncode != 0:
         raise StackError(f"serve: nginx -s reload failed; read {rel(log_path(NAME))}")
+
+
+def _reload_cmd(exe: str) -> list[str]:
+    return [exe, "-s", "reload", "-c", str(CONF), "-p", str(DIR), "-e", "stderr"]
+
+
+def _reload_fenced(exe: str, master: int) -> set[int]:
+    """``nginx -s reload``, the old workers told to shut down gracefully (SIGQUIT: no new
+    connections, the ones they have finished) as soon as the first new worker exists: nginx's
+    master itself waits 100 ms before it does, and in that overlap old and new workers both
+    accept connections, so a client could get the new version and then the old one again.
+    Connections that arrive while no worker accepts wait in the listening socket's queue (the
+    master holds it). Returns the old workers."""
+    before = children(master)
+    with open_log(NAME) as log:
+        p = subprocess.Popen(_reload_cmd(exe), stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s()
+        while not children(master) - before:
+            if (p.poll() not in (None, 0)) or time.monotonic() > deadline:
+                p.wait(timeout=timeout_s())
+                raise StackError(f"serve: nginx -s reload started no new worker (exit "
+                                 f"{p.returncode}); read {rel(log_path(NAME))}")
+            time.sleep(0.001)
+        for pid in before:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)
+        if p.wait(timeout=timeout_s()) != 0:
+            raise StackError(f"serve: nginx -s reload failed; read {rel(log_path(NAME))}")
+    return before
 
 
 def _write_route(ctx: Ctx, exe: str, text: str) -> None:
@@ -301,8 +333,7 @@ def switch(ctx: Ctx, launched: Launched) -> dict:
     old = state()
     t0 = time.monotonic()
     _write_route(ctx, exe, _route(ctx, launched.name, launched.version, launched.ports))
-    before = children(master)
-    _reload(exe)
+    before = _reload_fenced(exe, master)
     deadline = time.monotonic() + timeout_s()
     while True:  # new workers up, answering with the new version
         status, headers = probe(f"{url(ctx)}/ping")
