@@ -35,7 +35,6 @@ import uuid
 
 import pytest
 
-from servers import free_port
 from teamstack import http, py, stack_up
 
 pytestmark = pytest.mark.stack
@@ -70,11 +69,7 @@ print(json.dumps({"versions": versions, "psnr": psnr}))
 
 @pytest.fixture(scope="module")
 def stack():
-    env = {"RLFN_STACK_SERVE_PORT": str(free_port(3)), "RLFN_STACK_HOOK_PORT": str(free_port()),
-           "RLFN_STACK_SERVE_MAX_BODY": MAX_BODY}
-    with stack_up("rlfn-serve-test-", **env) as st:
-        st.ports.update(serve=int(env["RLFN_STACK_SERVE_PORT"]),
-                        hook=int(env["RLFN_STACK_HOOK_PORT"]))
+    with stack_up("rlfn-serve-test-", RLFN_STACK_SERVE_MAX_BODY=MAX_BODY) as st:
         yield st
 
 
@@ -189,6 +184,13 @@ def _version_tags(stack, version: str) -> dict:
         mv = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version(
             NAME, version)
     return dict(mv.tags or {})
+
+
+def _canary_verdict(stack, version: str, timeout: float = 60) -> dict:
+    """The version's tags once the rollout's canary has recorded its verdict."""
+    return _wait_for(f"the canary's verdict on v{version}",
+                     lambda: (t := _version_tags(stack, version)).get("rlfn.serve.canary") and t,
+                     timeout, every=1)
 
 
 # --------------------------------------------------------------------------- 1
@@ -344,8 +346,8 @@ def test_promotion_rolls_the_endpoint_with_no_failed_request(stack, versions):
     assert f"-> {NAME} v2 (1 instance)" in row and row.split()[1] == "up", row
     instances = sorted(p.name for p in (stack.state / "run").glob("serve-*.pid"))
     assert len(instances) == 1, instances  # v1's server stopped
-    tags = _version_tags(stack, "2")
-    assert tags.get("rlfn.serve.canary") == "passed", tags
+    tags = _canary_verdict(stack, "2")  # recorded after the switch
+    assert tags["rlfn.serve.canary"] == "passed", tags
     assert "equal to 4 decimals" in tags.get("rlfn.serve.canary_reason", ""), tags
 
     # nginx's body limit: 413, then the next request is served
@@ -362,9 +364,7 @@ def test_failed_canary_leaves_the_old_version_serving(stack, versions):
     url = _serve_url(stack)
     assert _version_answering(url) == "2"
     _set_champion(stack, "3")
-    tags = _wait_for("the canary's verdict on v3",
-                     lambda: (t := _version_tags(stack, "3")).get("rlfn.serve.canary") and t,
-                     300, every=2)
+    tags = _canary_verdict(stack, "3", timeout=300)
     assert tags["rlfn.serve.canary"] == "failed", tags
     reason = tags["rlfn.serve.canary_reason"]
     assert "they differ" in reason and "v2 still serving" in reason, reason

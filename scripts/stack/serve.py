@@ -24,7 +24,6 @@ model's answer, default 300; a client that stalls sending is cut off after 30 s)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -85,7 +84,9 @@ def url(ctx: Ctx) -> str:
 
 
 def exports(ctx: Ctx) -> dict[str, str]:
-    return {"RLFN_SERVE_URL": url(ctx)}
+    """``RLFN_SERVE_URL``; on loopback only for now (off it the endpoint has no TLS end yet,
+    and a bundle's 127.0.0.1 would be another host's)."""
+    return {} if ctx.remote else {"RLFN_SERVE_URL": url(ctx)}
 
 
 def model_name(ctx: Ctx) -> str:
@@ -154,20 +155,19 @@ def _stop_slot(slot: int) -> None:
 
 @contextlib.contextmanager
 def rollout_lock():
-    """One rollout (or ``up`` of ``serve``) at a time: StackError after the stack's timeout."""
-    DIR.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s()
-    with open(LOCK, "w") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StackError(f"serve: another rollout holds {rel(LOCK)} for over "
-                                     f"{timeout_s():.0f} s") from None
-                time.sleep(0.5)
+    """One rollout (or ``up`` of ``serve``) at a time (an flock on ``serve/rollout.lock``, the
+    promotion's lock class): StackError after the stack's timeout."""
+    from pipeline.mlflow_registry.locks import _FileLock
+
+    lock = _FileLock(LOCK, timeout_s(), holder="another rollout of the served endpoint")
+    try:
+        lock.__enter__()
+    except TimeoutError as e:
+        raise StackError(f"serve: {e}") from None
+    try:
         yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- instances

@@ -80,10 +80,10 @@ TABLE: tuple[Service, ...] = (
             stop=stop_daemon),
     Service("webhooks", start=webhooks.start, needs=("mlflow", "prefect"),
             port=Port("RLFN_STACK_HOOK_PORT", 55070), secrets={"webhook_secret": 32},
-            where=webhooks.url, row=webhooks.row, health=webhooks.health, stop=stop_daemon),
+            row=webhooks.row, health=webhooks.health, stop=stop_daemon),
     Service("serve", start=serve.start, needs=("mlflow",),
-            port=Port("RLFN_STACK_SERVE_PORT", 55080), where=serve.url, row=serve.row,
-            health=serve.health, stop=serve.stop, exports=serve.exports),
+            port=Port("RLFN_STACK_SERVE_PORT", 55080), row=serve.row, health=serve.health,
+            stop=serve.stop, exports=serve.exports),
     Service("sshd", start=sshd.start, port=Port("RLFN_STACK_SSH_PORT", 52222), row=sshd.row,
             health=sshd.health, stop=stop_daemon, exports=sshd.exports),
 )
