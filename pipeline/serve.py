@@ -123,9 +123,9 @@ def _record(name: str, version: str, passed: bool, reason: str, timings: dict) -
     from prefect.artifacts import create_markdown_artifact
 
     client = mlflow.MlflowClient()
-    client.set_model_version_tag(name, version, T.V_SERVE_CANARY,
-                                 "passed" if passed else "failed")
     client.set_model_version_tag(name, version, T.V_SERVE_REASON, reason[:5000])
+    client.set_model_version_tag(name, version, T.V_SERVE_CANARY,  # last: the verdict is in
+                                 "passed" if passed else "failed")
     rows = "".join(f"| {k} | {v} |\n" for k, v in timings.items())
     create_markdown_artifact(
         key="serve-canary", description=f"rollout of {name} v{version}",
