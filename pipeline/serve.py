@@ -12,7 +12,7 @@ from MLflow's registry webhook), with the event's model name and version. The ro
 3. the **canary**: the ``canary_set`` (default Set5, its HR folder from params.yaml's
    ``evaluate.sets``, LR made by the project's bicubic as ``evaluate`` makes it) sent through
    HTTP to the new instance, as base64 PNG, scored as ``evaluate`` scores it: its mean Y-PSNR
-   must equal, to 4 decimals, the version's recorded figure ``psnr_y.<set>`` (tag
+   must equal, to 4 decimals (within 0.00005 dB), its recorded figure ``psnr_y.<set>`` (tag
    ``rlfn.figure.psnr_y.Set5``, written by the ``promote`` stage);
 4. passed: nginx's upstream switched with a graceful reload, the old workers drained, the old
    instances stopped (``stack.serve.switch``); failed: the new instances stopped, the old
@@ -39,6 +39,10 @@ from prefect import flow, get_run_logger
 from pipeline import tags as T
 
 CANARY_DECIMALS = 4
+# "equal to 4 decimals": within half a unit of the 4th decimal. Not round(a, 4) == round(b, 4):
+# `evaluate`'s exact backend (openvino) and the served eager model differ by ~5e-6 dB on Set5,
+# which lands the two on either side of a rounding boundary about one model in twenty.
+CANARY_TOLERANCE_DB = 0.5 * 10 ** -CANARY_DECIMALS
 
 
 class CanaryFailed(Exception):
@@ -109,10 +113,9 @@ def canary(url: str, version, hr_dir: str, set_name: str) -> str:
     if report.errors:
         raise CanaryFailed(f"{set_name} through {url}: " + "; ".join(report.errors)[:500])
     measured = report.mean["psnr_y"]
-    got, want = round(measured, CANARY_DECIMALS), round(recorded, CANARY_DECIMALS)
-    said = (f"{set_name} ({len(report.images)} images) through HTTP: mean PSNR-Y {got:.4f} dB, "
-            f"recorded {want:.4f} dB")
-    if got != want:
+    said = (f"{set_name} ({len(report.images)} images) through HTTP: mean PSNR-Y "
+            f"{measured:.{CANARY_DECIMALS}f} dB, recorded {recorded:.{CANARY_DECIMALS}f} dB")
+    if abs(measured - recorded) >= CANARY_TOLERANCE_DB:
         raise CanaryFailed(f"{said}: they differ (the served model is not what was evaluated)")
     return f"{said}: equal to {CANARY_DECIMALS} decimals"
 

@@ -387,3 +387,25 @@ def test_failed_canary_leaves_the_old_version_serving(stack, versions):
     states = {r["name"]: r["state_type"] for r in runs}
     assert states.get(f"rollout {NAME} v3") == "FAILED", states
     assert states.get(f"rollout {NAME} v2") == "COMPLETED", states
+
+
+# --------------------------------------------------------------------------- 5
+@pytest.mark.timeout(300)
+def test_down_up_serves_the_same_version_and_the_webhook_survives(stack, versions):
+    """``down`` then ``up``: the version that served (v2, not the refused champion v3) serves
+    again; MLflow restarted still signs its webhook with the secret it stored (the stack's
+    stable encryption key), so moving the alias to v1 rolls the endpoint."""
+    url = _serve_url(stack)
+    r = stack.sh("down")
+    assert r.returncode == 0 and "serve       stopped" in r.stdout, r.stdout + r.stderr
+    assert _version_answering(url) is None
+    r = stack.sh("up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"-> {NAME} v2 (1 instance)" in r.stdout, r.stdout
+    assert _version_answering(url) == "2"
+    assert "webhook up to date" in r.stdout, r.stdout  # one webhook, not a second
+
+    _set_champion(stack, "1")
+    _wait_for("v1 answering after the restart", lambda: _version_answering(url) == "1", 150)
+    row = _serve_row(stack)
+    assert f"-> {NAME} v1 (1 instance)" in row and row.split()[1] == "up", row
