@@ -75,6 +75,8 @@ def promote(settings: Settings | None = None) -> dict:
     figures = {p.gate_metric: evaluation[p.gate_metric], "params": prof["params"],
                "flops": prof["flops"], "runtime_ms_cpu": prof["runtime_ms_cpu"],
                "runtime_rel": prof["runtime_rel"]}
+    for set_name, m in evaluation.get(f"x{s.scale}", {}).items():  # the serving canary's
+        figures[T.SET_PSNR_FIGURE.format(set_name)] = m["psnr_y"]
     with stage_run("promote", s, s.section("promote")):
         mlflow.set_tracking_uri(tracking_uri(s))
         key = s.last_stage

@@ -30,6 +30,9 @@ V_REPRO_RUN_ID = "rlfn.repro_run_id"
 V_DVC_STAGE = "rlfn.dvc_stage"
 FIGURE_PREFIX = "rlfn.figure."          # rlfn.figure.<metric>: what `promote` compares
 DATA_PREFIX = "rlfn.data."              # rlfn.data.<item>.{path,md5}: the data it saw
+SET_PSNR_FIGURE = "psnr_y.{}"           # figure: PSNR-Y on one evaluate.sets set (the canary's)
+V_SERVE_CANARY = "rlfn.serve.canary"    # passed | failed: the serving rollout's canary
+V_SERVE_REASON = "rlfn.serve.canary_reason"  # what it measured against what, or why it failed
 
 # -- registered-model tags ----------------------------------------------------------------------
 PROMOTION_PREFIX = "rlfn.promotion."    # rlfn.promotion.<field>: the last promotion decision

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Team mode's service stack on 127.0.0.1: PostgreSQL, MLflow server (basic auth), Prefect server
 # (API auth) with the work pool rlfn-pool, prefect.yaml's deployments and a worker, and an sshd
-# for the DVC remote `stack`. State under .stack/ (RLFN_STACK_DIR). See scripts/stack/ (its table:
-# scripts/stack/services.py).
+# for the DVC remote `stack`; the served endpoint `serve` (nginx in front of mlflow models serve
+# of the champion) and the `webhooks` receiver that rolls it when the champion moves. State
+# under .stack/ (RLFN_STACK_DIR). See scripts/stack/ (its table: scripts/stack/services.py).
 #   scripts/stack.sh up [--host ADDR]  start what is not running (idempotent); non-zero if any
 #                             fails; off 127.0.0.1 (--host, RLFN_STACK_HOST) over TLS, see README
 #   scripts/stack.sh env [--bundle FILE]  export lines for a shell: eval "$(scripts/stack.sh env)"

@@ -46,13 +46,15 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
     """A loopback port reserved for this test process until it exits, with no check-then-use
     gap that another of our test sessions or the kernel could fall into: the port lies below
     the kernel's ephemeral range (``ip_local_port_range``: no ``bind(0)`` and no outgoing
     connection is ever given it), and an ``flock`` on ``PORT_LOCKS/<port>.lock``, held as long
     as this process lives, keeps every other test process of ours off it. It is also checked
-    free (not bound by anything else) when taken. The server then binds it itself."""
+    free (not bound by anything else) when taken. The server then binds it itself. With
+    ``count``: the first of ``count`` consecutive ports, all reserved (a service whose
+    helpers listen at its port + 1, + 2, ...: the stack's ``serve``)."""
     import fcntl
     import random
 
@@ -60,25 +62,29 @@ def free_port() -> int:
     with contextlib.suppress(OSError):
         os.chmod(PORT_LOCKS, 0o1777)  # several users' tests may share it (as /tmp)
     lo = 20000
-    hi = min(32000, _ephemeral_range()[0] - 1)
+    hi = min(32000, _ephemeral_range()[0] - 1) - (count - 1)
     rnd = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(500):
-        port = rnd.randint(lo, hi)
-        fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        with socket.socket() as s:
+        first = rnd.randint(lo, hi)
+        fds = []
+        for port in range(first, first + count):
+            fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+            fds.append(fd)
             try:
-                s.bind(("127.0.0.1", port))
-            except OSError:  # in use by something that is not our tests
-                os.close(fd)
-                continue
-        _RESERVED.append(fd)
-        return port
-    raise RuntimeError(f"no free loopback port in {lo}-{hi} after 500 tries")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                break
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:  # in use by something that is not our tests
+                    break
+        else:
+            _RESERVED.extend(fds)
+            return first
+        for fd in fds:
+            os.close(fd)
+    raise RuntimeError(f"no {count} free loopback port(s) in {lo}-{hi} after 500 tries")
 
 
 def _group_alive(pgid: int) -> bool:

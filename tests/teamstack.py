@@ -26,7 +26,7 @@ from prereq import ROOT, require_module, unavailable
 from servers import clean_env, free_port, processes_with_env
 
 STACK_SH = ROOT / "scripts" / "stack.sh"
-SERVICES = ("postgresql", "mlflow", "prefect", "worker", "sshd")
+SERVICES = ("postgresql", "mlflow", "prefect", "worker", "webhooks", "serve", "sshd")
 
 TLS_EXPORTS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE")  # off loopback
 EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -121,12 +121,15 @@ def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
     base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o711)
     state, clone = base / "state", base / "clone"
-    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port()}
+    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port(),
+             "hook": free_port(), "serve": free_port(3)}  # serve: its instances at +1, +2
     env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
                     RLFN_STACK_PG_PORT=str(ports["pg"]),
                     RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
                     RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
                     RLFN_STACK_SSH_PORT=str(ports["ssh"]),
+                    RLFN_STACK_HOOK_PORT=str(ports["hook"]),
+                    RLFN_STACK_SERVE_PORT=str(ports["serve"]),
                     RLFN_STACK_WORKER_POLL_S="1", **extra_env)
     env.pop("RLFN_OPTUNA_STORAGE", None)
     try:

@@ -49,10 +49,13 @@ def _local_lock_path(uri: str) -> Path | None:
 
 
 class _FileLock:
+    """An exclusive ``flock`` on ``path``, polled until ``timeout`` s (then TimeoutError saying
+    ``holder`` holds it); also the stack's serving rollout lock (scripts/stack/serve.py)."""
+
     kind = "file"
 
-    def __init__(self, path: Path, timeout: float):
-        self.path, self.timeout, self.fd = path, timeout, None
+    def __init__(self, path: Path, timeout: float, holder: str = "another promotion"):
+        self.path, self.timeout, self.fd, self.holder = path, timeout, None, holder
 
     def __enter__(self) -> "_FileLock":
         import fcntl
@@ -68,7 +71,7 @@ class _FileLock:
                 if time.monotonic() > deadline:
                     os.close(fd)
                     raise TimeoutError(f"could not lock {self.path} within {self.timeout:g} s "
-                                       "(another promotion holds it)") from None
+                                       f"({self.holder} holds it)") from None
                 time.sleep(0.02 + random.random() * 0.03)
         self.fd = fd
         with contextlib.suppress(OSError):  # who holds it, for a human looking at the file

@@ -15,6 +15,12 @@ prefect        ``prefect server start`` on PostgreSQL, API auth     54200
                string; ``work pool`` rlfn-pool with prefect.yaml's  (RLFN_STACK_PREFECT_PORT)
                ``deployments``
 worker         ``prefect worker start --pool rlfn-pool``            -
+webhooks       the receiver of MLflow's registry webhook            55070
+               ``model_version_alias.created`` (HMAC checked) ->    (RLFN_STACK_HOOK_PORT)
+               the Prefect event that runs ``rlfn-serve/rollout``
+serve          the served endpoint: an nginx of its own in front    55080, instances at
+               of ``mlflow models serve`` of the serving version    +1.. (RLFN_STACK_SERVE_PORT)
+               (``RLFN_SERVE_URL``)
 sshd           a private sshd (key only) for the DVC remote         52222
                ``stack`` (this clone's default, .dvc/config.local)  (RLFN_STACK_SSH_PORT)
 =============  ===================================================  ====================
@@ -32,7 +38,7 @@ hosts) and sshd listens on ADDR too, also serving the team's git repository (``g
 Modules: ``core`` (layout, settings, secrets, the context ``Ctx``), ``procs`` (daemons, pid
 files, logged commands, ports), ``web`` (HTTP, and the start and health check shared by the
 HTTP servers), one module per service (``postgresql``, ``mlflow_server``, ``prefect_server``,
-``sshd``), ``services`` (the table), ``cli`` (the verbs).
+``webhooks``, ``serve``, ``sshd``), ``services`` (the table), ``cli`` (the verbs).
 
 Layout of the state directory::
 
@@ -47,7 +53,10 @@ Layout of the state directory::
     git/rlfn-pipeline.git  the team's git repository (off loopback; RLFN_GIT_URL)
     project/             on a worker host (``join``): its clone of RLFN_GIT_URL
     logs/<service>.log   each service's output
-    run/                 pid files (<service>.pid) and state.json (ports, project directory)
+    serve/               the endpoint's nginx (nginx.conf, route.conf: the serving version),
+                         state.json (the version serving), v<N>/ (its servers' work dirs)
+    run/                 pid files (<service>.pid; serve-<slot>-<i>.pid: the model servers)
+                         and state.json (ports, project directory)
 
 Other settings: ``RLFN_PROJECT_DIR`` (the clone the worker runs flows in and whose
 .dvc/config.local gets the remote; default: this repository), ``RLFN_STACK_TIMEOUT`` (seconds a

@@ -53,12 +53,31 @@ def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
         MLFLOW_AUTH_ADMIN_PASSWORD=ctx.sec["mlflow_admin_password"],
         MLFLOW_FLASK_SERVER_SECRET_KEY=ctx.sec["mlflow_flask_secret_key"],
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **webhook_env(ctx),
     )
     cmd = [PY, "-m", "mlflow", "server", "--host", HOST, "--port", str(ctx.ports["mlflow"]),
            "--serve-artifacts", "--artifacts-destination", str(STACK / "mlartifacts"),
            "--default-artifact-root", "mlflow-artifacts:/", "--app-name", "basic-auth",
            "--workers", os.environ.get("RLFN_STACK_MLFLOW_WORKERS", "1")]
     return cmd, env
+
+
+def webhook_env(ctx: Ctx) -> dict[str, str]:
+    """The server's webhook settings: the key its stored webhook secrets are encrypted with
+    (a stable one: MLflow's default is a new key at every start, which loses them), and the
+    opt-ins that let it deliver to the stack's own receiver (``webhooks.py``) on 127.0.0.1 over
+    plain HTTP. ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS`` turns MLflow's SSRF check off for every
+    webhook of this server: only its admin can make webhooks (basic-auth app), and the
+    stack's admin makes only that one. A short webhook cache: a webhook registered by ``up``
+    is used by the next event, not a minute later."""
+    import base64
+    import hashlib
+
+    key = hashlib.sha256(ctx.sec["mlflow_webhook_key"].encode()).digest()
+    return {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": base64.urlsafe_b64encode(key).decode(),
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_CACHE_TTL": "5"}
 
 
 def _api_check(ctx: Ctx) -> str | None:

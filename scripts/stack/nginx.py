@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from rlfn.io import atomic_write
 from stack import tls
@@ -25,12 +26,58 @@ def url(ctx: Ctx) -> str:
                      for s, _ in FRONTS)
 
 
-def _bin() -> str:
+def nginx_bin(service: str = NAME, what: str = "the TLS end of MLflow and Prefect off "
+              "loopback") -> str:
+    """The nginx program; StackError naming ``service`` and ``what`` it is for when missing."""
     for cand in (shutil.which("nginx"), "/usr/sbin/nginx"):
         if cand and os.access(cand, os.X_OK):
             return cand
-    raise StackError("nginx: not installed (the TLS end of MLflow and Prefect off loopback: "
-                     "apt-get install nginx)")
+    raise StackError(f"{service}: nginx is not installed ({what}: apt-get install nginx)")
+
+
+def prepare_dir(d: Path) -> None:
+    """An nginx's own directory ``d`` with its ``tmp/`` (as root: owned by nobody, whom its
+    workers run as; ``head`` gives the config's matching ``user`` line)."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700 if os.geteuid() != 0 else 0o711)
+    tmp = d / "tmp"
+    tmp.mkdir(exist_ok=True)
+    if os.geteuid() == 0:  # its workers run as nobody
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.chown(tmp, nobody.pw_uid, nobody.pw_gid)
+
+
+def head(d: Path, what: str) -> str:
+    """The top of a config of an nginx of ours in directory ``d`` (``what``: its first comment
+    line) and the start of its ``http`` block: one worker, in the foreground (the stack's
+    daemon), its pid and temporary files in ``d``, errors to its log."""
+    tmp = d / "tmp"
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+    return f"""# {what}
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {d / 'nginx.pid'};
+error_log stderr warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp / 'body'};
+    proxy_temp_path {tmp / 'proxy'};
+    fastcgi_temp_path {tmp / 'fastcgi'};
+    uwsgi_temp_path {tmp / 'uwsgi'};
+    scgi_temp_path {tmp / 'scgi'};
+"""
+
+
+def check_conf(service: str, exe: str, conf: Path, d: Path) -> None:
+    """``nginx -t`` of ``conf``; StackError naming ``service`` when it is rejected."""
+    r = run_logged(service, [exe, "-t", "-q", "-c", str(conf), "-p", str(d), "-e", "stderr"])
+    if r.returncode != 0:
+        raise StackError(f"{service}: its nginx config {rel(conf)} is rejected (nginx -t); "
+                         f"read {rel(log_path(service))}")
 
 
 def _answers(ctx: Ctx) -> bool:
@@ -52,8 +99,6 @@ def health(ctx: Ctx) -> str | None:
 
 
 def _conf(ctx: Ctx) -> str:
-    tmp = DIR / "tmp"
-    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
     servers = "".join(f"""
     server {{  # {s}
         listen {ctx.host}:{ctx.ports[s]} ssl;
@@ -67,20 +112,7 @@ def _conf(ctx: Ctx) -> str:
         }}
     }}
 """ for s, _ in FRONTS)
-    return f"""# scripts/stack/nginx.py: the TLS end of MLflow and Prefect on {ctx.host}
-{user}daemon off;
-master_process on;
-worker_processes 1;
-pid {DIR / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp / 'body'};
-    proxy_temp_path {tmp / 'proxy'};
-    fastcgi_temp_path {tmp / 'fastcgi'};
-    uwsgi_temp_path {tmp / 'uwsgi'};
-    scgi_temp_path {tmp / 'scgi'};
+    return head(DIR, f"scripts/stack/nginx.py: the TLS end of MLflow and Prefect on {ctx.host}") + f"""\
     client_max_body_size 0;
     proxy_http_version 1.1;
     proxy_request_buffering off;
@@ -98,16 +130,8 @@ http {{
 def start(ctx: Ctx) -> str:
     """``up`` off loopback: nginx with the current config, unless it runs with it."""
     where = url(ctx)
-    exe = _bin()
-    DIR.mkdir(exist_ok=True)
-    os.chmod(DIR, 0o700 if os.geteuid() != 0 else 0o711)
-    tmp = DIR / "tmp"
-    tmp.mkdir(exist_ok=True)
-    if os.geteuid() == 0:  # its workers run as nobody
-        import pwd
-
-        nobody = pwd.getpwnam("nobody")
-        os.chown(tmp, nobody.pw_uid, nobody.pw_gid)
+    exe = nginx_bin()
+    prepare_dir(DIR)
     conf = DIR / "nginx.conf"
     text = _conf(ctx)
     same = conf.exists() and conf.read_text() == text
@@ -120,10 +144,7 @@ def start(ctx: Ctx) -> str:
     for s, _ in FRONTS:
         require_free(ctx, NAME, host=ctx.host, port_of=s)
     atomic_write(conf, text)
-    r = run_logged(NAME, [exe, "-t", "-q", "-c", str(conf), "-p", str(DIR), "-e", "stderr"])
-    if r.returncode != 0:
-        raise StackError(f"nginx: its config {rel(conf)} is rejected (nginx -t); read "
-                         f"{rel(log_path(NAME))}")
+    check_conf(NAME, exe, conf, DIR)
     p = spawn(NAME, [exe, "-c", str(conf), "-p", str(DIR), "-e", "stderr"], base_env(), DIR)
     wait_until(NAME, lambda: _answers(ctx), p, f"{where} (health over TLS)")
     return f"started: {where}"

@@ -43,7 +43,7 @@ def exports(ctx: Ctx) -> dict[str, str]:
     return out
 
 
-def _client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
+def client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
     """The environment of a Prefect client of the stack's (the CLI, the worker)."""
     return base_env(PREFECT_HOME=str(STACK / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                     **exports(ctx), **extra)
@@ -92,7 +92,7 @@ def start_pool(ctx: Ctx) -> str:
         return f"work pool {POOL} exists"
     r = run_logged("prefect", [PY, "-m", "prefect", "work-pool", "create", POOL,
                                "--type", "process"],
-                   env=_client_env(ctx), cwd=ctx.project_dir)
+                   env=client_env(ctx), cwd=ctx.project_dir)
     if r.returncode != 0:
         raise StackError(f"prefect: could not create work pool {POOL} at {url(ctx)}; "
                          f"read {rel(log_path('prefect'))}")
@@ -128,7 +128,7 @@ def start_deployments(ctx: Ctx) -> str:
     # from its own environment when set, baking this host's path into the deployment; unset,
     # the placeholder is kept and each worker's flow run fills it with its own clone (a worker
     # host's, `stack.sh join`).
-    env = _client_env(ctx)
+    env = client_env(ctx)
     env.pop("RLFN_PROJECT_DIR", None)
     r = run_logged("deploy", [PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env,
                    cwd=project, timeout=max(timeout_s(), 300))
@@ -218,7 +218,7 @@ def start_worker(ctx: Ctx, client_exports: dict[str, str]) -> str:
         return f"already up on {where}"
     cmd = [PY, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
            "--name", WORKER_NAME]
-    env = _client_env(ctx, **{k: v for k, v in client_exports.items()
+    env = client_env(ctx, **{k: v for k, v in client_exports.items()
                               if not k.startswith("PREFECT_")})
     worker_settings(cmd, env)
     t = time.time()

@@ -52,6 +52,17 @@ def _tree(leader: int) -> set[int]:
     return found
 
 
+def children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (an nginx master's workers)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            st = _stat(int(d.name))
+            if st is not None and st[0] != "Z" and st[1] == pid:
+                out.add(int(d.name))
+    return out
+
+
 def kill_tree(leader: int, grace: float = 10) -> None:
     """Stop ``leader``'s tree: SIGTERM, ``grace`` seconds, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
-from stack import mlflow_server, nginx, postgresql, prefect_server, sshd, tls
-from stack.core import Ctx, Port, load_ctx
+from stack import mlflow_server, nginx, postgresql, prefect_server, serve, sshd, tls, webhooks
+from stack.core import STACK, Ctx, Port, load_ctx
 from stack.procs import stop_daemon
 
 
@@ -56,7 +56,8 @@ TABLE: tuple[Service, ...] = (
             row=postgresql.row, health=postgresql.health, stop=postgresql.stop),
     Service("mlflow", start=mlflow_server.SERVER.start, needs=("postgresql",),
             port=Port("RLFN_STACK_MLFLOW_PORT", 55000),
-            secrets={"mlflow_admin_password": 24, "mlflow_flask_secret_key": 32},
+            secrets={"mlflow_admin_password": 24, "mlflow_flask_secret_key": 32,
+                     "mlflow_webhook_key": 32},
             where=mlflow_server.url, row=mlflow_server.url, health=mlflow_server.SERVER.health,
             stop=stop_daemon, exports=mlflow_server.exports),
     Service("optuna", start=postgresql.start_optuna, needs=("postgresql",),
@@ -73,10 +74,16 @@ TABLE: tuple[Service, ...] = (
             called="the work pool"),
     Service("deployments", start=prefect_server.start_deployments, needs=("work pool",),
             log="deploy"),
-    Service("worker", start=lambda ctx: prefect_server.start_worker(ctx, client_exports(ctx)),
+    Service("worker", start=lambda ctx: prefect_server.start_worker(ctx, worker_exports(ctx)),
             needs=("work pool",), where=prefect_server.worker_where,
             row=prefect_server.worker_row, health=prefect_server.worker_health,
             stop=stop_daemon),
+    Service("webhooks", start=webhooks.start, needs=("mlflow", "prefect"),
+            port=Port("RLFN_STACK_HOOK_PORT", 55070), secrets={"webhook_secret": 32},
+            row=webhooks.row, health=webhooks.health, stop=stop_daemon),
+    Service("serve", start=serve.start, needs=("mlflow",),
+            port=Port("RLFN_STACK_SERVE_PORT", 55080), row=serve.row, health=serve.health,
+            stop=serve.stop, exports=serve.exports),
     Service("sshd", start=sshd.start, port=Port("RLFN_STACK_SSH_PORT", 52222), row=sshd.row,
             health=sshd.health, stop=stop_daemon, exports=sshd.exports),
 )
@@ -128,3 +135,9 @@ def client_exports(ctx: Ctx) -> dict[str, str]:
     out = {k: v for s in TABLE if s.exports is not None for k, v in s.exports(ctx).items()}
     out["RLFN_PROJECT_DIR"] = ctx.project_dir
     return out
+
+
+def worker_exports(ctx: Ctx) -> dict[str, str]:
+    """What this host's worker's flow runs get: the client exports and the stack's directory
+    (``rlfn-serve/rollout`` drives the ``serve`` entry's daemons, ``stack.serve``)."""
+    return {**client_exports(ctx), "RLFN_STACK_DIR": str(STACK)}

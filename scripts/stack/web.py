@@ -44,6 +44,18 @@ def request(method: str, url: str, body: dict | None = None,
         return status, text
 
 
+def probe(url: str, timeout: float = 3) -> tuple[int, dict[str, str]]:
+    """GET ``url`` (plain HTTP, on loopback): (status, response headers); (0, {}) when
+    nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+    except (OSError, ValueError):
+        return 0, {}
+
+
 @dataclass(frozen=True)
 class HttpServer:
     """Daemon ``name`` serving HTTP at ``local_url(ctx)`` (on 127.0.0.1), ``<url>/health`` open
