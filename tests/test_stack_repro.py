@@ -227,7 +227,12 @@ def test_dvc_repro_against_the_stack(stack):
     by_name: dict[str, list[str]] = {}
     for fr in flow_runs:
         by_name.setdefault(fr["name"], []).append(fr["state"])
-    assert sorted(by_name) == sorted(FLOW_RUNS), flow_runs
+    # and nothing else but the endpoint's rollout: the promotion moved `champion`, whose
+    # webhook triggers rlfn-serve/rollout on the worker (it may still be running here;
+    # tests/test_serve_rollout.py checks what it does)
+    assert set(FLOW_RUNS) <= set(by_name), flow_runs
+    assert all(n.startswith("rollout rlfn-x4 v") for n in set(by_name) - set(FLOW_RUNS)), \
+        flow_runs
     for name in FLOW_RUNS:
         assert by_name[name] == ["COMPLETED"], (name, by_name[name])
 
