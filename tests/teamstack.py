@@ -109,6 +109,23 @@ def http(method: str, url: str, body=None, auth: str | None = None) -> tuple[int
 
 
 
+# The stack's port settings (scripts/stack/services.py) and how many consecutive ports each takes.
+PORT_SETTINGS = {"pg": ("RLFN_STACK_PG_PORT", 1), "mlflow": ("RLFN_STACK_MLFLOW_PORT", 1),
+                 "prefect": ("RLFN_STACK_PREFECT_PORT", 1), "ssh": ("RLFN_STACK_SSH_PORT", 1),
+                 "hook": ("RLFN_STACK_HOOK_PORT", 1),
+                 "serve": ("RLFN_STACK_SERVE_PORT", 3)}  # serve: its instances at +1, +2
+
+
+def stack_ports() -> tuple[dict[str, int], dict[str, str]]:
+    """Every port of a stack reserved (``free_port``: below the kernel's ephemeral range, held
+    by this test process): ``({"pg": port, ...}, {"RLFN_STACK_PG_PORT": "port", ...})``. Every
+    one, not only those a test talks to: a default left in place (55070, 55080) lies in the
+    ephemeral range, where an outgoing connection of the same host can hold it (CI run of
+    cbb0c51: ``webhooks: port 127.0.0.1:55070 is taken``)."""
+    ports = {k: free_port(n) for k, (_, n) in PORT_SETTINGS.items()}
+    return ports, {var: str(ports[k]) for k, (var, _) in PORT_SETTINGS.items()}
+
+
 @contextlib.contextmanager
 def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
              times: dict[str, float] | None = None, **extra_env: str) -> Iterator[Stack]:
@@ -121,15 +138,8 @@ def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
     base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o711)
     state, clone = base / "state", base / "clone"
-    ports = {"pg": free_port(), "mlflow": free_port(), "prefect": free_port(), "ssh": free_port(),
-             "hook": free_port(), "serve": free_port(3)}  # serve: its instances at +1, +2
-    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
-                    RLFN_STACK_PG_PORT=str(ports["pg"]),
-                    RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
-                    RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
-                    RLFN_STACK_SSH_PORT=str(ports["ssh"]),
-                    RLFN_STACK_HOOK_PORT=str(ports["hook"]),
-                    RLFN_STACK_SERVE_PORT=str(ports["serve"]),
+    ports, port_env = stack_ports()
+    env = clean_env(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone), **port_env,
                     RLFN_STACK_WORKER_POLL_S="1", **extra_env)
     env.pop("RLFN_OPTUNA_STORAGE", None)
     try:

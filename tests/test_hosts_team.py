@@ -56,8 +56,7 @@ import yaml
 
 from hosts import Host, Net, capture, hosts, install_project, secrets_seen
 from prereq import ROOT
-from servers import free_port
-from teamstack import PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites
+from teamstack import PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites, stack_ports
 from tinyproject import DVC_STAGES, tiny_clone
 
 pytestmark = pytest.mark.stack
@@ -265,13 +264,10 @@ def team():
         stack_sh = str(clone / "scripts" / "stack.sh")
         tools = {n: install_project(h, ROOT) for n, h in workers.items()}
         cli_clone = install_project(cli, ROOT)
-        ports = {k: free_port() for k in ("pg", "mlflow", "prefect", "ssh")}
+        ports, port_env = stack_ports()
         state = srv.home / "state"
-        env = dict(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone),
-                   RLFN_STACK_PG_PORT=str(ports["pg"]),
-                   RLFN_STACK_MLFLOW_PORT=str(ports["mlflow"]),
-                   RLFN_STACK_PREFECT_PORT=str(ports["prefect"]),
-                   RLFN_STACK_SSH_PORT=str(ports["ssh"]), RLFN_STACK_WORKER="0")
+        env = dict(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone), **port_env,
+                   RLFN_STACK_WORKER="0")
         wstate = {n: h.home / "state" for n, h in workers.items()}
         # one flow run at a time per worker host: two runs dispatched together go to both hosts
         wenv = {n: dict(RLFN_STACK_DIR=str(wstate[n]), RLFN_STACK_WORKER_POLL_S="1",

@@ -178,7 +178,20 @@ def require_free(ctx: Ctx, service: str, host: str = HOST, port_of: str = "") ->
     port = ctx.ports[port_of]
     if not port_free(port, host):
         raise StackError(f"{service}: port {host}:{port} is taken by another program (set "
-                         f"{ctx.port_settings[port_of].var} to a free port)")
+                         f"{ctx.port_settings[port_of].var} to a free port{_ephemeral(port)})")
+
+
+def _ephemeral(port: int) -> str:
+    """A hint when ``port`` lies in the kernel's ephemeral range, where any outgoing connection
+    of this host may hold it for a while; else ''."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return ""
+    if not lo <= port <= hi:
+        return ""
+    return (f"; {port} lies in the kernel's ephemeral range {lo}-{hi}, where an outgoing "
+            f"connection may hold it: a port below {lo} cannot be taken that way")
 
 
 def run_logged(service: str, cmd: list[str], env: dict | None = None, cwd=None,
