@@ -399,8 +399,6 @@ def main() -> int:
                                 for r in others]
         m["gaps"] = gap_rows(rep, stages, t_dispatch, meter)
         m["repro_bytes"] = meter.between(t_dispatch, t_done)
-        m["gaps"] = [{"what": k, "seconds": b - a, "bytes": meter.between(a, b)}
-                     for k, (a, b) in gaps.items()]
 
         # --- the results on the laptop (runbook step 5, second half). First as the README's
         # runbook had it before this benchmark (no DVC remote on the fresh clone: its default
