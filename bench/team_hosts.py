@@ -37,7 +37,11 @@ them. Bytes between hosts: each host's ``/sys/class/net/eth0/statistics/{tx,rx}_
 namespace, polled every 1 s by one small process per host, attributed to the stage whose flow
 run was running (sample at or before its start to sample at or before its end; 1-s
 resolution); the gaps (the worker taking the run, ``dvc push`` + git push after ``promote``) and
-the client's pull have rows of their own. torchrun across two hosts vs one: read from
+the client's pull have rows of their own (tx is what a host sent; rx can include frames the
+bridge floods to every port; the longest interval between two samples is recorded: a poller on a
+loaded machine is not woken every second). The machine's load average is recorded at each
+repro's start and end: the two repros run one after the other, and are comparable only where
+those are alike. torchrun across two hosts vs one: read from
 bench/results/torchrun_hosts_cpu.json (bench/torchrun_hosts.py; not rerun here). Everything is
 torn down at the end (the hosts context: namespaces, users, homes, processes).
 """
@@ -225,6 +229,12 @@ class Meter:
             out[n] = {"tx": tx1 - tx0, "rx": rx1 - rx0}
         return out
 
+    def worst_gap(self) -> dict[str, float]:
+        """Each host's longest interval between two samples (s): the attribution's real
+        resolution (a poller on a loaded machine is not woken every second)."""
+        return {n: max((b[0] - a[0] for a, b in zip(s, s[1:])), default=0.0)
+                for n, s in self.samples.items()}
+
     def since(self, t: float) -> str:
         """MB each host sent/received since ``t`` (a progress line)."""
         return "MB tx/rx since dispatch: " + ", ".join(
@@ -376,12 +386,14 @@ def main() -> int:
         m["client_env_clone_s"], _ = step(cli, shell + rb[1], f"{rb[0]}; {rb[1]}", 300)
         in_team = shell + "cd ~/team/rlfn-pipeline; "
         t_dispatch = time.time()
+        res["load"] = {"multi-host repro, start": os.getloadavg()}
         m["repro_dispatched_s"], out = step(
             cli, in_team + rb[2].replace("--watch", "--watch --watch-interval 10 --watch-timeout "
                                          f"{int(args.repro_timeout)}", 1),
             rb[2] + " (the tiny pipeline; --watch bounded)", args.repro_timeout + 120, show=12,
             progress=lambda: meter.since(t_dispatch))
         t_done = time.time()
+        res["load"]["multi-host repro, end"] = os.getloadavg()
         fid = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
         m["flow_run"] = fid
         runs = flow_runs(cli, shell)
@@ -431,6 +443,7 @@ def main() -> int:
         m["champion_bytes"] = meter.between(a, time.time())
 
         # --- down: the worker host, then the server
+        m["sample_worst_gap_s"] = meter.worst_gap()
         m["down_w1_s"], _ = step(w1, "bash scripts/stack.sh down", "bash scripts/stack.sh down",
                                  300, cwd=clones["w1"])
         m["down_server_s"], _ = step(srv, "bash scripts/stack.sh down",
@@ -451,6 +464,7 @@ def main() -> int:
             shell = ('set -euo pipefail; cd ~/rlfn-pipeline; eval "$(bash scripts/stack.sh '
                      'env)"; . .venv/bin/activate; ')
             t_dispatch = time.time()
+            res["load"]["one-host repro, start"] = os.getloadavg()
             s["repro_dispatched_s"], out = step(
                 solo, shell + "prefect deployment run rlfn-repro/repro --param push=true "
                 f"--watch --watch-interval 10 --watch-timeout {int(args.repro_timeout)}",
@@ -459,6 +473,7 @@ def main() -> int:
                 progress=lambda: f"{time.time() - t_dispatch:.0f} s since dispatch",
                 **port_env)
             t_done = time.time()
+            res["load"]["one-host repro, end"] = os.getloadavg()
             sfid = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
             runs = flow_runs(solo, shell, **port_env)
             rep, stages, others = repro_stages(runs, sfid)
@@ -552,7 +567,14 @@ def report(res: dict, args) -> None:
                 print(f"{label:<40} {'':>10} {'':>9}   {'':17}"
                       + "".join(f" {_b(m[k], h):>11}" for h in ("server", "w1", "client")))
         print("bytes: each host's eth0 counters in its namespace, polled every 1 s, attributed "
-              "to the stage whose Prefect flow run was running (1-s resolution)")
+              "to the stage whose Prefect flow run was running (1-s resolution"
+              + (f"; longest gap between samples {max(m['sample_worst_gap_s'].values()):.1f} s"
+                 if m.get("sample_worst_gap_s") else "") + "); rx can include frames the "
+              "bridge floods to every port: tx is what a host sent")
+    if res.get("load"):
+        print("load average (1, 5, 15 min) on the machine: " + "; ".join(
+            f"{k} {' '.join(f'{x:.1f}' for x in v)}" for k, v in res["load"].items())
+            + ": the two repros are comparable only where these are alike")
     if "champion" in m:
         c = m["champion"]
         print(f"champion: models:/rlfn-x4@champion from {c['uri']} upscaled {c['in']} -> "
