@@ -94,10 +94,12 @@ def client_timeout_s() -> int:
 
 def threads(n_instances: int | None = None) -> int:
     """``RLFN_STACK_SERVE_THREADS``: torch threads of each model server; 0 (the default):
-    the cores (``rlfn.threads.available_cores``) shared among the instances, at least 1.
-    torch alone would give each instance every core: N instances on C cores would run N x C
-    threads, each parallel region waiting on descheduled ones (``bench/busy.py``)."""
-    from rlfn.threads import available_cores
+    an explicit count of the stack's environment (``RLFN_THREADS``, ``OMP_NUM_THREADS``: the
+    ``rlfn.threads`` policy), else the cores (``rlfn.threads.available_cores``) shared among
+    the instances, at least 1. torch alone would give each instance every core: N instances
+    on C cores would run N x C threads, each parallel region waiting on descheduled ones
+    (``bench/busy.py``)."""
+    from rlfn.threads import choose_threads
 
     v = os.environ.get("RLFN_STACK_SERVE_THREADS", "0").strip()
     if not v.isdigit():
@@ -105,7 +107,8 @@ def threads(n_instances: int | None = None) -> int:
                          "(0: the cores shared among the instances)")
     if int(v) > 0:
         return int(v)
-    return max(1, available_cores() // (n_instances or instances()))
+    env = {**os.environ, "RLFN_PROCESSES": str(n_instances or instances())}
+    return choose_threads(0, load_aware=False, environ=env).threads
 
 
 def instance_env(n_instances: int) -> dict[str, str]:
