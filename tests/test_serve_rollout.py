@@ -407,8 +407,8 @@ def _message(answer: bytes) -> str:
 
 def _bad_requests() -> list[tuple[bytes, str]]:
     """(body, a phrase the 400's message must hold): malformed JSON, base64 of bytes that are
-    no image (0.7 MB of them, under the 1m limit), text that is not base64."""
-    junk = base64.b64encode(bytes(range(256)) * 2000).decode("ascii")
+    no image (0.93 MB of base64, under the 1m limit), text that is not base64."""
+    junk = base64.b64encode(bytes(range(250)) * 2800).decode("ascii")
     return [
         (b'{"dataframe_records": [{"image": "iVBOR', "valid JSON"),
         (json.dumps({"dataframe_records": [{"image": junk}]}).encode(),
@@ -460,13 +460,13 @@ def test_stalled_client_is_cut_off_by_the_proxy(stack, versions):
     assert (status, version) == (200, "2")
 
 
-# The bound on a model server's memory after bad traffic, over its level after warm-up: 48 MB.
-# Measured here: the level is ~600 MB (torch, MLflow, the model) and moves by a few MB between
-# requests (the allocator keeps some freed pages). The bad traffic is 60 requests, 40 of them
-# carrying 0.7 MB that the server decodes (JSON, DataFrame, base64: ~2 MB held per request
-# while it runs): were any of that kept per request, it would pass the bound (40 x 2 MB).
-RSS_BOUND_MB = 48
-BAD_ROUNDS = 20
+# The bound on a model server's memory after bad traffic, over its level after warm-up: 32 MB.
+# Measured here: the level is ~660 MB (torch, MLflow, the model) and was 5 MB higher after the
+# bad traffic (the allocator keeps some freed pages). The bad traffic is 120 requests, 40 of
+# them carrying 0.93 MB of base64 that the server parses, decodes and refuses: keeping even the
+# request's text of each of those (37 MB) would pass the bound.
+RSS_BOUND_MB = 32
+BAD_ROUNDS = 40
 
 
 @pytest.mark.timeout(600)  # measured 40 s idle; a hang guard
@@ -490,23 +490,23 @@ def test_bad_traffic_leaves_the_server_at_its_memory_level(stack, versions):
 
 @pytest.mark.timeout(300)  # measured 5 s idle; a hang guard
 def test_good_request_prints_no_warning(stack, versions):
-    """Neither in the model server's log nor in a Python caller's output (the champion loaded
-    with ``mlflow.pyfunc.load_model`` from the stack's registry, one prediction)."""
+    """Neither in the model server's log (all of it: Python shows a warning once per place in
+    a process, so it would sit after the server's first request) nor in a Python caller's
+    output (the champion loaded with ``mlflow.pyfunc.load_model`` from the stack's registry,
+    one prediction). The server has answered good requests since test 3 (and bad ones in 3b:
+    their 400s are logged as INFO lines)."""
+    url = _serve_url(stack)
+    _, log = _serving_instance(stack)
+    for _ in range(2):
+        assert _invoke(url, _image_body())[:2] == (200, "2")
+    text = log.read_text(errors="replace")
+    assert "POST /invocations" in text, text[-2000:]  # uvicorn's access lines: this log
+    warned = [line for line in text.splitlines() if "warn" in line.lower()]
+    assert not warned, warned
+
     r = run(stack, [sys.executable, "-c", PYFUNC])
     assert json.loads(r.stdout.strip().splitlines()[-1])["shape"] == [80, 96, 3], r.stdout
     warned = [line for line in (r.stdout + r.stderr).splitlines() if "warn" in line.lower()]
-    assert not warned, warned
-
-    url = _serve_url(stack)
-    _, log = _serving_instance(stack)
-    before = log.stat().st_size
-    for _ in range(2):
-        assert _invoke(url, _image_body())[:2] == (200, "2")
-    with open(log, "rb") as f:
-        f.seek(before)
-        new = f.read().decode(errors="replace")
-    assert "POST /invocations" in new, new[-2000:]  # uvicorn's access line: this log
-    warned = [line for line in new.splitlines() if "warn" in line.lower()]
     assert not warned, warned
 
 
