@@ -418,7 +418,7 @@ def _bad_requests() -> list[tuple[bytes, str]]:
     ]
 
 
-@pytest.mark.timeout(300)  # measured 10 s idle; a hang guard
+@pytest.mark.timeout(300)  # measured < 1 s on loaded cores; a hang guard
 def test_bad_requests_get_400_naming_the_reason(stack, versions):
     url = _serve_url(stack)
     for body, phrase in _bad_requests():
@@ -450,7 +450,7 @@ def _stall(port: int, guard_s: float) -> bytes:
     return got
 
 
-@pytest.mark.timeout(300)  # measured 10 s idle; a hang guard
+@pytest.mark.timeout(300)  # measured 5 s (the client timeout) on loaded cores; a hang guard
 def test_stalled_client_is_cut_off_by_the_proxy(stack, versions):
     url = _serve_url(stack)
     got = _stall(stack.ports["serve"], guard_s=30 * CLIENT_TIMEOUT_S)
@@ -461,15 +461,16 @@ def test_stalled_client_is_cut_off_by_the_proxy(stack, versions):
 
 
 # The bound on a model server's memory after bad traffic, over its level after warm-up: 32 MB.
-# Measured here: the level is ~660 MB (torch, MLflow, the model) and was 5 MB higher after the
-# bad traffic (the allocator keeps some freed pages). The bad traffic is 120 requests, 40 of
-# them carrying 0.93 MB of base64 that the server parses, decodes and refuses: keeping even the
-# request's text of each of those (37 MB) would pass the bound.
+# Measured here: the level is ~660 MB (torch, MLflow, the model) and was 5 MB higher after 60
+# bad requests (the allocator keeps some freed pages). The bad traffic is 180 requests, 60 of
+# them carrying 0.93 MB of base64 that the server parses, decodes and refuses: a server keeping
+# the request's text of each of those (56 MB) fails the bound (seen: a planted leak of it after
+# 40 of them, +35 MB).
 RSS_BOUND_MB = 32
-BAD_ROUNDS = 40
+BAD_ROUNDS = 60
 
 
-@pytest.mark.timeout(600)  # measured 40 s idle; a hang guard
+@pytest.mark.timeout(600)  # measured 7 s (120 requests) on loaded cores; a hang guard
 def test_bad_traffic_leaves_the_server_at_its_memory_level(stack, versions):
     url = _serve_url(stack)
     leader, _ = _serving_instance(stack)
@@ -488,7 +489,7 @@ def test_bad_traffic_leaves_the_server_at_its_memory_level(stack, versions):
     assert after <= level + RSS_BOUND_MB, (level, after)
 
 
-@pytest.mark.timeout(300)  # measured 5 s idle; a hang guard
+@pytest.mark.timeout(300)  # measured 41 s on loaded cores (the caller loads the model)
 def test_good_request_prints_no_warning(stack, versions):
     """Neither in the model server's log (all of it: Python shows a warning once per place in
     a process, so it would sit after the server's first request) nor in a Python caller's
