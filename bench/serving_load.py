@@ -22,6 +22,7 @@ count of a single instance. Then one 2K LR image (``--big-side``: the first imag
 bicubically to that width; 0 skips it) through the endpoint: each server's peak memory for it
 (the served model tiles inputs over ``rlfn.upscale.AUTO_TILE_PIXELS`` LR pixels).
 
+Needs locust (``.venv/bin/python -m pip install locust``; not among the project's extras).
 Writes ``bench/results/serving_load.json`` and prints the table. Client and servers share the
 machine's cores: figures are for this host, stated with it."""
 
@@ -232,6 +233,9 @@ def main() -> int:
                     help="width of the 2K LR image sent once per instance count (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_load.json"))
     args = ap.parse_args()
+    if not (Path(sys.executable).parent / "locust").exists():
+        raise SystemExit("bench/serving_load.py needs locust in this venv (not in the project's "
+                         "extras): .venv/bin/python -m pip install locust")
     shared = Path(args.shared)
     folder = Path(args.images or shared / "data" / "div2k_test_lr_x4")
     images = sorted(folder.glob("*.png"))[:args.max_images]
