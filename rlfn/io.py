@@ -211,12 +211,15 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """An RGB (or gray) uint8 array as PNG bytes: exactly what ``write_png`` writes."""
+def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
+    """An RGB (or gray) uint8 array as PNG bytes: exactly what ``write_png`` writes (zlib
+    level 6, Pillow's default). ``compress_level`` 1 is what the served model answers with:
+    4-5x faster to encode (1.0 s -> 0.2 s for a 2040x1356 answer on these cores), ~20%
+    larger; the same pixels either way."""
     if arr.dtype != np.uint8:
         raise TypeError(f"encode_png expects uint8, got {arr.dtype}")
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

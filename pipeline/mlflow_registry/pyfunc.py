@@ -19,6 +19,10 @@ __all__ = ["RLFNPyfunc", "InvalidInput", "example_image", "MIN_INPUT_SIZE", "IMA
 
 IMAGE_COLUMN = "image"
 MIN_INPUT_SIZE = 15  # rlfn.models.rlfn.RLFN.min_input_size: ESA's stride-2 conv + 7x7 pool
+# zlib level of the PNG answers: 1, not write_png's 6. Encoding a 2040x1356 answer at 6 took
+# 1.0 s on these cores (a third of a request's time beside the model's 2.3 s), at 1 0.2 s for
+# ~20% more bytes, which loopback or a LAN carries in milliseconds. Same pixels.
+RESPONSE_PNG_LEVEL = 1
 PACKAGE_DIR = Path(__file__).resolve().parent  # pipeline/mlflow_registry
 # The model's code (MLflow's "models from code"): a file that builds the model and hands it to
 # mlflow.models.set_model; logged as the pyfunc's python_model, so nothing is pickled.
@@ -41,8 +45,9 @@ class RLFNPyfunc(mlflow.pyfunc.PythonModel):
       integer arrays holding 0-255 (JSON's ``{"inputs": [[[...]]]}`` arrives as int64) are
       taken as uint8;
     * a DataFrame with a column ``image`` of base64-encoded PNG/JPEG/... bytes, one image a
-      row -> a DataFrame with ``image`` (base64 PNG of the SR image) and ``notes`` (the
-      conversions applied to the input, ``rlfn upscale``'s warnings, ``; ``-separated). The
+      row -> a DataFrame with ``image`` (base64 PNG of the SR image, zlib level
+      ``RESPONSE_PNG_LEVEL``) and ``notes`` (the conversions applied to the input,
+      ``rlfn upscale``'s warnings, ``; ``-separated). The
       images are read by ``rlfn.io.decode_image``: the CLI's rules (grayscale, palette, RGBA,
       16-bit converted; decompression-bomb limit) and its messages.
     """
@@ -112,7 +117,7 @@ class RLFNPyfunc(mlflow.pyfunc.PythonModel):
             except ImageError as e:
                 raise InvalidInput(str(e)) from None
             sr = self._upscale(lr, tile, overlap)
-            images.append(base64.b64encode(encode_png(sr)).decode("ascii"))
+            images.append(base64.b64encode(encode_png(sr, RESPONSE_PNG_LEVEL)).decode("ascii"))
             notes.append("; ".join(info.notes))
         return pd.DataFrame({IMAGE_COLUMN: images, "notes": notes})
 

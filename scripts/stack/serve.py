@@ -19,7 +19,10 @@ recorded, the champion (alias ``champion`` of the project's registered model, pa
 champion" and ``status`` says so (``up`` does not fail: the first promotion's rollout starts
 it). Settings: ``RLFN_STACK_SERVE_MAX_BODY`` (nginx's ``client_max_body_size``, default
 ``16m``: a larger request gets 413), ``RLFN_STACK_SERVE_TIMEOUT_S`` (seconds nginx waits for a
-model's answer, default 300; a client that stalls sending is cut off after 30 s)."""
+model's answer, default 300), ``RLFN_STACK_SERVE_CLIENT_TIMEOUT_S`` (seconds nginx waits for
+the next piece of a client's request headers or body, default 30: a client that stalls sending
+is cut off), ``RLFN_STACK_SERVE_THREADS`` (torch threads of each model server; default 0: the
+cores shared among the instances)."""
 
 from __future__ import annotations
 
@@ -76,6 +79,44 @@ def read_timeout_s() -> int:
     if not v.isdigit() or int(v) < 1:
         raise StackError(f"serve: RLFN_STACK_SERVE_TIMEOUT_S={v!r}: not a positive integer")
     return int(v)
+
+
+def client_timeout_s() -> int:
+    """``RLFN_STACK_SERVE_CLIENT_TIMEOUT_S``: how long nginx waits between two reads of a
+    client's request headers or body before it closes the connection (default 30): a client
+    that stalls sending is cut off, its worker connection and buffers freed."""
+    v = os.environ.get("RLFN_STACK_SERVE_CLIENT_TIMEOUT_S", "30").strip()
+    if not v.isdigit() or int(v) < 1:
+        raise StackError(f"serve: RLFN_STACK_SERVE_CLIENT_TIMEOUT_S={v!r}: not a positive "
+                         "integer")
+    return int(v)
+
+
+def threads(n_instances: int | None = None) -> int:
+    """``RLFN_STACK_SERVE_THREADS``: torch threads of each model server; 0 (the default):
+    an explicit count of the stack's environment (``RLFN_THREADS``, ``OMP_NUM_THREADS``: the
+    ``rlfn.threads`` policy), else the cores (``rlfn.threads.available_cores``) shared among
+    the instances, at least 1. torch alone would give each instance every core: N instances
+    on C cores would run N x C threads, each parallel region waiting on descheduled ones
+    (``bench/busy.py``)."""
+    from rlfn.threads import choose_threads
+
+    v = os.environ.get("RLFN_STACK_SERVE_THREADS", "0").strip()
+    if not v.isdigit():
+        raise StackError(f"serve: RLFN_STACK_SERVE_THREADS={v!r}: not an integer >= 0 "
+                         "(0: the cores shared among the instances)")
+    if int(v) > 0:
+        return int(v)
+    env = {**os.environ, "RLFN_PROCESSES": str(n_instances or instances())}
+    return choose_threads(0, load_aware=False, environ=env).threads
+
+
+def instance_env(n_instances: int) -> dict[str, str]:
+    """What each model server gets beside the tracking server's settings: its thread count
+    (``OMP_NUM_THREADS``, which sizes torch's pool at its start; ``RLFN_PROCESSES``: the
+    instances sharing the cores) and sleeping, not spinning, idle OpenMP threads."""
+    return {"OMP_NUM_THREADS": str(threads(n_instances)), "RLFN_PROCESSES": str(n_instances),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def url(ctx: Ctx) -> str:
@@ -171,16 +212,20 @@ def rollout_lock():
 
 
 # --------------------------------------------------------------------------- instances
-def launch(ctx: Ctx, name: str, version: str) -> Launched:
+def launch(ctx: Ctx, name: str, version: str, tracking: dict[str, str] | None = None
+           ) -> Launched:
     """Start ``version``'s instances in the slot not serving and wait for each one's
     ``/ping``; StackError (one line, its log named) when one does not come up (then none of
-    them is left running)."""
+    them is left running). ``tracking``: where the model is read from (the stack's MLflow
+    server by default; ``bench/serving_load.py`` gives its own registry)."""
     st = state()
     slot = 1 - int(st.get("slot", 1)) if st.get("version") else 0
     n = instances()
     ports = _slot_ports(ctx, slot, n)
     _stop_slot(slot)
-    env = base_env(**mlflow_server.exports(ctx), PYTHONPATH="")  # the model runs its own code
+    tracking = mlflow_server.exports(ctx) if tracking is None else tracking
+    # PYTHONPATH empty: the model runs its own code
+    env = base_env(**tracking, **instance_env(n), PYTHONPATH="")
     work = DIR / f"v{version}"
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -221,8 +266,8 @@ def refuse(name: str, version: str, reason: str) -> None:
 def _conf(ctx: Ctx) -> str:
     return nginx.head(DIR, f"scripts/stack/serve.py: the served endpoint on {url(ctx)}") + f"""\
     client_max_body_size {max_body()};
-    client_body_timeout 30s;
-    client_header_timeout 30s;
+    client_body_timeout {client_timeout_s()}s;
+    client_header_timeout {client_timeout_s()}s;
     send_timeout 60s;
     proxy_http_version 1.1;
     proxy_connect_timeout 5s;
@@ -409,11 +454,15 @@ def start(ctx: Ctx) -> str:
         else:
             if running:
                 stop_daemon(NAME)
-            require_free(ctx, NAME)
-            p = spawn(NAME, [exe, "-c", str(CONF), "-p", str(DIR), "-e", "stderr"],
-                      base_env(), DIR)
-            wait_until(NAME, lambda: _answers(ctx), p, f"{url(ctx)}/ping")
+            spawn_nginx(ctx, exe)
     return f"started: {row(ctx)}"
+
+
+def spawn_nginx(ctx: Ctx, exe: str) -> None:
+    """Start the endpoint's nginx on the config and route written, and wait for it to answer."""
+    require_free(ctx, NAME)
+    p = spawn(NAME, [exe, "-c", str(CONF), "-p", str(DIR), "-e", "stderr"], base_env(), DIR)
+    wait_until(NAME, lambda: _answers(ctx), p, f"{url(ctx)}/ping")
 
 
 def stop(service: str) -> str:
