@@ -11,6 +11,12 @@ and, when set, the absolute ``promote.runtime_budget_ms``. ``promote.out``
 show`` shows; the decision with its reason and both models' figures goes to
 ``promote.details`` (reports/promotion.json: ``{"promoted", "version", "decision"}``) and
 onto the version's tags.
+
+A candidate built from code or params that are in no commit (its ``rlfn.git_state`` is
+``dirty``; ``outputs-only``, what every ``dvc repro`` of a commit is by its last stage, is
+not) is refused in team mode with one ``error:`` line naming it, its commit and the setting
+``promote.allow_uncommitted`` (off by default), the champion left where it was; on one
+machine it is decided as any other, with one warning line.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline import tags as T
 from pipeline.entry import log, main
+from pipeline.services import team_mode
 from pipeline.settings import Settings, load_settings
 from pipeline.stage_config import stage_data, train_config
 from pipeline.tracking import stage_run, tracking_uri
@@ -56,6 +63,13 @@ def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict,
     return version
 
 
+def uncommitted_policy(s: Settings) -> str:
+    """What a candidate built from code or params in no commit gets: ``refuse`` in team mode
+    (what is served there must be code a teammate can fetch) unless
+    ``promote.allow_uncommitted``; ``warn`` otherwise (one machine, or allowed)."""
+    return "refuse" if team_mode() and not s.promote.allow_uncommitted else "warn"
+
+
 def _read(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -82,8 +96,12 @@ def promote(settings: Settings | None = None) -> dict:
         key = s.last_stage
         version = candidate(s.stage_dir(key), key, s.scale, name, figures,
                             stage_data(s, key, train_config(s, key)))
+        policy = uncommitted_policy(s)
         decision = decide(name, version.version, gate_metric=p.gate_metric, margin=p.margin,
-                          budgets=p.budgets())
+                          budgets=p.budgets(), uncommitted=policy)
+        if decision.get("warning"):
+            log.warning(decision["warning"] + (" (allowed: promote.allow_uncommitted)"
+                                               if team_mode() else " (one machine)"))
         out = {"promoted": int(bool(decision["promoted"])),
                "version": int(decision["candidate_version"])}
         write_json(p.out, out)
