@@ -470,7 +470,9 @@ def test_repro_and_experiment_seen_from_inside_the_last_stage(tmp_path):
     """Real ``dvc repro`` and ``dvc exp run``: a repro of a commit is ``outputs-only`` by its
     last stage (DVC rewrote dvc.lock and the first stage's metric before it), never
     ``dirty``; ``dvc exp run -S x=2`` is ``dirty`` (params.yaml) and its experiment's ref,
-    recorded from inside the stage, is the ref DVC saves the experiment under."""
+    recorded from inside the stage, is the ref DVC saves the experiment under and, with
+    team mode's ``DVC_EXP_AUTO_PUSH``/``DVC_EXP_GIT_REMOTE``, pushes to the team's
+    repository when the run ends."""
     repo = _tiny_repo(tmp_path / "repo")
     dvc = [sys.executable, "-m", "dvc"]
     env = {"RLFN_CODE": str(ROOT)}
@@ -485,14 +487,25 @@ def test_repro_and_experiment_seen_from_inside_the_last_stage(tmp_path):
                            "changed": []}, seen
     assert seen["exp"] == {}
 
+    # team mode across hosts: stack.sh env exports DVC_EXP_AUTO_PUSH and DVC_EXP_GIT_REMOTE
+    # (the team's repository; a bare one here) and the clone has a default DVC remote
+    team_git, storage = tmp_path / "team.git", tmp_path / "storage"
+    _run(GIT + ["init", "-q", "--bare", str(team_git)], tmp_path)
+    _run(dvc + ["remote", "add", "-q", "-d", "--local", "team", str(storage)], repo)
     _run(GIT + ["checkout", "-q", "--", "."], repo)
-    _run(dvc + ["exp", "run", "-q", "-n", "try-x2", "-S", "x=2"], repo, **env)
+    _run(dvc + ["exp", "run", "-q", "-n", "try-x2", "-S", "x=2"], repo, **env,
+         DVC_EXP_AUTO_PUSH="true", DVC_EXP_GIT_REMOTE=str(team_git))
     seen = json.loads((repo / "sub" / "seen.json").read_text())
     assert seen["git"]["state"] == "dirty" and seen["git"]["changed"] == ["params.yaml"], seen
     ref = f"refs/exps/{head[:2]}/{head[2:]}/try-x2"
     assert seen["exp"] == {"name": "try-x2", "baseline": head, "ref": ref}, seen
     refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], repo).split()
     assert ref in refs, refs
+    # pushed with the run: another host fetches that ref and finds the params it ran with
+    other = tmp_path / "other"
+    _run(GIT + ["init", "-q", str(other)], tmp_path)
+    _run(GIT + ["fetch", "-q", str(team_git), f"{ref}:{ref}"], other)
+    assert yaml.safe_load(_run(["git", "show", f"{ref}:params.yaml"], other))["x"] == 2
 
 
 def test_versions_record_git_state_and_experiment(registered, workspace, tmp_path,
