@@ -24,7 +24,8 @@ here:
   code or params differed, ``rlfn.git_changed`` naming them), ``rlfn.params_hash``,
   ``rlfn.repro_id`` and ``rlfn.repro_run_id`` (the parent MLflow run of the ``dvc repro``),
   ``rlfn.dvc_stage``; from a ``dvc exp run``, ``rlfn.exp.name``, ``rlfn.exp.baseline`` and
-  ``rlfn.exp.ref`` (the experiment's git ref).
+  ``rlfn.exp.ref`` (the experiment's git ref); ``rlfn.git_committed``: the commit a ``dirty``
+  version's code and params were found in when ``promote`` (under ``dvc repro``) moved it.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def _report(name: str, alias: str | None, version: str | None, root: Path,
         "figures": figures, "run": run,
         "git_commit": tags.get(T.V_GIT_COMMIT), "git_dirty": tags.get(T.V_GIT_DIRTY),
         "git_state": _git_state(tags), "git_changed": tags.get(T.V_GIT_CHANGED),
+        "git_committed": tags.get(T.V_GIT_COMMITTED),
         "experiment": {k: tags[t] for k, t in (("name", T.V_EXP_NAME),
                                                ("baseline", T.V_EXP_BASELINE),
                                                ("ref", T.V_EXP_REF)) if tags.get(t)},
@@ -224,6 +226,9 @@ def format_report(rep: dict[str, Any]) -> list[str]:
                  + _git_note({T.V_GIT_STATE: rep.get("git_state") or "",
                               T.V_GIT_DIRTY: str(rep.get("git_dirty") or ""),
                               T.V_GIT_CHANGED: rep.get("git_changed") or ""}))
+    if rep.get("git_committed"):
+        lines.append(f"  committed   {rep['git_committed']} (holds its code and params: "
+                     "found when it was promoted)")
     exp = rep.get("experiment") or {}
     if exp:
         lines.append(f"  experiment  {exp['name']}"

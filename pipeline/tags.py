@@ -35,6 +35,8 @@ V_GIT_CHANGED = GIT_CHANGED
 V_EXP_NAME = EXP_NAME
 V_EXP_BASELINE = EXP_BASELINE
 V_EXP_REF = EXP_REF
+V_GIT_COMMITTED = "rlfn.git_committed"  # a dirty version's code found in this commit later
+                                        # (promote under `dvc repro` of that commit)
 V_PARAMS_HASH = "rlfn.params_hash"
 V_REPRO_ID = "rlfn.repro_id"
 V_REPRO_RUN_ID = "rlfn.repro_run_id"

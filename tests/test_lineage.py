@@ -571,3 +571,8 @@ def test_versions_record_git_state_and_experiment(registered, workspace, tmp_pat
     assert f"  experiment  try-x2 (ref {ref}: dvc exp pull <remote> try-x2)" in out, out
     rep = json.loads(_lineage(capsys, f"models:/{name}/{v_dirty}", "--json")[1])
     assert rep["git_state"] == "dirty" and rep["experiment"]["ref"] == ref
+    # promoted later under `dvc repro` of a commit that holds its code (pipeline.promote)
+    client.set_model_version_tag(name, v_dirty, "rlfn.git_committed", head)
+    out = _lineage(capsys, f"models:/{name}/{v_dirty}")[1]
+    assert f"  committed   {head} (holds its code and params: found when it was promoted)" \
+        in out, out

@@ -289,19 +289,28 @@ def test_uncommitted_candidate_is_refused_when_the_policy_says_so(local, weights
 
 def test_promote_stage_policy_follows_team_mode_and_the_setting(monkeypatch):
     """The promote stage refuses an uncommitted candidate in team mode (a tracking server)
-    unless ``promote.allow_uncommitted``; on one machine (SQLite) it warns."""
-    from pipeline.promote import uncommitted_policy
+    unless ``promote.allow_uncommitted``, or unless it runs under ``dvc repro`` in a checkout
+    whose code and params are committed (DVC found the stages before it up to date with
+    them); on one machine (SQLite) it warns."""
+    import pipeline.promote as stage
     from pipeline.settings import load_settings
 
     s = load_settings(ROOT / "params.yaml")
     assert s.promote.allow_uncommitted is False  # off by default
     allowed = s.model_copy(update={"promote": s.promote.model_copy(
         update={"allow_uncommitted": True})})
+    dirty = {"commit": "c0ffee-dirty", "state": "dirty", "changed": ["params.yaml"]}
+    repro = {"commit": "c0ffee-dirty", "state": "outputs-only", "changed": []}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.team.example:55000")
-    assert uncommitted_policy(s) == "refuse"
-    assert uncommitted_policy(allowed) == "warn"
+    assert stage.uncommitted_policy(s, dirty) == ("refuse", "")
+    assert stage.uncommitted_policy(allowed, dirty)[0] == "warn"
+    assert stage.uncommitted_policy(s, repro) == ("refuse", "")  # not run by dvc repro
+    monkeypatch.setattr(stage, "dvc_ancestor", lambda: "dvc-1-2")  # as under `dvc repro`
+    assert stage.uncommitted_policy(s, dirty) == ("refuse", "")
+    policy, note = stage.uncommitted_policy(s, repro)
+    assert policy == "warn" and "commit c0ffee's now" in note, note
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
-    assert uncommitted_policy(s) == "warn"
+    assert stage.uncommitted_policy(s, dirty)[0] == "warn"
 
 
 def _race_worker(uri, name, version, barrier, results):

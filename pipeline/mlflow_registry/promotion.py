@@ -51,9 +51,9 @@ def uncommitted_check(cand: ModelVersion, policy: str) -> str | None:
            + (f"; experiment {tags[T.V_EXP_NAME]}" if tags.get(T.V_EXP_NAME) else "") + ")")
     if policy == "refuse":
         raise UncommittedModel(what, f"not promoted: {why}; team mode serves only committed "
-                                     f"code: commit it and rerun, or set {ALLOW_SETTING}: "
-                                     "true")
-    return f"{what}: promoting a model {why}; what is served is not in git"
+                                     f"code: commit it and rerun dvc repro, or set "
+                                     f"{ALLOW_SETTING}: true")
+    return f"{what}: {why}"
 
 CHAMPION_ALIAS = "champion"
 LOCK_TIMEOUT_S = 120.0
