@@ -312,7 +312,7 @@ def main() -> int:
              f"{torch.get_num_threads()} threads")
     n = len(list_images([args.input_dir]))
     print(f"device: {device} ({where}); torch {torch.__version__}; timed on "
-          f"{args.max_images or n} of {n} images in {args.input_dir}", flush=True)
+          f"{min(args.max_images or n, n)} of {n} images in {args.input_dir}", flush=True)
     args.peak = peak_bandwidth(device, args.peak_gbs) if args.batch else (0.0, "")
     if args.batch:
         print(f"roofline peak: {args.peak[0]:.1f} GB/s ({args.peak[1]})", flush=True)
