@@ -26,7 +26,8 @@ from prereq import ROOT, require_module, unavailable
 from servers import clean_env, free_port, processes_with_env
 
 STACK_SH = ROOT / "scripts" / "stack.sh"
-SERVICES = ("postgresql", "mlflow", "prefect", "worker", "webhooks", "serve", "sshd")
+SERVICES = ("postgresql", "mlflow", "prefect", "worker", "serve-worker", "webhooks", "serve",
+            "sshd")
 
 TLS_EXPORTS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE")  # off loopback
 EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",

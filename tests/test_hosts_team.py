@@ -81,6 +81,28 @@ with get_client(sync_client=True) as c:
 print(json.dumps({w.name: str(getattr(w.status, "value", w.status)) for w in ws}))
 """
 
+# the rollout flow runs of the champion's version (rlfn-serve/rollout), from the client, once
+# one exists and every one is final (bounded)
+ROLLOUTS = r"""
+import json, sys, time
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+limit = float(sys.argv[1])
+version = MlflowClient().get_model_version_by_alias("rlfn-x4", "champion").version
+deadline = time.monotonic() + limit
+with get_client(sync_client=True) as c:
+    while True:
+        frs = [fr for fr in c.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["rollout"]))) if str(fr.parameters.get("version")) == version]
+        if (frs and all(fr.state and fr.state.is_final() for fr in frs)) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+print(json.dumps({"version": version, "runs": {str(fr.id): {
+    "state": fr.state_type.value if fr.state_type else None, "pool": fr.work_pool_name,
+    "message": fr.state.message if fr.state else ""} for fr in frs}}))
+"""
+
 # the flow runs' states, from the client, once every one of them is final (bounded)
 WAIT_RUNS = r"""
 import json, sys, time
@@ -453,6 +475,19 @@ def test_worker_host_joins(team: Team):
         got = cli.run([t.py(), "-c", PYFUNC], cwd=cli.home, timeout=600, **t.cenv())
         assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
             {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
+        # the champion's rollout (triggered by the registry's webhook on the server) is the
+        # server host's own serve-worker's, never a worker host's (it had no stack secrets)
+        got = cli.run([t.py(), "-c", ROLLOUTS, "600"], timeout=700, **t.cenv())
+        rolls = json.loads(_ok(got, "rollout runs").strip().splitlines()[-1])
+        print("rollouts:", rolls)
+        assert rolls["runs"], (rolls, t.logs())
+        for rid, r in rolls["runs"].items():
+            assert r["pool"] == "rlfn-serve", r
+            assert r["state"] is not None and "no secrets" not in (r["message"] or ""), r
+            assert t.runner_of(rid) == [], (rid, t.runner_of(rid))
+        srv_log = t.state / "logs" / "serve-worker.log"
+        assert any(f"/runs/flow-run/{rid}" in srv_log.read_text(errors="replace")
+                   for rid in rolls["runs"]), "the server's serve-worker log names no rollout"
     finally:
         wire.close()  # the capture's end (or, after a failure, tcpdump stopped)
 

@@ -77,8 +77,9 @@ def test_up_status_idempotent_env(stack):
     assert again.returncode == 0, again.stdout + again.stderr
     # a warm `up` only checks: every daemon is the same process (pid and start time) as before
     assert pids() == before, (before, pids())
-    assert set(before) >= {"mlflow", "prefect", "worker", "sshd", "postgresql"}, before
-    for name in ("postgresql", "mlflow", "prefect", "worker", "sshd"):
+    assert set(before) >= {"mlflow", "prefect", "worker", "serve-worker", "sshd",
+                           "postgresql"}, before
+    for name in ("postgresql", "mlflow", "prefect", "worker", "serve-worker", "sshd"):
         assert re.search(rf"^{name}\s+already up", again.stdout, re.M), again.stdout
     n = len(yaml.safe_load((stack.clone / "prefect.yaml").read_text())["deployments"])
     assert re.search(rf"^deployments\s+{n} deployments already on rlfn-pool", again.stdout,
@@ -224,10 +225,11 @@ from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 with get_client(sync_client=True) as c:
     pool = c.read_work_pool("rlfn-pool")
     deps = c.read_deployments(work_pool_filter=WorkPoolFilter(
-        name=WorkPoolFilterName(any_=["rlfn-pool"])))
-    workers = c.read_workers_for_work_pool("rlfn-pool")
-print(json.dumps({"type": pool.type, "deployments": {d.name: d.entrypoint for d in deps},
-                  "workers": {w.name: str(w.status) for w in workers}}))
+        name=WorkPoolFilterName(any_=["rlfn-pool", "rlfn-serve"])))
+    workers = {p: {w.name: str(w.status) for w in c.read_workers_for_work_pool(p)}
+               for p in ("rlfn-pool", "rlfn-serve")}
+print(json.dumps({"type": pool.type, "workers": workers,
+                  "deployments": {d.name: [d.entrypoint, d.work_pool_name] for d in deps}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=stack.client_env(), timeout=120, cwd=stack.clone)
@@ -235,8 +237,16 @@ print(json.dumps({"type": pool.type, "deployments": {d.name: d.entrypoint for d 
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["type"] == "process"
     doc = yaml.safe_load((stack.clone / "prefect.yaml").read_text())  # what `up` deployed
-    assert got["deployments"] == {d["name"]: d["entrypoint"] for d in doc["deployments"]}
-    assert "ONLINE" in got["workers"].get("rlfn-stack-worker", ""), got["workers"]
+    assert got["deployments"] == {d["name"]: [d["entrypoint"], d["work_pool"]["name"]]
+                                  for d in doc["deployments"]}
+    # the rollout is the serving host's alone: its own pool, its own worker
+    assert got["deployments"]["rollout"][1] == "rlfn-serve", got["deployments"]
+    assert {n for n, (_, pool) in got["deployments"].items() if pool != "rlfn-pool"} == \
+        {"rollout"}, got["deployments"]
+    assert "ONLINE" in got["workers"]["rlfn-pool"].get("rlfn-stack-worker", ""), got["workers"]
+    assert "ONLINE" in got["workers"]["rlfn-serve"].get("rlfn-stack-serve-worker", ""), \
+        got["workers"]
+    assert "rlfn-stack-worker" not in got["workers"]["rlfn-serve"], got["workers"]
 
     # without the auth string the same client is refused
     env = stack.client_env()

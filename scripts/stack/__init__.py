@@ -12,9 +12,12 @@ postgresql     a cluster of the project's own (scram-sha-256),      55432
 mlflow         ``mlflow server`` on PostgreSQL, artifacts served    55000
                by the server, basic-auth app                        (RLFN_STACK_MLFLOW_PORT)
 prefect        ``prefect server start`` on PostgreSQL, API auth     54200
-               string; ``work pool`` rlfn-pool with prefect.yaml's  (RLFN_STACK_PREFECT_PORT)
-               ``deployments``
+               string; ``work pool`` rlfn-pool and rlfn-serve   (RLFN_STACK_PREFECT_PORT)
+               with prefect.yaml's ``deployments``
 worker         ``prefect worker start --pool rlfn-pool``            -
+serve-worker   ``prefect worker start --pool rlfn-serve``: the      -
+               rollout only, on this host even with
+               RLFN_STACK_WORKER=0
 webhooks       the receiver of MLflow's registry webhook            55070
                ``model_version_alias.created`` (HMAC checked) ->    (RLFN_STACK_HOOK_PORT)
                the Prefect event that runs ``rlfn-serve/rollout``

@@ -1,11 +1,15 @@
 """Prefect: ``prefect server start`` on PostgreSQL's database prefect (API auth string), the
-work pool ``rlfn-pool`` with prefect.yaml's deployments, and a worker on it."""
+work pools ``rlfn-pool`` (the pipeline's flows, run by any host's worker) and ``rlfn-serve``
+(the rollout of the served endpoint, run only by the server host's own ``serve-worker``: it
+drives daemons and reads secrets that only that host has) with prefect.yaml's deployments, and
+a worker on each."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlfn.io import atomic_write
@@ -16,6 +20,8 @@ from stack.procs import pid_of, run_logged, spawn, wait_until
 from stack.web import HttpServer, request
 
 POOL = "rlfn-pool"
+SERVE_POOL = "rlfn-serve"
+POOLS = (POOL, SERVE_POOL)
 USER = "rlfn"
 
 
@@ -86,17 +92,22 @@ SERVER = HttpServer("prefect", url, local_url, _launch, _api_check)
 
 # --------------------------------------------------------------------------- pool, deployments
 def start_pool(ctx: Ctx) -> str:
-    """``up``: the process work pool ``rlfn-pool``, created when missing."""
-    code, _ = _api(ctx, "GET", f"/work_pools/{POOL}")
-    if code == 200:
-        return f"work pool {POOL} exists"
-    r = run_logged("prefect", [PY, "-m", "prefect", "work-pool", "create", POOL,
-                               "--type", "process"],
-                   env=client_env(ctx), cwd=ctx.project_dir)
-    if r.returncode != 0:
-        raise StackError(f"prefect: could not create work pool {POOL} at {url(ctx)}; "
-                         f"read {rel(log_path('prefect'))}")
-    return f"work pool {POOL} created"
+    """``up``: the process work pools ``rlfn-pool`` and ``rlfn-serve``, created when missing."""
+    made = []
+    for pool in POOLS:
+        code, _ = _api(ctx, "GET", f"/work_pools/{pool}")
+        if code == 200:
+            continue
+        r = run_logged("prefect", [PY, "-m", "prefect", "work-pool", "create", pool,
+                                   "--type", "process"],
+                       env=client_env(ctx), cwd=ctx.project_dir)
+        if r.returncode != 0:
+            raise StackError(f"prefect: could not create work pool {pool} at {url(ctx)}; "
+                             f"read {rel(log_path('prefect'))}")
+        made.append(pool)
+    if not made:
+        return f"work pools {', '.join(POOLS)} exist"
+    return f"work pool{'s' if len(made) > 1 else ''} {', '.join(made)} created"
 
 
 def _expected_deployments(project: Path) -> list[str]:
@@ -108,14 +119,14 @@ def _expected_deployments(project: Path) -> list[str]:
 
 
 def _registered_deployments(ctx: Ctx) -> list[str]:
-    """The names of the deployments the server has on the pool (none when it does not answer)."""
+    """The names of the deployments the server has on the pools (none when it does not answer)."""
     code, data = _api(ctx, "POST", "/deployments/filter",
-                      {"work_pools": {"name": {"any_": [POOL]}}})
+                      {"work_pools": {"name": {"any_": list(POOLS)}}})
     return [d["name"] for d in data] if code == 200 and isinstance(data, list) else []
 
 
 def start_deployments(ctx: Ctx) -> str:
-    """``up``: every deployment of the project's prefect.yaml on the pool (``prefect deploy
+    """``up``: every deployment of the project's prefect.yaml on its pool (``prefect deploy
     --all``, again when prefect.yaml or the project changed)."""
     project = Path(ctx.project_dir)
     want = _expected_deployments(project)
@@ -123,7 +134,7 @@ def start_deployments(ctx: Ctx) -> str:
              "pull": "at run time"}
     have = _registered_deployments(ctx)
     if set(want) <= set(have) and read_json(RUN / "deployed.json") == stamp:
-        return f"{len(want)} deployments already on {POOL}"
+        return f"{len(want)} deployments already on {POOL} and {SERVE_POOL}"
     # No RLFN_PROJECT_DIR here: `prefect deploy` fills prefect.yaml's {{ $RLFN_PROJECT_DIR }}
     # from its own environment when set, baking this host's path into the deployment; unset,
     # the placeholder is kept and each worker's flow run fills it with its own clone (a worker
@@ -139,26 +150,37 @@ def start_deployments(ctx: Ctx) -> str:
                          f"(missing: {', '.join(missing) or 'none'}); read "
                          f"{rel(log_path('deploy'))}")
     atomic_write(RUN / "deployed.json", json.dumps(stamp) + "\n")
-    return f"{len(want)} deployments on {POOL} (prefect deploy --all)"
+    return f"{len(want)} deployments on {POOL} and {SERVE_POOL} (prefect deploy --all)"
 
 
-# --------------------------------------------------------------------------- worker
-WORKER_NAME = "rlfn-stack-worker"
+# --------------------------------------------------------------------------- workers
+@dataclass(frozen=True)
+class Worker:
+    """A ``prefect worker start`` of the server host's: its table entry (``service``: pid file
+    and log), the pool it serves and the name it has there."""
+    service: str
+    pool: str
+    name: str
 
 
-def worker_where(ctx: Ctx) -> str:
+WORKER = Worker("worker", POOL, "rlfn-stack-worker")
+SERVE_WORKER = Worker("serve-worker", SERVE_POOL, "rlfn-stack-serve-worker")
+WORKER_NAME = WORKER.name
+
+
+def worker_where(ctx: Ctx, w: Worker = WORKER) -> str:
     """The pool the worker serves."""
-    return f"pool {POOL} at {url(ctx)}"
+    return f"pool {w.pool} at {url(ctx)}"
 
 
-def worker_row(ctx: Ctx) -> str:
+def worker_row(ctx: Ctx, w: Worker = WORKER) -> str:
     """``status``'s text for the worker."""
-    return f"{WORKER_NAME} on {worker_where(ctx)}"
+    return f"{w.name} on {worker_where(ctx, w)}"
 
 
-def _worker_online(ctx: Ctx, since: float | None = None) -> bool:
-    """Whether the pool shows our worker online (see ``worker_online``)."""
-    return worker_online(local_url(ctx), _auth(ctx), POOL, WORKER_NAME, since)
+def _worker_online(ctx: Ctx, w: Worker, since: float | None = None) -> bool:
+    """Whether the pool shows the worker online (see ``worker_online``)."""
+    return worker_online(local_url(ctx), _auth(ctx), w.pool, w.name, since)
 
 
 def worker_online(api: str, auth: str, pool: str, name: str, since: float | None = None,
@@ -184,44 +206,47 @@ def worker_online(api: str, auth: str, pool: str, name: str, since: float | None
     return False
 
 
-def worker_health(ctx: Ctx) -> str | None:
+def worker_health(ctx: Ctx, w: Worker = WORKER) -> str | None:
     """``status``: None when the worker runs and the pool shows it online."""
-    if pid_of("worker") is None:
+    if pid_of(w.service) is None:
         return "not running"
     if ctx.sec is None:
         return "no secrets"
-    if not _worker_online(ctx):
-        return f"pool {POOL} does not show {WORKER_NAME} online"
+    if not _worker_online(ctx, w):
+        return f"pool {w.pool} does not show {w.name} online"
     return None
 
 
-def worker_settings(cmd: list[str], env: dict) -> None:
+def worker_settings(cmd: list[str], env: dict, limit_flows: bool = True) -> None:
     """The worker's settings from the environment, on any host (this one's or a joined one's):
-    ``RLFN_STACK_WORKER_POLL_S`` (how often it asks for flow runs; Prefect's default 10 s) and
-    ``RLFN_STACK_WORKER_LIMIT`` (flow runs at once, ``--limit``; its flow runs then share the
-    cores, ``RLFN_PROCESSES`` for rlfn.threads), added to ``cmd`` and ``env``."""
+    ``RLFN_STACK_WORKER_POLL_S`` (how often it asks for flow runs; Prefect's default 10 s) and,
+    unless ``limit_flows`` is false, ``RLFN_STACK_WORKER_LIMIT`` (flow runs at once,
+    ``--limit``; its flow runs then share the cores, ``RLFN_PROCESSES`` for rlfn.threads),
+    added to ``cmd`` and ``env``."""
     if os.environ.get("RLFN_STACK_WORKER_POLL_S"):
         env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
     limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
-    if limit:
+    if limit and limit_flows:
         if not limit.isdigit() or int(limit) < 1:
             raise StackError(f"RLFN_STACK_WORKER_LIMIT={limit!r}: not a positive integer")
         cmd += ["--limit", limit]
         env["RLFN_PROCESSES"] = limit
 
 
-def start_worker(ctx: Ctx, client_exports: dict[str, str]) -> str:
-    """``up``: ``prefect worker start`` on the pool, in the project; its flow runs inherit
-    ``client_exports`` (the stack's clients)."""
-    where = worker_where(ctx)
-    if pid_of("worker") is not None and _worker_online(ctx):
+def start_worker(ctx: Ctx, client_exports: dict[str, str], w: Worker = WORKER) -> str:
+    """``up``: ``prefect worker start`` on the worker's pool, in the project; its flow runs
+    inherit ``client_exports`` (the stack's clients). The serve worker's flow runs (one
+    rollout at a time, ``stack.serve``'s lock) take no share of ``RLFN_STACK_WORKER_LIMIT``."""
+    where = worker_where(ctx, w)
+    if pid_of(w.service) is not None and _worker_online(ctx, w):
         return f"already up on {where}"
-    cmd = [PY, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-           "--name", WORKER_NAME]
+    cmd = [PY, "-m", "prefect", "worker", "start", "--pool", w.pool, "--type", "process",
+           "--name", w.name]
     env = client_env(ctx, **{k: v for k, v in client_exports.items()
                               if not k.startswith("PREFECT_")})
-    worker_settings(cmd, env)
+    worker_settings(cmd, env, limit_flows=w.pool == POOL)
     t = time.time()
-    p = spawn("worker", cmd, env, ctx.project_dir)
-    wait_until("worker", lambda: _worker_online(ctx, since=t), p, f"{where} (worker online)")
+    p = spawn(w.service, cmd, env, ctx.project_dir)
+    wait_until(w.service, lambda: _worker_online(ctx, w, since=t), p,
+               f"{where} (worker online)")
     return f"started on {where}"
