@@ -397,7 +397,7 @@ def make_venv(h: Host, where: Path, venv: Path) -> Path:
     ``pipeline`` are the ones it imports) for host ``h``'s user, on the system's Python, that
     sees ``venv``'s packages (this machine's project environment; its own interpreter may be in
     a home no other user can enter, as pyenv's under /root), and its console scripts (dvc,
-    mlflow, prefect) as its own: what a host's ``scripts/setup.sh`` would have made, without a
+    mlflow, prefect, uvicorn) as its own: what a host's ``scripts/setup.sh`` would have made, without a
     second download. Returns its python."""
     import sys
 
@@ -417,7 +417,7 @@ def make_venv(h: Host, where: Path, venv: Path) -> Path:
                         str(where / "lib" / ver / "site-packages"), "async-timeout"],
                        check=True, capture_output=True, timeout=300)
     py = where / "bin" / "python"
-    for script in ("dvc", "mlflow", "prefect"):
+    for script in ("dvc", "mlflow", "prefect", "uvicorn"):  # uvicorn: `mlflow models serve`
         src = venv / "bin" / script
         if src.exists():
             body = src.read_text().split("\n", 1)[1]

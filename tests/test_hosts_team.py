@@ -480,6 +480,8 @@ def test_worker_host_joins(team: Team):
         got = cli.run([t.py(), "-c", ROLLOUTS, "600"], timeout=700, **t.cenv())
         rolls = json.loads(_ok(got, "rollout runs").strip().splitlines()[-1])
         print("rollouts:", rolls)
+        for log in sorted((t.state / "logs").glob("serve-*.log")):  # what a failed one said
+            print(f"--- {log.name}:\n" + log.read_text(errors="replace")[-3000:])
         assert rolls["runs"], (rolls, t.logs())
         for rid, r in rolls["runs"].items():
             assert r["pool"] == "rlfn-serve", r

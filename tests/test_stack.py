@@ -475,3 +475,57 @@ def test_status_names_a_stopped_service_and_up_restarts_it(stack):
     assert re.search(r"^prefect\s+already up", r.stdout, re.M), r.stdout
     r = stack.sh("status")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- the team's git
+SEED = r"""
+import sys, types
+from stack import sshd
+ctx = types.SimpleNamespace(project_dir=sys.argv[1], host="10.0.0.1", remote=True,
+                            ports={"sshd": 52222})
+print(sshd._git_repo(ctx))
+"""
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_the_team_repository_is_seeded_with_what_the_project_runs(tmp_path, detached):
+    """``up --host``'s bare repository gets the project's branches and, as its HEAD, what the
+    project has checked out; a detached checkout (a CI job's) becomes ``main`` (it used to
+    seed nothing and fail ``up``)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+    def run(*args: str, cwd: Path = project) -> str:
+        r = subprocess.run([*git, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    run("init", "-q", "-b", "main")
+    run("commit", "-q", "--allow-empty", "-m", "one")
+    run("checkout", "-q", "-b", "dev")
+    run("commit", "-q", "--allow-empty", "-m", "two")
+    if detached:
+        run("checkout", "-q", "--detach")
+        run("commit", "-q", "--allow-empty", "-m", "three (detached)")
+    want = run("rev-parse", "HEAD")
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", SEED, str(project)], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT,
+                       env=clean_env(RLFN_STACK_DIR=str(state),
+                                     PYTHONPATH=str(ROOT / "scripts")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "seeded from" in r.stdout, r.stdout
+    bare = state / "git" / "rlfn-pipeline.git"
+    head = run("symbolic-ref", "HEAD", cwd=bare)
+    assert head == ("refs/heads/main" if detached else "refs/heads/dev"), head
+    assert run("rev-parse", "HEAD", cwd=bare) == want
+    assert run("for-each-ref", "--format=%(refname)", cwd=bare).split() == \
+        ["refs/heads/dev", "refs/heads/main"]
+    # a second `up` keeps it as it is (seeded once)
+    r = subprocess.run([sys.executable, "-c", SEED, str(project)], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT,
+                       env=clean_env(RLFN_STACK_DIR=str(state),
+                                     PYTHONPATH=str(ROOT / "scripts")))
+    assert r.returncode == 0 and "kept" in r.stdout and "seeded" not in r.stdout, r.stdout

@@ -210,7 +210,8 @@ def _git(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
 def _git_repo(ctx: Ctx) -> str:
     """The team's bare git repository (``GIT_REPO``), made when missing (in a temporary
     directory, then renamed: never half made) and seeded, while it has no branch, with the
-    project's branches, its HEAD the project's current branch."""
+    project's branches, its HEAD the project's current branch (a detached checkout's commit
+    as ``main``)."""
     made = False
     if not (GIT_REPO / "HEAD").exists():
         GIT_REPO.parent.mkdir(exist_ok=True)
@@ -226,13 +227,20 @@ def _git_repo(ctx: Ctx) -> str:
     project = Path(ctx.project_dir)
     seeded = ""
     if not refs and (project / ".git").exists():
-        if _git(["push", "-q", str(GIT_REPO), "refs/heads/*:refs/heads/*"],
-                cwd=project).returncode != 0:
-            raise StackError(f"sshd: seeding the git repository {rel(GIT_REPO)} from {project} "
-                             f"failed; read {rel(log_path(NAME))}")
         head = subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=project,
                               capture_output=True, text=True, timeout=60).stdout.strip()
-        if head:
-            _git(["symbolic-ref", "HEAD", head], cwd=GIT_REPO)
+        branches = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/heads/"],
+                                  cwd=project, capture_output=True, text=True,
+                                  timeout=60).stdout.split()
+        # a detached checkout (what a CI job checks out) seeds `main` with its HEAD: the
+        # commit this host runs is the one the team's clones get
+        specs = [f"{b}:{b}" for b in branches if head or b != "refs/heads/main"]
+        if not head:
+            specs.append("HEAD:refs/heads/main")
+            head = "refs/heads/main"
+        if _git(["push", "-q", str(GIT_REPO), *specs], cwd=project).returncode != 0:
+            raise StackError(f"sshd: seeding the git repository {rel(GIT_REPO)} from {project} "
+                             f"failed; read {rel(log_path(NAME))}")
+        _git(["symbolic-ref", "HEAD", head], cwd=GIT_REPO)
         seeded = f", seeded from {project}"
     return f"git repository {'made' if made else 'kept'} at {git_url(ctx)}{seeded}"
