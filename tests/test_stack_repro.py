@@ -61,7 +61,7 @@ for r in runs:
     row = {"run_id": r.info.run_id, "status": r.info.status,
            "artifact_uri": r.info.artifact_uri,
            "tags": {k: v for k, v in r.data.tags.items()
-                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.repro_id",
+                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.git_state", "rlfn.repro_id",
                              "rlfn.retrain.branch", "promotion.promoted", "promotion.reason")}}
     if "--artifacts" in sys.argv and r.data.tags.get("rlfn.kind") == "stage":
         row["artifacts"] = [f.path for f in c.list_artifacts(r.info.run_id)]
