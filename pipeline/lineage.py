@@ -19,8 +19,13 @@ here:
 * ``rlfn.data.<name>.path`` / ``rlfn.data.<name>.md5``: each input of the stage
   (``manifest``, ``patches``, ``val``, ``init``) and its output ``weights``, with its DVC md5.
 * ``rlfn.git_commit`` (``-dirty`` appended when tracked files had changes),
-  ``rlfn.git_dirty`` (``true``/``false``), ``rlfn.params_hash``, ``rlfn.repro_id`` and
-  ``rlfn.repro_run_id`` (the parent MLflow run of the ``dvc repro``), ``rlfn.dvc_stage``.
+  ``rlfn.git_dirty`` (``true``/``false``), ``rlfn.git_state`` (``clean`` / ``outputs-only``:
+  only files the stages write differed, the code and params are the commit's / ``dirty``:
+  code or params differed, ``rlfn.git_changed`` naming them), ``rlfn.params_hash``,
+  ``rlfn.repro_id`` and ``rlfn.repro_run_id`` (the parent MLflow run of the ``dvc repro``),
+  ``rlfn.dvc_stage``; from a ``dvc exp run``, ``rlfn.exp.name``, ``rlfn.exp.baseline`` and
+  ``rlfn.exp.ref`` (the experiment's git ref); ``rlfn.git_committed``: the commit a ``dirty``
+  version's code and params were found in when ``promote`` (under ``dvc repro``) moved it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ from pipeline import tags as T
 from pipeline.settings import read_params
 from pipeline.tracking import tracking_uri as stages_tracking_uri
 from rlfn.errors import DataError, UsageError
+
+
+def _git_state(tags: dict) -> str:
+    from pipeline.mlflow_registry.versions import git_state
+
+    return git_state(tags)
+
+
+def _git_note(tags: dict) -> str:
+    from pipeline.mlflow_registry.versions import git_state_note
+
+    return git_state_note(tags)
 from rlfn.lineage import dvc_md5
 
 __all__ = ["workspace_state", "parse_model_ref", "default_tracking_uri", "lineage_report",
@@ -179,6 +196,11 @@ def _report(name: str, alias: str | None, version: str | None, root: Path,
         "description": mv.description or "", "tracking_uri": uri,
         "figures": figures, "run": run,
         "git_commit": tags.get(T.V_GIT_COMMIT), "git_dirty": tags.get(T.V_GIT_DIRTY),
+        "git_state": _git_state(tags), "git_changed": tags.get(T.V_GIT_CHANGED),
+        "git_committed": tags.get(T.V_GIT_COMMITTED),
+        "experiment": {k: tags[t] for k, t in (("name", T.V_EXP_NAME),
+                                               ("baseline", T.V_EXP_BASELINE),
+                                               ("ref", T.V_EXP_REF)) if tags.get(t)},
         "params_hash": tags.get(T.V_PARAMS_HASH), "repro_id": tags.get(T.V_REPRO_ID),
         "repro_run_id": tags.get(T.V_REPRO_RUN_ID), "dvc_stage": tags.get(T.V_DVC_STAGE),
         "stage": tags.get(T.V_STAGE), "model": tags.get(T.V_MODEL),
@@ -200,9 +222,18 @@ def format_report(rep: dict[str, Any]) -> list[str]:
                  f"{show(run.get('status'))})")
     lines.append(f"  repro       {show(rep['repro_id'])} (parent run "
                  f"{show(rep['repro_run_id'] or run.get('parent'))})")
-    dirty = {"true": " (dirty: uncommitted changes)", "false": " (clean)"}.get(
-        str(rep["git_dirty"]), "")
-    lines.append(f"  commit      {show(rep['git_commit'])}{dirty}")
+    lines.append(f"  commit      {show(rep['git_commit'])}"
+                 + _git_note({T.V_GIT_STATE: rep.get("git_state") or "",
+                              T.V_GIT_DIRTY: str(rep.get("git_dirty") or ""),
+                              T.V_GIT_CHANGED: rep.get("git_changed") or ""}))
+    if rep.get("git_committed"):
+        lines.append(f"  committed   {rep['git_committed']} (holds its code and params: "
+                     "found when it was promoted)")
+    exp = rep.get("experiment") or {}
+    if exp:
+        lines.append(f"  experiment  {exp['name']}"
+                     + (f" (ref {exp['ref']}: dvc exp pull <remote> {exp['name']})"
+                        if exp.get("ref") else ""))
     lines.append(f"  params hash {show(rep['params_hash'])}   dvc stage "
                  f"{show(rep['dvc_stage'])}")
     if rep["figures"]:

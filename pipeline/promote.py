@@ -11,6 +11,14 @@ and, when set, the absolute ``promote.runtime_budget_ms``. ``promote.out``
 show`` shows; the decision with its reason and both models' figures goes to
 ``promote.details`` (reports/promotion.json: ``{"promoted", "version", "decision"}``) and
 onto the version's tags.
+
+A candidate built from code or params that are in no commit (its ``rlfn.git_state`` is
+``dirty``; ``outputs-only``, what every ``dvc repro`` of a commit is by its last stage, is
+not) is refused in team mode with one ``error:`` line naming it, its commit and the setting
+``promote.allow_uncommitted`` (off by default), the champion left where it was, unless this
+``dvc repro`` runs in a checkout whose code and params are committed (then the commit holds
+the candidate's code: recorded as ``rlfn.git_committed``); on one machine it is decided as
+any other, with one warning line.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline import tags as T
 from pipeline.entry import log, main
+from pipeline.services import team_mode
 from pipeline.settings import Settings, load_settings
 from pipeline.stage_config import stage_data, train_config
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.dvcops import dvc_ancestor
+from pipeline.tracking import git_state, stage_run, tracking_uri
 from rlfn.errors import DataError
 from rlfn.io import write_json
 
@@ -56,6 +66,26 @@ def candidate(stage_dir: Path, stage: str, scale: int, name: str, figures: dict,
     return version
 
 
+def uncommitted_policy(s: Settings, here: dict | None = None) -> tuple[str, str]:
+    """What a candidate built from code or params in no commit gets, and why: ``refuse`` in
+    team mode (what is served there must be code a teammate can fetch), unless
+    ``promote.allow_uncommitted``, or unless this promote runs under ``dvc repro`` in a
+    checkout whose code and params are its commit's (``here``, :func:`git_state`: ``clean``
+    or ``outputs-only``): DVC runs promote only once every stage before it is up to date
+    with those files, so the candidate's weights are that commit's even when it was trained
+    before the commit was made (a ``dvc exp run`` refused, then committed and repro'd).
+    ``warn`` otherwise (one machine). Returns ``(policy, note)``: the note ends the warning."""
+    if not team_mode():
+        return "warn", "(one machine: promoted as any other; team mode would refuse it)"
+    if s.promote.allow_uncommitted:
+        return "warn", "(allowed by promote.allow_uncommitted)"
+    here = here if here is not None else git_state()
+    if here["state"] in ("clean", "outputs-only") and dvc_ancestor():
+        return "warn", (f"-- its code and params are commit {here['commit'].split('-')[0]}'s "
+                        "now (this dvc repro found every stage before promote up to date)")
+    return "refuse", ""
+
+
 def _read(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -82,8 +112,16 @@ def promote(settings: Settings | None = None) -> dict:
         key = s.last_stage
         version = candidate(s.stage_dir(key), key, s.scale, name, figures,
                             stage_data(s, key, train_config(s, key)))
+        here = git_state()
+        policy, note = uncommitted_policy(s, here)
         decision = decide(name, version.version, gate_metric=p.gate_metric, margin=p.margin,
-                          budgets=p.budgets())
+                          budgets=p.budgets(), uncommitted=policy)
+        if decision.get("warning"):
+            decision["warning"] += f" {note}"
+            log.warning(decision["warning"])
+            if note.startswith("-- its code"):  # the commit that holds it, for rlfn lineage
+                mlflow.MlflowClient().set_model_version_tag(
+                    name, version.version, T.V_GIT_COMMITTED, here["commit"].split("-")[0])
         out = {"promoted": int(bool(decision["promoted"])),
                "version": int(decision["candidate_version"])}
         write_json(p.out, out)

@@ -19,7 +19,7 @@ import urllib.request
 
 from rlfn.errors import RLFNError
 
-__all__ = ["ServiceError", "check_services", "describe_failure", "masked"]
+__all__ = ["ServiceError", "check_services", "describe_failure", "masked", "team_mode"]
 
 # Retries of MLflow's HTTP client when a server goes away mid-stage: 4 tries with backoff
 # 2, 4, 8, 16 s (about 30 s in all), then the stage fails naming the server.
@@ -92,11 +92,18 @@ def _check(service: str, base: str, health: str, api: str, headers: dict,
                                   f"{body[:200].decode(errors='replace')}")
 
 
+def team_mode() -> bool:
+    """Whether this process works in team mode: its runs and models go to a tracking server
+    (``MLFLOW_TRACKING_URI`` = http(s)://..., what ``scripts/stack.sh env`` exports) that
+    others read, rather than to this machine's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
+
+
 def check_services(timeout: float = 10.0) -> list[str]:
     """Check the configured servers; returns what was checked (``[]`` in the default mode)."""
     checked = []
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
+    if team_mode():
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         pw = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
         headers = {}

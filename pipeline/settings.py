@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
-                      ValidationError, field_validator, model_validator)
+                      StrictBool, ValidationError, field_validator, model_validator)
 
 from rlfn.errors import ConfigError
 from rlfn.yamlnum import yaml_number
@@ -177,6 +177,10 @@ class PromoteSettings(_Section):
     flops_budget_g: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     runtime_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     registered_model: str | None = None
+    # team mode (MLFLOW_TRACKING_URI at a server): a candidate built from code or params in
+    # no commit (rlfn.git_state dirty) is refused unless this is true; on one machine it is
+    # promoted with a warning either way
+    allow_uncommitted: StrictBool = False
     out: str = "metrics/promote.json"
     details: str = "reports/promotion.json"
 

@@ -15,6 +15,12 @@ PARAMS_HASH = "params_hash"     # sha256 (16 hex) of the params section the run 
 PARENT_RUN = "mlflow.parentRunId"
 ABLATION = "rlfn.ablation"      # an ablation's name (pipeline.ablate)
 RETRAIN_REF = "rlfn.retrain.ref"
+GIT_STATE = "rlfn.git_state"    # clean | outputs-only | dirty | unknown (tracking.git_state)
+GIT_CHANGED = "rlfn.git_changed"  # the tracked paths that differ from HEAD and are no stage's
+                                  # output (code, params, dvc.yaml), comma-separated, bounded
+EXP_NAME = "rlfn.exp.name"      # a `dvc exp run`'s experiment (DVC_EXP_NAME)
+EXP_BASELINE = "rlfn.exp.baseline"  # the commit it derives from (DVC_EXP_BASELINE_REV)
+EXP_REF = "rlfn.exp.ref"        # its git ref: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
 
 # -- model version tags -------------------------------------------------------------------------
 V_SCALE = "rlfn.scale"
@@ -24,6 +30,13 @@ V_WEIGHTS_SHA256 = "rlfn.weights_sha256"
 V_RUN_ID = "rlfn.run_id"
 V_GIT_COMMIT = "rlfn.git_commit"
 V_GIT_DIRTY = "rlfn.git_dirty"
+V_GIT_STATE = GIT_STATE                 # the run's, copied (same names on runs and versions)
+V_GIT_CHANGED = GIT_CHANGED
+V_EXP_NAME = EXP_NAME
+V_EXP_BASELINE = EXP_BASELINE
+V_EXP_REF = EXP_REF
+V_GIT_COMMITTED = "rlfn.git_committed"  # a dirty version's code found in this commit later
+                                        # (promote under `dvc repro` of that commit)
 V_PARAMS_HASH = "rlfn.params_hash"
 V_REPRO_ID = "rlfn.repro_id"
 V_REPRO_RUN_ID = "rlfn.repro_run_id"

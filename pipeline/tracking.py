@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -27,10 +28,12 @@ from pipeline import tags as T
 from pipeline.dvcops import ROOT, commit_stage, deployed_outside_dvc, dvc_ancestor
 from pipeline.services import describe_failure
 from pipeline.settings import MlflowSettings, Settings
+from rlfn.errors import DataError
 from rlfn.io import atomic_write
 from rlfn.log import get_logger
 
-__all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit",
+__all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit", "git_state",
+           "dvc_outputs", "experiment", "changed_text", "GIT_STATES",
            "params_hash", "process_age_s", "flatten_numbers", "log_dict_metrics"]
 
 log = get_logger("pipeline")
@@ -56,15 +59,217 @@ def tracking_uri(prm: Any = None, root: str | Path = ".") -> str:
 
 
 def git_commit() -> str:
+    """HEAD, with ``-dirty`` when any tracked file differs from it (outputs included: the
+    historical ``git_commit`` tag; :func:`git_state` tells the two kinds of change apart)."""
+    return git_state()["commit"]
+
+
+GIT_STATES = ("clean", "outputs-only", "dirty", "unknown")
+CHANGED_MAX = 20  # paths listed in rlfn.git_changed (then "... (+N more)")
+
+
+def _git(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10)
+
+
+def _yaml_text(text: str | None, what: str) -> dict:
+    import yaml
+
+    if not text:
+        return {}
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=10)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout
-        return commit + ("-dirty" if dirty.strip() else "")
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DataError(what, f"not valid YAML ({str(e).splitlines()[0]})") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _out_path(entry: Any) -> str | None:
+    """An ``outs``/``metrics``/``plots`` entry of dvc.yaml or dvc.lock -> its path."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict):
+        if "path" in entry:  # dvc.lock: {path, md5, ...}
+            return str(entry["path"])
+        if len(entry) == 1:  # dvc.yaml: {path: {cache: false, ...}}
+            return str(next(iter(entry)))
+    return None
+
+
+_VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.@-]+)\s*\}")
+
+
+def _lookup(ctx: dict, dotted: str) -> Any:
+    cur: Any = ctx
+    for part in dotted.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, dict) and part.isdigit() and int(part) in cur:
+            cur = cur[int(part)]
+        else:
+            raise KeyError(dotted)
+    return cur
+
+
+def _interpolate(text: str, ctx: dict) -> str | None:
+    """dvc.yaml's ``${a.b}`` from ``ctx`` (params and vars); None when one is not there."""
+    try:
+        return _VAR.sub(lambda m: str(_lookup(ctx, m.group(1))), text)
+    except KeyError:
+        return None
+
+
+def _yaml_outs(spec: str, root: Path) -> tuple[set[str], dict[str, str]]:
+    """The outputs a ``dvc.yaml`` declares (``${...}`` resolved from ``params.yaml`` and the
+    file's ``vars`` files; ``foreach`` expanded) and each stage's ``wdir``."""
+    import posixpath
+
+    base = posixpath.dirname(spec)
+    yml = _yaml_text((root / spec).read_text() if (root / spec).is_file() else "", spec)
+    ctx: dict = {}
+    for f in ["params.yaml", *[v for v in yml.get("vars") or [] if isinstance(v, str)]]:
+        p = root / base / f.split(":", 1)[0] if f != "params.yaml" else root / base / f
+        if p.is_file():
+            ctx.update(_yaml_text(p.read_text(), str(p.relative_to(root))))
+    for v in yml.get("vars") or []:
+        if isinstance(v, dict):
+            ctx.update(v)
+    stages = yml.get("stages") if isinstance(yml.get("stages"), dict) else {}
+    outs: set[str] = set()
+    wdirs: dict[str, str] = {}
+    for name, st in stages.items():
+        if not isinstance(st, dict):
+            continue
+        body, items = st, [({}, str(name))]
+        if "foreach" in st and isinstance(st.get("do"), dict):
+            body = st["do"]
+            over = st["foreach"]
+            if isinstance(over, str):
+                m = _VAR.fullmatch(over.strip())
+                try:
+                    over = _lookup(ctx, m.group(1)) if m else None
+                except KeyError:
+                    over = None
+            if isinstance(over, dict):
+                items = [({"key": k, "item": v}, f"{name}@{k}") for k, v in over.items()]
+            elif isinstance(over, list):
+                items = [({"item": v}, f"{name}@{i}") for i, v in enumerate(over)]
+            else:
+                items = []
+        for extra, stage_name in items:
+            c = {**ctx, **extra}
+            wdir = _interpolate(str(body.get("wdir", ".")), c) or "."
+            wdirs[stage_name.split("@", 1)[0]] = wdir
+            for key in ("outs", "metrics", "plots"):
+                for e in body.get(key) or []:
+                    path = _out_path(e)
+                    path = _interpolate(path, c) if path else None
+                    if path:
+                        outs.add(posixpath.normpath(posixpath.join(base, wdir, path)))
+    return outs, wdirs
+
+
+def dvc_outputs(root: str | Path = ROOT) -> set[str]:
+    """The paths (relative to ``root``, POSIX) that the project's stages write, read from
+    DVC's own files: every ``dvc.yaml`` git tracks, the ``outs``/``metrics``/``plots`` of each
+    stage as ``dvc.yaml`` declares them (``${...}`` from ``params.yaml`` and its ``vars``,
+    ``foreach`` expanded; one that cannot be resolved is left out) and as its ``dvc.lock``
+    records them (the working tree's and HEAD's), each under the stage's ``wdir``; and the
+    ``dvc.lock`` files themselves (``dvc repro`` rewrites them).
+    A folder output covers everything under it. Raises ``DataError`` naming a file that is
+    not valid YAML."""
+    import posixpath
+
+    top = _git(["rev-parse", "--show-toplevel"], Path(root)).stdout.strip()
+    root = Path(top or root)  # git's paths are relative to the top of the work tree
+    listed = _git(["ls-files", "--", "dvc.yaml", "*/dvc.yaml"], root)
+    outs: set[str] = set()
+    for spec in listed.stdout.split():
+        base = posixpath.dirname(spec)
+        lock = posixpath.join(base, "dvc.lock")
+        outs.add(lock)
+        declared, wdirs = _yaml_outs(spec, root)
+        outs |= declared
+        head = _git(["show", f"HEAD:{lock}"], root)
+        texts = [((root / lock).read_text() if (root / lock).is_file() else "", lock),
+                 (head.stdout if head.returncode == 0 else "", f"HEAD:{lock}")]
+        for text, what in texts:
+            locked = _yaml_text(text, what).get("stages") or {}
+            for name, st in (locked.items() if isinstance(locked, dict) else ()):
+                wdir = wdirs.get(str(name).split("@", 1)[0], ".")
+                for e in (st.get("outs") or []) if isinstance(st, dict) else []:
+                    path = _out_path(e)
+                    if path:
+                        outs.add(posixpath.normpath(posixpath.join(base, wdir, path)))
+    return outs
+
+
+def _is_output(path: str, outs: set[str]) -> bool:
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in outs for i in range(1, len(parts) + 1))
+
+
+def git_state(root: str | Path | None = None) -> dict[str, Any]:
+    """Where the code a run uses stands against git: ``{"commit", "state", "changed"}``.
+
+    ``state``: ``clean`` (no tracked file differs from HEAD), ``outputs-only`` (only paths
+    that stages write differ: :func:`dvc_outputs`, e.g. ``dvc.lock`` and the metrics a
+    ``dvc repro`` rewrites before its last stage runs), ``dirty`` (code, params or anything
+    else tracked differs: what ran is in no commit), ``unknown`` (no git). ``changed``: those
+    other paths, sorted. ``commit``: HEAD, ``-dirty`` appended on any difference (what the
+    ``git_commit`` tag always said). Untracked files are not looked at. ``root``: the
+    checkout (default: this code's, ``pipeline.dvcops.ROOT``)."""
+    root = Path(root if root is not None else ROOT)
+    try:
+        head = _git(["rev-parse", "HEAD"], root)
+        commit = head.stdout.strip()
+        if head.returncode != 0 or not commit:
+            return {"commit": "unknown", "state": "unknown", "changed": []}
+        status = _git(["status", "--porcelain", "--untracked-files=no", "-z"], root)
+        if status.returncode != 0:
+            return {"commit": "unknown", "state": "unknown", "changed": []}
+        paths = []
+        entries = status.stdout.split("\0")
+        i = 0
+        while i < len(entries):
+            e = entries[i]
+            i += 1
+            if len(e) < 4:
+                continue
+            paths.append(e[3:])
+            if e[0] in "RC":  # a rename/copy: the entry after it is the source path
+                paths.append(entries[i])
+                i += 1
+        if not paths:
+            return {"commit": commit, "state": "clean", "changed": []}
+        outs = dvc_outputs(root)
+        changed = sorted({p for p in paths if not _is_output(p, outs)})
+        return {"commit": commit + "-dirty", "state": "dirty" if changed else "outputs-only",
+                "changed": changed}
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return {"commit": "unknown", "state": "unknown", "changed": []}
+
+
+def changed_text(changed: list[str], limit: int = CHANGED_MAX) -> str:
+    """``a, b, c`` (at most ``limit`` paths, then ``... (+N more)``): the tag's value."""
+    shown = ", ".join(changed[:limit])
+    return shown + (f", ... (+{len(changed) - limit} more)" if len(changed) > limit else "")
+
+
+def experiment() -> dict[str, str]:
+    """The ``dvc exp run`` this process belongs to (``{}`` outside one): DVC's own variables
+    ``DVC_EXP_NAME`` and ``DVC_EXP_BASELINE_REV``, and the git ref DVC saves the experiment
+    under, ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (made when the run ends;
+    ``dvc exp push`` or ``exp.auto_push`` sends it to a git remote)."""
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    base = os.environ.get("DVC_EXP_BASELINE_REV", "").strip()
+    if not name:
+        return {}
+    out = {"name": name}
+    if base:
+        out["baseline"] = base
+        out["ref"] = f"refs/exps/{base[:2]}/{base[2:]}/{name}"
+    return out
 
 
 def params_hash(section: Any) -> str:
@@ -105,7 +310,8 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
     mlflow.set_tracking_uri(tracking_uri(prm))
     exp_id = experiment_id(mlflow, prm)
     rid = repro_id()
-    commit = git_commit()
+    gs = git_state()
+    commit = gs["commit"]
     found = mlflow.search_runs([exp_id], filter_string=f"tags.`{T.REPRO_ID}` = '{rid}' and "
                                f"tags.`{T.KIND}` = 'repro'", max_results=1, output_format="list")
     if found:
@@ -121,7 +327,12 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
             T.GIT_COMMIT: commit, T.PARAMS_HASH: params_hash(
                 section if section is not None else
                 prm.raw if isinstance(prm, Settings) else prm),
-            T.PARENT_RUN: parent_id}
+            T.PARENT_RUN: parent_id, T.GIT_STATE: gs["state"]}
+    if gs["changed"]:
+        tags[T.GIT_CHANGED] = changed_text(gs["changed"])
+    exp = experiment()
+    tags.update({k: exp[f] for k, f in ((T.EXP_NAME, "name"), (T.EXP_BASELINE, "baseline"),
+                                        (T.EXP_REF, "ref")) if f in exp})
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     status = "FAILED"
     startup = process_age_s()

@@ -33,6 +33,7 @@ import mlflow  # noqa: E402
 import imagefiles  # noqa: E402
 from pipeline.lineage import parse_model_ref  # noqa: E402
 from rlfn.cli import main as rlfn_main  # noqa: E402
+from rlfn.errors import DataError  # noqa: E402
 from rlfn.lineage import dvc_md5  # noqa: E402
 from servers import clean_env, free_port  # noqa: E402
 
@@ -345,3 +346,233 @@ def test_rlfn_lineage_unreachable_server_fails_fast(tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "unreachable" in lines[0], r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Git state: "code or params differ from the commit" vs "only what the stages write differs"
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-c", "commit.gpgsign=false"]
+
+# A tiny DVC project: stage `first` writes a cached output, a metric (never the same twice,
+# as a real repro's timings) and reads `x`; stage `last` (wdir: sub) records what
+# pipeline.tracking sees from inside the stage. Outputs declared with ${...} and foreach.
+TINY_DVC = """\
+stages:
+  first:
+    cmd: python first.py
+    deps: [first.py]
+    params: [x]
+    outs: [out/a.txt]
+    metrics:
+      - ${paths.metric}:
+          cache: false
+  extra:
+    foreach: ${parts}
+    do:
+      cmd: python -c "open('plots/${key}.csv', 'w').write('${item}')"
+      outs:
+        - plots/${key}.csv:
+            cache: false
+  last:
+    wdir: sub
+    cmd: python ../probe.py
+    deps: [../out/a.txt, ../probe.py]
+    outs:
+      - seen.json:
+          cache: false
+"""
+TINY_FIRST = """\
+import json, os, uuid, yaml
+os.makedirs("out", exist_ok=True); os.makedirs("metrics", exist_ok=True)
+x = yaml.safe_load(open("params.yaml"))["x"]
+open("out/a.txt", "w").write(str(x))
+json.dump({"x": x, "run": uuid.uuid4().hex}, open("metrics/m.json", "w"))
+"""
+TINY_PROBE = """\
+import json, os, sys
+sys.path.insert(0, os.environ["RLFN_CODE"])
+from pipeline.tracking import experiment, git_state
+json.dump({"git": git_state(".."), "exp": experiment()}, open("seen.json", "w"))
+"""
+
+
+def _run(cmd, cwd, **env) -> str:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env=clean_env(**env))
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r.stdout
+
+
+def _tiny_repo(path: Path) -> Path:
+    path.mkdir()
+    (path / "sub").mkdir()
+    (path / "dvc.yaml").write_text(TINY_DVC)
+    (path / "params.yaml").write_text(yaml.safe_dump(
+        {"x": 1, "paths": {"metric": "metrics/m.json"}, "parts": {"p1": "a", "p2": "b"}}))
+    (path / "first.py").write_text(TINY_FIRST)
+    (path / "probe.py").write_text(TINY_PROBE)
+    (path / "plots").mkdir()
+    _run(GIT + ["init", "-q", "-b", "main"], path)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], path)
+    return path
+
+
+def test_git_state_tells_outputs_from_code_and_params(tmp_path):
+    """``git_state`` on a real git repository: outputs come from dvc.yaml (``${...}``,
+    ``foreach``, ``wdir``) and dvc.lock; anything else tracked that differs is ``dirty``."""
+    from pipeline.tracking import dvc_outputs, git_state
+
+    repo = _tiny_repo(tmp_path / "repo")
+    assert git_state(repo) == {"commit": "unknown", "state": "unknown", "changed": []}
+    (repo / "metrics").mkdir()
+    (repo / "metrics" / "m.json").write_text("{}")
+    for k in ("p1", "p2"):
+        (repo / "plots" / f"{k}.csv").write_text("0")
+    (repo / "sub" / "seen.json").write_text("{}")
+    (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "last": {"cmd": "python ../probe.py", "outs": [{"path": "seen.json", "md5": "0"}]}}}))
+    _run(GIT + ["add", "-A"], repo)
+    _run(GIT + ["commit", "-q", "-m", "init"], repo)
+    head = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    assert dvc_outputs(repo) == {"dvc.lock", "out/a.txt", "metrics/m.json", "plots/p1.csv",
+                                 "plots/p2.csv", "sub/seen.json"}
+    assert git_state(repo) == {"commit": head, "state": "clean", "changed": []}
+
+    # what `dvc repro` rewrites: dvc.lock and the outputs (a folder-free metric, a foreach
+    # plot, an output under the stage's wdir)
+    (repo / "dvc.lock").write_text((repo / "dvc.lock").read_text() + "# rewritten\n")
+    (repo / "metrics" / "m.json").write_text('{"run": 2}')
+    (repo / "plots" / "p2.csv").write_text("1")
+    (repo / "sub" / "seen.json").write_text('{"a": 1}')
+    assert git_state(repo) == {"commit": f"{head}-dirty", "state": "outputs-only",
+                               "changed": []}
+
+    # code and params: dirty, naming them (and only them)
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("x: 1", "x: 2"))
+    (repo / "first.py").write_text(TINY_FIRST + "# edited\n")
+    st = git_state(repo)
+    assert st == {"commit": f"{head}-dirty", "state": "dirty",
+                  "changed": ["first.py", "params.yaml"]}, st
+    _run(GIT + ["checkout", "-q", "--", "params.yaml", "first.py"], repo)
+    (repo / "dvc.yaml").write_text(TINY_DVC + "\n")  # the pipeline itself is code
+    assert git_state(repo)["changed"] == ["dvc.yaml"]
+    _run(GIT + ["checkout", "-q", "--", "dvc.yaml"], repo)
+    (repo / "untracked.py").write_text("x")  # untracked files are not looked at
+    assert git_state(repo)["state"] == "outputs-only"
+
+    # bad input: a dvc.lock that is not YAML is one error naming it
+    (repo / "dvc.lock").write_text("stages: [unclosed\n")
+    with pytest.raises(DataError, match=r"^dvc\.lock: not valid YAML"):
+        git_state(repo)
+
+
+def test_repro_and_experiment_seen_from_inside_the_last_stage(tmp_path):
+    """Real ``dvc repro`` and ``dvc exp run``: a repro of a commit is ``outputs-only`` by its
+    last stage (DVC rewrote dvc.lock and the first stage's metric before it), never
+    ``dirty``; ``dvc exp run -S x=2`` is ``dirty`` (params.yaml) and its experiment's ref,
+    recorded from inside the stage, is the ref DVC saves the experiment under and, with
+    team mode's ``DVC_EXP_AUTO_PUSH``/``DVC_EXP_GIT_REMOTE``, pushes to the team's
+    repository when the run ends."""
+    repo = _tiny_repo(tmp_path / "repo")
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {"RLFN_CODE": str(ROOT)}
+    _run(dvc + ["repro", "-q"], repo, **env)
+    _run(GIT + ["add", "-A"], repo)
+    _run(GIT + ["commit", "-q", "-m", "pipeline and its lock"], repo)
+    head = _run(["git", "rev-parse", "HEAD"], repo).strip()
+
+    _run(dvc + ["repro", "-q", "-f"], repo, **env)
+    seen = json.loads((repo / "sub" / "seen.json").read_text())
+    assert seen["git"] == {"commit": f"{head}-dirty", "state": "outputs-only",
+                           "changed": []}, seen
+    assert seen["exp"] == {}
+
+    # team mode across hosts: stack.sh env exports DVC_EXP_AUTO_PUSH and DVC_EXP_GIT_REMOTE
+    # (the team's repository; a bare one here) and the clone has a default DVC remote
+    team_git, storage = tmp_path / "team.git", tmp_path / "storage"
+    _run(GIT + ["init", "-q", "--bare", str(team_git)], tmp_path)
+    _run(dvc + ["remote", "add", "-q", "-d", "--local", "team", str(storage)], repo)
+    _run(GIT + ["checkout", "-q", "--", "."], repo)
+    _run(dvc + ["exp", "run", "-q", "-n", "try-x2", "-S", "x=2"], repo, **env,
+         DVC_EXP_AUTO_PUSH="true", DVC_EXP_GIT_REMOTE=str(team_git))
+    seen = json.loads((repo / "sub" / "seen.json").read_text())
+    assert seen["git"]["state"] == "dirty" and seen["git"]["changed"] == ["params.yaml"], seen
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/try-x2"
+    assert seen["exp"] == {"name": "try-x2", "baseline": head, "ref": ref}, seen
+    refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], repo).split()
+    assert ref in refs, refs
+    # pushed with the run: another host fetches that ref and finds the params it ran with
+    other = tmp_path / "other"
+    _run(GIT + ["init", "-q", str(other)], tmp_path)
+    _run(GIT + ["fetch", "-q", str(team_git), f"{ref}:{ref}"], other)
+    assert yaml.safe_load(_run(["git", "show", f"{ref}:params.yaml"], other))["x"] == 2
+
+
+def test_versions_record_git_state_and_experiment(registered, workspace, tmp_path,
+                                                  monkeypatch, capsys):
+    """``stage_run`` + ``log_and_register`` (the training stages' path) in a real git
+    checkout: a version built with params.yaml changed inside ``dvc exp run`` carries
+    ``rlfn.git_state`` ``dirty``, the changed path and the experiment's ref; one built with
+    only dvc.lock rewritten is ``outputs-only``; ``rlfn lineage`` prints the difference;
+    ``rlfn.git_commit``/``rlfn.git_dirty`` keep their meaning."""
+    import pipeline.tracking as tracking
+    from pipeline.mlflow_registry import log_and_register
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("x: 1\n")
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    outs: [m.json]\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    _run(GIT + ["init", "-q", "-b", "main"], repo)
+    _run(GIT + ["add", "-A"], repo)
+    _run(GIT + ["commit", "-q", "-m", "init"], repo)
+    head = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    monkeypatch.setattr(tracking, "ROOT", repo)  # the code's checkout, as the stages see it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    monkeypatch.setenv("RLFN_REPRO_ID", "test-repro-git")
+    monkeypatch.chdir(workspace)
+    prm = {"mlflow": {"experiment": "lineage", "artifacts": str(registered["store"] / "art")}}
+    name = "rlfn-x4-git"
+
+    def register(stage: str) -> str:
+        with tracking.stage_run(stage, prm, {"x": 1}):
+            return log_and_register("models/stage2/model.safetensors", 4, registered_name=name,
+                                    data={"init": DATA["init"]}).version
+
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    v_out = register("train_stage@2")
+    (repo / "params.yaml").write_text("x: 2\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "try-x2")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
+    v_dirty = register("train_stage@3")
+    client = mlflow.MlflowClient(registered["uri"])
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/try-x2"
+
+    t = client.get_model_version(name, v_out).tags
+    assert t["rlfn.git_state"] == "outputs-only" and "rlfn.git_changed" not in t
+    assert t["rlfn.git_commit"] == f"{head}-dirty" and t["rlfn.git_dirty"] == "true"
+    assert not any(k.startswith("rlfn.exp.") for k in t), t
+    t = client.get_model_version(name, v_dirty).tags
+    assert t["rlfn.git_state"] == "dirty" and t["rlfn.git_changed"] == "params.yaml"
+    assert t["rlfn.git_commit"] == f"{head}-dirty" and t["rlfn.git_dirty"] == "true"
+    assert (t["rlfn.exp.name"], t["rlfn.exp.baseline"], t["rlfn.exp.ref"]) == (
+        "try-x2", head, ref)
+    run = client.get_run(t["rlfn.run_id"]).data.tags  # the run says the same
+    assert run["rlfn.git_state"] == "dirty" and run["rlfn.exp.ref"] == ref
+    assert ref in client.get_model_version(name, v_dirty).description
+
+    code, out, _ = _lineage(capsys, f"models:/{name}/{v_out}")
+    assert code == 0 and f"  commit      {head}-dirty (outputs only: code and params are the " \
+        "commit's; only what the stages write differs)" in out, out
+    assert "experiment" not in out
+    code, out, _ = _lineage(capsys, f"models:/{name}/{v_dirty}")
+    assert code == 0 and (f"  commit      {head}-dirty (dirty: code or params differ from it: "
+                          "params.yaml)") in out, out
+    assert f"  experiment  try-x2 (ref {ref}: dvc exp pull <remote> try-x2)" in out, out
+    rep = json.loads(_lineage(capsys, f"models:/{name}/{v_dirty}", "--json")[1])
+    assert rep["git_state"] == "dirty" and rep["experiment"]["ref"] == ref
+    # promoted later under `dvc repro` of a commit that holds its code (pipeline.promote)
+    client.set_model_version_tag(name, v_dirty, "rlfn.git_committed", head)
+    out = _lineage(capsys, f"models:/{name}/{v_dirty}")[1]
+    assert f"  committed   {head} (holds its code and params: found when it was promoted)" \
+        in out, out

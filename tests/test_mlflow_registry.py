@@ -230,6 +230,89 @@ def test_log_and_register_checks_before_logging(local, weights):
     assert mlflow.MlflowClient().search_registered_models("name = 'checks'") == []
 
 
+def _built(store, weights, name, psnr, state, changed=None, legacy_dirty=None):
+    """A version as a stage registers it, built in the git ``state`` (``clean``,
+    ``outputs-only``, ``dirty``: the tags ``pipeline.tracking.stage_run`` gives its run,
+    tests/test_lineage.py checks those); ``legacy_dirty``: a version from before
+    ``rlfn.git_state``, with ``rlfn.git_dirty`` only."""
+    if legacy_dirty is not None:
+        tags = {"rlfn.git_commit": "c0ffee" + ("-dirty" if legacy_dirty else ""),
+                "rlfn.git_dirty": str(legacy_dirty).lower()}
+    else:
+        tags = {"rlfn.git_state": state,
+                "rlfn.git_commit": "c0ffee" + ("" if state == "clean" else "-dirty")}
+    if changed:
+        tags["rlfn.git_changed"] = changed
+    with mlflow.start_run(experiment_id=store["experiment_id"]):
+        mv = log_and_register(weights, 4, registered_name=name, figures={PSNR: psnr}, tags=tags)
+    return int(mv.version)
+
+
+def test_uncommitted_candidate_is_refused_when_the_policy_says_so(local, weights):
+    """``uncommitted="refuse"`` (the promote stage's choice in team mode): a candidate built
+    from code or params in no commit is refused with one line naming it, its commit, what
+    differed and the setting that allows it; the champion stays, nothing is written on the
+    candidate. ``outputs-only`` (a repro of a commit) and ``clean`` pass; ``warn`` decides
+    as usual and says so."""
+    from pipeline.mlflow_registry import UncommittedModel
+    from rlfn.errors import exit_code
+
+    name = "uncommitted"
+    v1 = _built(local, weights, name, 30.0, "clean")
+    assert promote(name, v1, uncommitted="refuse")["promoted"] is True
+    v2 = _built(local, weights, name, 31.0, "dirty", changed="params.yaml, pipeline/train.py")
+    with pytest.raises(UncommittedModel) as e:
+        promote(name, v2, uncommitted="refuse")
+    msg = str(e.value)
+    assert "\n" not in msg and exit_code(e.value) == 1
+    for needle in (f"models:/{name}/{v2}", "c0ffee-dirty", "params.yaml, pipeline/train.py",
+                   "no commit", "promote.allow_uncommitted: true"):
+        assert needle in msg, (needle, msg)
+    assert _champ_version(name) == v1  # never moved, never downgraded
+    assert not any(k.startswith("rlfn.promotion.") for k in _tags(name, v2))
+    old = _built(local, weights, name, 31.0, None, legacy_dirty=True)  # before git_state
+    with pytest.raises(UncommittedModel):
+        promote(name, old, uncommitted="refuse")
+    assert _champ_version(name) == v1
+
+    v3 = _built(local, weights, name, 31.5, "outputs-only")
+    d = promote(name, v3, uncommitted="refuse")
+    assert d["promoted"] is True and "warning" not in d and _champ_version(name) == v3
+
+    v4 = _built(local, weights, name, 32.0, "dirty", changed="params.yaml")
+    d = promote(name, v4, uncommitted="warn")  # one machine: decided as usual, and said
+    assert d["promoted"] is True and _champ_version(name) == v4
+    assert "no commit" in d["warning"] and f"models:/{name}/{v4}" in d["warning"]
+    with pytest.raises(ValueError, match="uncommitted must be one of"):
+        promote(name, v4, uncommitted="sometimes")
+
+
+def test_promote_stage_policy_follows_team_mode_and_the_setting(monkeypatch):
+    """The promote stage refuses an uncommitted candidate in team mode (a tracking server)
+    unless ``promote.allow_uncommitted``, or unless it runs under ``dvc repro`` in a checkout
+    whose code and params are committed (DVC found the stages before it up to date with
+    them); on one machine (SQLite) it warns."""
+    import pipeline.promote as stage
+    from pipeline.settings import load_settings
+
+    s = load_settings(ROOT / "params.yaml")
+    assert s.promote.allow_uncommitted is False  # off by default
+    allowed = s.model_copy(update={"promote": s.promote.model_copy(
+        update={"allow_uncommitted": True})})
+    dirty = {"commit": "c0ffee-dirty", "state": "dirty", "changed": ["params.yaml"]}
+    repro = {"commit": "c0ffee-dirty", "state": "outputs-only", "changed": []}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.team.example:55000")
+    assert stage.uncommitted_policy(s, dirty) == ("refuse", "")
+    assert stage.uncommitted_policy(allowed, dirty)[0] == "warn"
+    assert stage.uncommitted_policy(s, repro) == ("refuse", "")  # not run by dvc repro
+    monkeypatch.setattr(stage, "dvc_ancestor", lambda: "dvc-1-2")  # as under `dvc repro`
+    assert stage.uncommitted_policy(s, dirty) == ("refuse", "")
+    policy, note = stage.uncommitted_policy(s, repro)
+    assert policy == "warn" and "commit c0ffee's now" in note, note
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    assert stage.uncommitted_policy(s, dirty)[0] == "warn"
+
+
 def _race_worker(uri, name, version, barrier, results):
     import mlflow as mlf
 

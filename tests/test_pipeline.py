@@ -72,6 +72,13 @@ def project(tmp_path_factory) -> Path:
     return d
 
 
+def _git_commit_all(project: Path, message: str) -> None:
+    """Everything in the project's tree committed (an empty commit when nothing changed)."""
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+          "-m", message], project)
+
+
 def prefect_flow_runs(project: Path) -> list[dict]:
     """The flow runs Prefect recorded for the project (its PREFECT_HOME), read by Prefect's
     client from Prefect's own database."""
@@ -334,6 +341,9 @@ def test_second_repro_while_one_runs_is_refused(project, repro, tmp_path):
 
 
 def test_stage_against_a_real_mlflow_server(project, repro, tmp_path):
+    # a tracking server is team mode, which refuses a candidate built from uncommitted
+    # params (earlier tests edit params.yaml): the tree is committed first, as a team's is
+    _git_commit_all(project, "params as the earlier tests left them")
     with mlflow_server(tmp_path) as uri:
         _run([sys.executable, "-m", "pipeline.promote"], project, MLFLOW_TRACKING_URI=uri,
              RLFN_REPRO_ID="server-test")

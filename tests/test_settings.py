@@ -69,6 +69,8 @@ def test_rlfn_train_stage_k_is_the_pipelines_stage_k(tmp_path, capsys):
      ["greater than or equal to 0", "-1"]),
     (lambda p: p["degrade"].update(scales=[5]), "degrade.scales.0", ["2, 3 or 4", "5"]),
     (lambda p: p["promote"].update(margin="a lot"), "promote.margin", ["number", "a lot"]),
+    (lambda p: p["promote"].update(allow_uncommitted="maybe"), "promote.allow_uncommitted",
+     ["valid boolean", "maybe"]),
     (lambda p: p["profile"].update(bakend="eager"), "profile.bakend", ["extra inputs"]),
     (lambda p: p.pop("evaluate"), "evaluate", ["field required"]),
     (lambda p: p["train_stages"]["2"].update(init="models/stage9/model.safetensors"),

@@ -61,7 +61,7 @@ for r in runs:
     row = {"run_id": r.info.run_id, "status": r.info.status,
            "artifact_uri": r.info.artifact_uri,
            "tags": {k: v for k, v in r.data.tags.items()
-                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.repro_id",
+                    if k in ("dvc_stage", "rlfn.kind", "git_commit", "rlfn.git_state", "rlfn.repro_id",
                              "rlfn.retrain.branch", "promotion.promoted", "promotion.reason")}}
     if "--artifacts" in sys.argv and r.data.tags.get("rlfn.kind") == "stage":
         row["artifacts"] = [f.path for f in c.list_artifacts(r.info.run_id)]
@@ -202,6 +202,11 @@ def test_dvc_repro_against_the_stack(stack):
     print(f"git_commit tags: {commits}")
     assert all(c.startswith(head) for c in commits.values()), (head, commits)
     assert commits["prepare"] == head  # the committed clone: clean before the repro writes
+    # what the later stages see is only what the repro itself wrote (dvc.lock, metrics):
+    # never "dirty", so team mode's promote gate lets the champion move (issue 25 item 6)
+    states = {stage: rs[0]["tags"].get("rlfn.git_state") for stage, rs in runs.items()}
+    assert states["prepare"] == "clean", states
+    assert set(states.values()) <= {"clean", "outputs-only"}, states
     assert "manifest.summary.json" in runs["prepare"][0]["artifacts"]
     for k in (1, 2, 3):
         mlrun = runs[f"train_stage@{k}"][0]

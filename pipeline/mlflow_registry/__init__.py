@@ -36,9 +36,11 @@ Public API
   package, ``code/rlfn``) and an explicit pip requirement list, so it loads anywhere those
   packages are installed.
 * ``promote(registered_name, version, *, gate_metric="mean_psnr_y", margin=0.0,
-  runtime_budget_ms=None, budgets=None, higher_is_better=True)``: the promotion decision (a
-  dict), which
-  moves the ``champion`` alias only if the candidate is better.
+  runtime_budget_ms=None, budgets=None, higher_is_better=True, uncommitted="allow")``: the
+  promotion decision (a dict), which moves the ``champion`` alias only if the candidate is
+  better. ``uncommitted="refuse"`` raises ``UncommittedModel`` (nothing moved or written) for
+  a candidate whose ``rlfn.git_state`` is ``dirty`` (code or params in no commit); ``warn``
+  adds a ``warning`` to the decision.
 * ``champion(registered_name)``: the champion ``ModelVersion`` or ``None``.
 * ``version_weights(registered_name, dest)``: every version with its weights downloaded.
 
@@ -52,8 +54,11 @@ Tags on a model version
 * Lineage (``pipeline.lineage`` reads them back: ``rlfn lineage``): ``rlfn.data.<name>.path`` and
   ``.md5`` (DVC md5) for each ``data`` item and for ``weights``; copied from the run's tags
   (``pipeline.tracking.stage_run``): ``rlfn.git_commit`` (``-dirty`` when tracked files had
-  changes) and ``rlfn.git_dirty``, ``rlfn.params_hash``, ``rlfn.repro_id``,
-  ``rlfn.repro_run_id`` (the repro's parent run), ``rlfn.dvc_stage``.
+  changes) and ``rlfn.git_dirty``, ``rlfn.git_state`` (``clean``, ``outputs-only``,
+  ``dirty``, ``unknown``) and ``rlfn.git_changed`` (the non-output paths that differed),
+  ``rlfn.params_hash``, ``rlfn.repro_id``, ``rlfn.repro_run_id`` (the repro's parent run),
+  ``rlfn.dvc_stage``; inside ``dvc exp run``, ``rlfn.exp.name``, ``rlfn.exp.baseline``,
+  ``rlfn.exp.ref``.
 * Written by ``promote`` on the candidate: ``rlfn.promotion.decision`` (``promoted`` or
   ``rejected``), ``rlfn.promotion.reason``, ``rlfn.promotion.compared_to`` (the champion's
   version, or ``none``), ``rlfn.promotion.gate_metric``, ``rlfn.promotion.margin``,
@@ -107,11 +112,11 @@ model, see ``pyfunc._stage_code``).
 from __future__ import annotations
 
 from .locks import LEASE_TAG, LeaseLost
-from .promotion import CHAMPION_ALIAS, PROMOTION_PREFIX, champion, promote
+from .promotion import CHAMPION_ALIAS, PROMOTION_PREFIX, UncommittedModel, champion, promote
 from .pyfunc import IMAGE_COLUMN, MIN_INPUT_SIZE, InvalidInput, RLFNPyfunc, example_image
 from .versions import FIGURE_PREFIX, figure_tags, figures_of, log_and_register, version_weights
 
 __all__ = ["RLFNPyfunc", "log_and_register", "promote", "champion", "figures_of",
            "figure_tags", "LeaseLost", "CHAMPION_ALIAS", "FIGURE_PREFIX", "PROMOTION_PREFIX",
            "LEASE_TAG", "MIN_INPUT_SIZE", "example_image", "version_weights", "InvalidInput",
-           "IMAGE_COLUMN"]
+           "IMAGE_COLUMN", "UncommittedModel"]

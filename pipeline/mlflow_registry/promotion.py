@@ -11,13 +11,49 @@ from typing import Any, Mapping
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from pipeline import tags as T
 from pipeline.tags import PROMOTION_PREFIX
 from rlfn import failpoints
+from rlfn.errors import RLFNError
 
 from .locks import _lock
-from .versions import RUNTIME_FIGURE, _client, figures_of
+from .versions import RUNTIME_FIGURE, _client, figures_of, git_state
 
-__all__ = ["promote", "champion", "CHAMPION_ALIAS", "PROMOTION_PREFIX", "LOCK_TIMEOUT_S"]
+__all__ = ["promote", "champion", "CHAMPION_ALIAS", "PROMOTION_PREFIX", "LOCK_TIMEOUT_S",
+           "UncommittedModel", "UNCOMMITTED_POLICIES", "uncommitted_check"]
+
+UNCOMMITTED_POLICIES = ("allow", "warn", "refuse")
+ALLOW_SETTING = "promote.allow_uncommitted"
+
+
+class UncommittedModel(RLFNError):
+    """The candidate was built from code or params that are in no commit and the policy is
+    ``refuse`` (team mode): ``UncommittedModel(where, reason)`` (exit 1); the champion did not
+    move."""
+
+
+def uncommitted_check(cand: ModelVersion, policy: str) -> str | None:
+    """The candidate's git state against ``policy`` (``allow``: nothing; ``warn``: the
+    warning line for a ``dirty`` candidate; ``refuse``: ``UncommittedModel`` for one).
+    ``clean`` and ``outputs-only`` candidates (code and params are the commit's) always pass;
+    so does ``unknown`` (no git where it was built: nothing says it is uncommitted)."""
+    if policy not in UNCOMMITTED_POLICIES:
+        raise ValueError(f"uncommitted must be one of {', '.join(UNCOMMITTED_POLICIES)}, "
+                         f"got {policy!r}")
+    tags = dict(cand.tags or {})
+    if policy == "allow" or git_state(tags) != "dirty":
+        return None
+    commit = tags.get(T.V_GIT_COMMIT, "unknown")
+    changed = tags.get(T.V_GIT_CHANGED)
+    what = f"models:/{cand.name}/{cand.version}"
+    why = (f"built from code or params that are in no commit (commit {commit}"
+           + (f"; differs from it: {changed}" if changed else "")
+           + (f"; experiment {tags[T.V_EXP_NAME]}" if tags.get(T.V_EXP_NAME) else "") + ")")
+    if policy == "refuse":
+        raise UncommittedModel(what, f"not promoted: {why}; team mode serves only committed "
+                                     f"code: commit it and rerun dvc repro, or set "
+                                     f"{ALLOW_SETTING}: true")
+    return f"{what}: {why}"
 
 CHAMPION_ALIAS = "champion"
 LOCK_TIMEOUT_S = 120.0
@@ -89,7 +125,8 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
             margin: float = 0.0, runtime_budget_ms: float | None = None,
             budgets: Mapping[str, float] | None = None,
             higher_is_better: bool = True, alias: str = CHAMPION_ALIAS, lock: str = "auto",
-            lock_timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
+            lock_timeout_s: float = LOCK_TIMEOUT_S, uncommitted: str = "allow"
+            ) -> dict[str, Any]:
     """Move ``alias`` (``champion``) to ``version`` only if it is better; return the decision.
 
     The decision: ``promoted``, ``reason``, ``registered_model``, ``alias``,
@@ -99,7 +136,11 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
     ``budgets`` maps a figure to its maximum (e.g. ``{"runtime_rel": 3.0, "flops": 4e10}``);
     ``runtime_budget_ms`` is the budget of ``runtime_ms_cpu``. It is also
     written as ``rlfn.promotion.*`` tags on the candidate. ``lock``: ``auto`` (file lock for a
-    local store, lease otherwise), ``file`` or ``lease``. Errors raise before the alias moves.
+    local store, lease otherwise), ``file`` or ``lease``. ``uncommitted``: what a candidate
+    built from code or params in no commit (``rlfn.git_state`` ``dirty``) gets: ``allow``,
+    ``warn`` (decided as any other, the warning in the decision's ``warning``) or ``refuse``
+    (``UncommittedModel``, the stage's choice in team mode). Errors raise before the alias
+    moves, and before any tag is written.
     """
     margin = float(margin)
     if not math.isfinite(margin) or margin < 0:
@@ -115,7 +156,9 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
         limits[figure] = limit
     version = str(int(version))
     client = _client()
-    client.get_model_version(registered_name, version)  # fail fast on an unknown candidate
+    # fail fast on an unknown candidate, and on one the policy refuses (nothing written)
+    warning = uncommitted_check(client.get_model_version(registered_name, version),
+                                uncommitted)
 
     with _lock(client, registered_name, lock, lock_timeout_s) as held:
         failpoints.hit("promote.locked")  # where tests hold a promotion (else a no-op)
@@ -140,6 +183,8 @@ def promote(registered_name: str, version: int | str, *, gate_metric: str = "mea
             "lock": held.kind,
             "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if warning:
+            decision["warning"] = warning
         if promoted:
             held.check()
             client.set_registered_model_alias(registered_name, alias, version)

@@ -18,7 +18,8 @@ from rlfn import failpoints
 
 from .pyfunc import MODEL_CODE, _requirements, _signature, _stage_code, example_image
 
-__all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of",
+__all__ = ["log_and_register", "version_weights", "figure_tags", "figures_of", "git_state",
+           "git_state_note",
            "FIGURE_PREFIX", "RUNTIME_FIGURE", "MODEL_ARTIFACT", "DATA_PREFIX"]
 
 RUNTIME_FIGURE = "runtime_ms_cpu"
@@ -146,6 +147,31 @@ def _patch_counts(folder: Path, scale: int) -> dict[str, int]:
         return {}
 
 
+def git_state(tags: Mapping[str, str]) -> str:
+    """A version's ``rlfn.git_state`` (``clean`` / ``outputs-only`` / ``dirty`` /
+    ``unknown``); for a version registered before that tag, from ``rlfn.git_dirty``
+    (``true`` -> ``dirty``: outputs and code were not told apart then)."""
+    state = tags.get(T.V_GIT_STATE)
+    if state:
+        return state
+    return {"true": "dirty", "false": "clean"}.get(tags.get(T.V_GIT_DIRTY, ""), "unknown")
+
+
+def git_state_note(tags: Mapping[str, str]) -> str:
+    """`` (clean)``, `` (outputs only: ...)``, `` (dirty: ...)``: what the commit means."""
+    state = git_state(tags)
+    if state == "clean":
+        return " (clean)"
+    if state == "outputs-only":
+        return (" (outputs only: code and params are the commit's; only what the stages "
+                "write differs)")
+    if state == "dirty":
+        changed = tags.get(T.V_GIT_CHANGED)
+        return (" (dirty: code or params differ from it"
+                + (f": {changed}" if changed else "") + ")")
+    return ""
+
+
 def _description(name: str, version_tags: Mapping[str, str], hashed: Mapping[str, dict],
                  counts: Mapping[str, int], figures: Mapping[str, str]) -> str:
     """A few Markdown lines for the MLflow UI: what, from which run, commit and data."""
@@ -155,10 +181,11 @@ def _description(name: str, version_tags: Mapping[str, str], hashed: Mapping[str
              f"`{t[T.V_RUN_ID]}`"
              + (f" of repro `{t[T.V_REPRO_ID]}` (parent run `{t[T.V_REPRO_RUN_ID]}`)"
                 if t.get(T.V_REPRO_ID) else "") + ".",
-             f"- commit `{t.get(T.V_GIT_COMMIT, 'unknown')}`"
-             + {"true": " (dirty: uncommitted changes)", "false": " (clean)"}.get(
-                 t.get(T.V_GIT_DIRTY, ""), "")
+             f"- commit `{t.get(T.V_GIT_COMMIT, 'unknown')}`" + git_state_note(t)
              + f"; params hash `{t.get(T.V_PARAMS_HASH, '-')}`"]
+    if t.get(T.V_EXP_NAME):
+        lines.append(f"- experiment `{t[T.V_EXP_NAME]}`"
+                     + (f" (`{t[T.V_EXP_REF]}`)" if t.get(T.V_EXP_REF) else ""))
     for item, d in hashed.items():
         extra = ""
         if item == "manifest" and counts.get("rows") is not None:
@@ -221,6 +248,11 @@ def log_and_register(weights: str | Path, scale: int, *, registered_name: str | 
         T.V_REPRO_ID: run_tags.get(T.REPRO_ID),
         T.V_REPRO_RUN_ID: run_tags.get(T.PARENT_RUN),
         T.V_DVC_STAGE: run_tags.get(T.DVC_STAGE),
+        T.V_GIT_STATE: run_tags.get(T.GIT_STATE),
+        T.V_GIT_CHANGED: run_tags.get(T.GIT_CHANGED),
+        T.V_EXP_NAME: run_tags.get(T.EXP_NAME),
+        T.V_EXP_BASELINE: run_tags.get(T.EXP_BASELINE),
+        T.V_EXP_REF: run_tags.get(T.EXP_REF),
     }
     version_tags = {
         T.V_SCALE: str(int(scale)),

@@ -66,10 +66,14 @@ def git_ssh_command(config: Path) -> str:
 
 
 def exports(ctx: Ctx) -> dict[str, str]:
-    """Off loopback: the team's git repository and what git needs to reach it."""
+    """Off loopback: the team's git repository and what git needs to reach it; and DVC's
+    ``DVC_EXP_AUTO_PUSH``/``DVC_EXP_GIT_REMOTE``: each ``dvc exp run`` pushes its experiment
+    (``refs/exps/...``, the ref its registered versions name: ``rlfn lineage``) to that
+    repository, and its data to the default remote, when it ends."""
     if not ctx.remote:
         return {}
-    return {"RLFN_GIT_URL": git_url(ctx), "GIT_SSH_COMMAND": git_ssh_command(GIT_SSH_CONFIG)}
+    return {"RLFN_GIT_URL": git_url(ctx), "GIT_SSH_COMMAND": git_ssh_command(GIT_SSH_CONFIG),
+            "DVC_EXP_AUTO_PUSH": "true", "DVC_EXP_GIT_REMOTE": git_url(ctx)}
 
 
 def _bin() -> str:
