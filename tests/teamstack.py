@@ -26,7 +26,7 @@ from prereq import ROOT, require_module, unavailable
 from servers import clean_env, free_port, processes_with_env
 
 STACK_SH = ROOT / "scripts" / "stack.sh"
-SERVICES = ("postgresql", "mlflow", "prefect", "worker", "serve-worker", "webhooks", "serve",
+SERVICES = ("postgresql", "mlflow", "prefect", "worker", "rollout-worker", "webhooks", "serve",
             "sshd")
 
 TLS_EXPORTS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE")  # off loopback

@@ -94,8 +94,11 @@ deadline = time.monotonic() + limit
 with get_client(sync_client=True) as c:
     while True:
         frs = [fr for fr in c.read_flow_runs(deployment_filter=DeploymentFilter(
-            name=DeploymentFilterName(any_=["rollout"]))) if str(fr.parameters.get("version")) == version]
-        if (frs and all(fr.state and fr.state.is_final() for fr in frs)) or time.monotonic() > deadline:
+            name=DeploymentFilterName(any_=["rollout"])))
+            if str(fr.parameters.get("version")) == version]
+        if frs and all(fr.state and fr.state.is_final() for fr in frs):
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(2)
 print(json.dumps({"version": version, "runs": {str(fr.id): {
@@ -476,7 +479,7 @@ def test_worker_host_joins(team: Team):
         assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
             {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
         # the champion's rollout (triggered by the registry's webhook on the server) is the
-        # server host's own serve-worker's, never a worker host's (it had no stack secrets)
+        # server host's own rollout-worker's, never a worker host's (it had no stack secrets)
         got = cli.run([t.py(), "-c", ROLLOUTS, "600"], timeout=700, **t.cenv())
         rolls = json.loads(_ok(got, "rollout runs").strip().splitlines()[-1])
         print("rollouts:", rolls)
@@ -489,9 +492,9 @@ def test_worker_host_joins(team: Team):
         # and it served: the new version's server came up and passed the canary
         assert "COMPLETED" in {r["state"] for r in rolls["runs"].values()}, \
             (rolls, serve_logs)
-        srv_log = t.state / "logs" / "serve-worker.log"
+        srv_log = t.state / "logs" / "rollout-worker.log"
         assert any(f"/runs/flow-run/{rid}" in srv_log.read_text(errors="replace")
-                   for rid in rolls["runs"]), "the server's serve-worker log names no rollout"
+                   for rid in rolls["runs"]), "the server's rollout-worker log names no rollout"
     finally:
         wire.close()  # the capture's end (or, after a failure, tcpdump stopped)
 

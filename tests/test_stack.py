@@ -77,9 +77,9 @@ def test_up_status_idempotent_env(stack):
     assert again.returncode == 0, again.stdout + again.stderr
     # a warm `up` only checks: every daemon is the same process (pid and start time) as before
     assert pids() == before, (before, pids())
-    assert set(before) >= {"mlflow", "prefect", "worker", "serve-worker", "sshd",
+    assert set(before) >= {"mlflow", "prefect", "worker", "rollout-worker", "sshd",
                            "postgresql"}, before
-    for name in ("postgresql", "mlflow", "prefect", "worker", "serve-worker", "sshd"):
+    for name in ("postgresql", "mlflow", "prefect", "worker", "rollout-worker", "sshd"):
         assert re.search(rf"^{name}\s+already up", again.stdout, re.M), again.stdout
     n = len(yaml.safe_load((stack.clone / "prefect.yaml").read_text())["deployments"])
     assert re.search(rf"^deployments\s+{n} deployments already on rlfn-pool", again.stdout,
@@ -244,7 +244,7 @@ print(json.dumps({"type": pool.type, "workers": workers,
     assert {n for n, (_, pool) in got["deployments"].items() if pool != "rlfn-pool"} == \
         {"rollout"}, got["deployments"]
     assert "ONLINE" in got["workers"]["rlfn-pool"].get("rlfn-stack-worker", ""), got["workers"]
-    assert "ONLINE" in got["workers"]["rlfn-serve"].get("rlfn-stack-serve-worker", ""), \
+    assert "ONLINE" in got["workers"]["rlfn-serve"].get("rlfn-stack-rollout-worker", ""), \
         got["workers"]
     assert "rlfn-stack-worker" not in got["workers"]["rlfn-serve"], got["workers"]
 

@@ -15,7 +15,7 @@ prefect        ``prefect server start`` on PostgreSQL, API auth     54200
                string; ``work pool`` rlfn-pool and rlfn-serve   (RLFN_STACK_PREFECT_PORT)
                with prefect.yaml's ``deployments``
 worker         ``prefect worker start --pool rlfn-pool``            -
-serve-worker   ``prefect worker start --pool rlfn-serve``: the      -
+rollout-worker ``prefect worker start --pool rlfn-serve``: the      -
                rollout only, on this host even with
                RLFN_STACK_WORKER=0
 webhooks       the receiver of MLflow's registry webhook            55070

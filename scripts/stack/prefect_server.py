@@ -1,6 +1,6 @@
 """Prefect: ``prefect server start`` on PostgreSQL's database prefect (API auth string), the
 work pools ``rlfn-pool`` (the pipeline's flows, run by any host's worker) and ``rlfn-serve``
-(the rollout of the served endpoint, run only by the server host's own ``serve-worker``: it
+(the rollout of the served endpoint, run only by the server host's own ``rollout-worker``: it
 drives daemons and reads secrets that only that host has) with prefect.yaml's deployments, and
 a worker on each."""
 
@@ -164,7 +164,7 @@ class Worker:
 
 
 WORKER = Worker("worker", POOL, "rlfn-stack-worker")
-SERVE_WORKER = Worker("serve-worker", SERVE_POOL, "rlfn-stack-serve-worker")
+ROLLOUT_WORKER = Worker("rollout-worker", SERVE_POOL, "rlfn-stack-rollout-worker")
 WORKER_NAME = WORKER.name
 
 

@@ -80,12 +80,12 @@ TABLE: tuple[Service, ...] = (
             stop=stop_daemon),
     # The rollout's own worker: on the server host even when it runs no pipeline worker
     # (RLFN_STACK_WORKER=0), since rlfn-serve/rollout drives this host's `serve` daemons.
-    Service("serve-worker", start=lambda ctx: prefect_server.start_worker(
-                ctx, worker_exports(ctx), prefect_server.SERVE_WORKER),
+    Service("rollout-worker", start=lambda ctx: prefect_server.start_worker(
+                ctx, worker_exports(ctx), prefect_server.ROLLOUT_WORKER),
             needs=("work pool",),
-            where=lambda ctx: prefect_server.worker_where(ctx, prefect_server.SERVE_WORKER),
-            row=lambda ctx: prefect_server.worker_row(ctx, prefect_server.SERVE_WORKER),
-            health=lambda ctx: prefect_server.worker_health(ctx, prefect_server.SERVE_WORKER),
+            where=lambda ctx: prefect_server.worker_where(ctx, prefect_server.ROLLOUT_WORKER),
+            row=lambda ctx: prefect_server.worker_row(ctx, prefect_server.ROLLOUT_WORKER),
+            health=lambda ctx: prefect_server.worker_health(ctx, prefect_server.ROLLOUT_WORKER),
             stop=stop_daemon),
     Service("webhooks", start=webhooks.start, needs=("mlflow", "prefect"),
             port=Port("RLFN_STACK_HOOK_PORT", 55070), secrets={"webhook_secret": 32},
@@ -148,6 +148,6 @@ def client_exports(ctx: Ctx) -> dict[str, str]:
 
 def worker_exports(ctx: Ctx) -> dict[str, str]:
     """What this host's workers' flow runs get: the client exports and the stack's directory
-    (``rlfn-serve/rollout``, run by ``serve-worker``, drives the ``serve`` entry's daemons,
+    (``rlfn-serve/rollout``, run by ``rollout-worker``, drives the ``serve`` entry's daemons,
     ``stack.serve``)."""
     return {**client_exports(ctx), "RLFN_STACK_DIR": str(STACK)}
