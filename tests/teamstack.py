@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import pprint
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,13 @@ def stack_up(prefix: str, prepare: Callable[[Path], None] | None = None,
             print("\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in times.items()))
         assert d.returncode == 0, d.stdout + d.stderr
         assert not left, f"processes survived `stack.sh down`: {left}"
+
+
+def why(*parts: object) -> str:
+    """A failing assertion's message, whole: pytest cuts a message that is not a string to 240
+    characters (a flow run's error and the logs after it were lost that way in CI); strings
+    as they are, anything else pretty-printed, one part a paragraph."""
+    return "\n".join(x if isinstance(x, str) else pprint.pformat(x, width=100) for x in parts)
 
 
 def log_tails(state: Path, n: int = 15) -> str:

@@ -25,7 +25,7 @@ import pytest
 
 from faults import armed_env, release, wait_reached
 from prereq import ROOT
-from teamstack import stack_up
+from teamstack import stack_up, why
 
 pytestmark = pytest.mark.chaos
 
@@ -139,7 +139,7 @@ def test_two_promotions_at_once(stack, weights, tmp_path, first):
                 p.kill()
                 p.wait(timeout=30)
     for who in order:
-        assert procs[who].returncode == 0, (who, outs[who][1][-3000:])
+        assert procs[who].returncode == 0, why(who, outs[who][1][-3000:])
     got = {who: _lines(outs[who][0]) for who in order}
     ver = {who: got[who]["registered"] for who in order}
     dec = {who: got[who]["decision"] for who in order}

@@ -56,7 +56,8 @@ import yaml
 
 from hosts import Host, Net, capture, hosts, install_project, secrets_seen
 from prereq import ROOT
-from teamstack import PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites, stack_ports
+from teamstack import (PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites, stack_ports,
+                       why)
 from tinyproject import DVC_STAGES, tiny_clone
 
 pytestmark = pytest.mark.stack
@@ -240,7 +241,7 @@ class Team:
                     for x in log.read_text(errors="replace").splitlines())]
 
     def logs(self) -> str:
-        return "".join(log_tails(st, 40) for st in self.wstate.values())
+        return "".join(log_tails(st, 80) for st in self.wstate.values())
 
     def pull_on_client(self, branch: str, where: Path) -> None:
         """The client's clone of ``RLFN_GIT_URL`` at ``branch`` in ``where`` (cloned, or fetched
@@ -451,10 +452,10 @@ def test_worker_host_joins(team: Team):
         assert m, out
         fid = m.group(1)
         fr = _wait_runs(t, [fid], 60)[fid]
-        assert fr["state"] == "COMPLETED", (fr, t.logs())
+        assert fr["state"] == "COMPLETED", why(fr, out[-3000:], t.logs())
         assert fr["pool"] == "rlfn-pool", fr
         runner = t.runner_of(fid)
-        assert len(runner) == 1, (runner, t.logs())
+        assert len(runner) == 1, why(runner, t.logs())
         print(f"repro {fid} ran on {runner[0]}")
         ran_in = t.project(runner[0])
         lock = yaml.safe_load((ran_in / "dvc.lock").read_text())["stages"]
@@ -485,7 +486,7 @@ def test_worker_host_joins(team: Team):
         print("rollouts:", rolls)
         serve_logs = "".join(f"--- {log.name}:\n" + log.read_text(errors="replace")[-3000:]
                              for log in sorted((t.state / "logs").glob("serve-*.log")))
-        assert rolls["runs"], (rolls, t.logs())
+        assert rolls["runs"], why(rolls, t.logs())
         for rid, r in rolls["runs"].items():
             assert r["pool"] == "rlfn-serve", r
             assert t.runner_of(rid) == [], (rid, t.runner_of(rid))
@@ -530,7 +531,7 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     for n, h in t.workers.items():  # let both go on
         _ok(h.run(["touch", str(t.project(n) / FP_DIR / "train.step.release")]), "release")
     states = _wait_runs(t, ids, 450)
-    assert all(s["state"] == "COMPLETED" for s in states.values()), (states, t.logs())
+    assert all(s["state"] == "COMPLETED" for s in states.values()), why(states, t.logs())
     assert all(s["pool"] == "rlfn-pool" for s in states.values()), states
     # each run taken by another worker host (one flow run at a time each)
     runners = {i: t.runner_of(i) for i in ids}
@@ -602,8 +603,8 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     assert m, out
     fid = m.group(1)
     states = _wait_runs(t, [fid], 60)
-    assert r.returncode == 0 and states[fid]["state"] == "COMPLETED", (states, out[-3000:],
-                                                                       t.logs())
+    assert r.returncode == 0 and states[fid]["state"] == "COMPLETED", why(states, out[-3000:],
+                                                                          t.logs())
     assert states[fid]["pool"] == "rlfn-pool"
     assert len(t.runner_of(fid)) == 1, t.runner_of(fid)  # a worker host ran it
     md = summary.read_text()

@@ -39,7 +39,7 @@ import yaml
 
 from faults import armed_env, release, wait_reached
 from servers import _group_alive, free_port
-from teamstack import BIN, PYFUNC, Stack, dvc, http, py, run, stack_up
+from teamstack import BIN, PYFUNC, Stack, dvc, http, py, run, stack_up, why
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_clone
 
 MODEL = "rlfn-x4"
@@ -300,7 +300,7 @@ def test_the_worker_runs_the_whole_pipeline(stack):
     logs = _flow_run_logs(env, run_id)
     print(f"\nrepro on the worker: {fr['state']['type']}; its logs in Prefect:\n"
           + "\n".join(logs[-20:]))
-    assert fr["state"]["type"] == "COMPLETED", (fr["state"], "\n".join(logs[-60:]))
+    assert fr["state"]["type"] == "COMPLETED", why(fr["state"], "\n".join(logs[-60:]))
     assert fr["work_pool_name"] == "rlfn-pool"
     assert fr["name"] == "repro"
     # after test 1 nothing changed: DVC reran no stage (no new stage run on the server) ...
