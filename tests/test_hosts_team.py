@@ -406,6 +406,8 @@ def test_worker_host_joins(team: Team):
         wexp = eval_env(_ok(wrk.run(["bash", str(t.tools["w1"] / "scripts" / "stack.sh"),
                                      "env", "--bundle", str(carried)]), "env"), CLIENT_EXPORTS)
         git_id = ["-c", "user.name=w", "-c", "user.email=w@localhost"]
+        joined_ref = _ok(wrk.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=project),
+                         "branch").strip()
         (project / "join-probe.txt").write_text(f"from {wrk.name}\n")
         os.chown(project / "join-probe.txt", wrk.uid, wrk.uid)
         for cmd in (["checkout", "-q", "-b", "join-probe"], ["add", "join-probe.txt"],
@@ -439,6 +441,17 @@ def test_worker_host_joins(team: Team):
         md5 = yaml.safe_load((project / "join-probe.bin.dvc").read_text())["outs"][0]["md5"]
         stored = t.state / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
         assert stored.is_file() and stored.read_text() == blob, (stored, p.stdout)
+        # the probes leave the worker's checkout as it joined: its branch, nothing changed.
+        # Left on join-probe with dvc add's .gitignore edit, a repro there (CI: whichever host
+        # won the run) trained a candidate from uncommitted files, refused by promote.
+        for f in ("join-probe.bin", "join-probe.bin.dvc"):
+            (project / f).unlink()
+        for cmd in (["checkout", "-q", "--", ".gitignore"], ["checkout", "-q", joined_ref]):
+            _ok(wrk.run(["git", *cmd], cwd=project, timeout=120), f"git {cmd}")
+        assert _ok(wrk.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project),
+                   "status") == "", \
+            "the worker host's checkout is not as it joined"
+        assert _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
 
         # a deployment run from the client host, run by a worker host (the server runs none)
         prefect = str(t.cli_clone / ".venv" / "bin" / "prefect")
