@@ -84,6 +84,11 @@ def test_up_status_idempotent_env(stack):
     n = len(yaml.safe_load((stack.clone / "prefect.yaml").read_text())["deployments"])
     assert re.search(rf"^deployments\s+{n} deployments already on rlfn-pool", again.stdout,
                      re.M), again.stdout
+    # the automation that ends a silent flow run: made by the first up, found as it is by this
+    assert re.search(r"^automations\s+rlfn-crash-silent-flow-runs created", stack.up_output,
+                     re.M), stack.up_output
+    assert re.search(r"^automations\s+rlfn-crash-silent-flow-runs exists", again.stdout,
+                     re.M), again.stdout
 
     exports = stack.exports()
     assert set(exports) == set(EXPORTS), exports
@@ -92,6 +97,7 @@ def test_up_status_idempotent_env(stack):
     assert exports["RLFN_OPTUNA_STORAGE"].startswith("postgresql+psycopg://rlfn:")
     assert exports["RLFN_OPTUNA_STORAGE"].endswith(f"@127.0.0.1:{stack.ports['pg']}/optuna")
     assert exports["RLFN_PROJECT_DIR"] == str(stack.clone)
+    assert exports["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # the automation's input
 
     # secrets: private files, never printed by up/status nor written to a log
     sec_dir = stack.state / "secrets"

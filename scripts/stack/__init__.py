@@ -13,7 +13,9 @@ mlflow         ``mlflow server`` on PostgreSQL, artifacts served    55000
                by the server, basic-auth app                        (RLFN_STACK_MLFLOW_PORT)
 prefect        ``prefect server start`` on PostgreSQL, API auth     54200
                string; ``work pool`` rlfn-pool and rlfn-serve   (RLFN_STACK_PREFECT_PORT)
-               with prefect.yaml's ``deployments``
+               with prefect.yaml's ``deployments``;
+               ``automations``: a flow run with no heartbeat
+               for 300 s is marked CRASHED
 worker         ``prefect worker start --pool rlfn-pool``            -
 rollout-worker ``prefect worker start --pool rlfn-serve``: the      -
                rollout only, on this host even with

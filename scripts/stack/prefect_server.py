@@ -1,8 +1,11 @@
 """Prefect: ``prefect server start`` on PostgreSQL's database prefect (API auth string), the
 work pools ``rlfn-pool`` (the pipeline's flows, run by any host's worker) and ``rlfn-serve``
 (the rollout of the served endpoint, run only by the server host's own ``rollout-worker``: it
-drives daemons and reads secrets that only that host has) with prefect.yaml's deployments, and
-a worker on each."""
+drives daemons and reads secrets that only that host has) with prefect.yaml's deployments, a
+worker on each, and the automation that ends a silent flow run (``ZOMBIE``): every client of
+the stack has its flow runs send a heartbeat every ``HEARTBEAT_S`` seconds, and one that sends
+none for ``SILENT_S`` (its process, or its whole host, gone) is marked CRASHED instead of
+staying RUNNING for ever (Prefect's recipe for zombie flow runs)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ POOL = "rlfn-pool"
 SERVE_POOL = "rlfn-serve"
 POOLS = (POOL, SERVE_POOL)
 USER = "rlfn"
+HEARTBEAT_S = 30    # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stack's clients (Prefect's minimum)
+# No heartbeat for this long: the flow run's process is gone. Ten missed beats, not Prefect's
+# example's three: a legitimate run on a host loaded past its cores (CI: 2 cores, load 16)
+# must never be marked CRASHED while it still works.
+SILENT_S = 300
+ZOMBIE = "rlfn-crash-silent-flow-runs"
 
 
 def local_url(ctx: Ctx) -> str:
@@ -43,7 +52,8 @@ def _auth(ctx: Ctx) -> str:
 
 def exports(ctx: Ctx) -> dict[str, str]:
     """What a client needs to use the API (off loopback: the CA to verify it with)."""
-    out = {"PREFECT_API_URL": url(ctx), "PREFECT_API_AUTH_STRING": _auth(ctx)}
+    out = {"PREFECT_API_URL": url(ctx), "PREFECT_API_AUTH_STRING": _auth(ctx),
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     if ctx.remote:
         out["PREFECT_API_SSL_CERT_FILE"] = str(CA_CERT)
     return out
@@ -55,9 +65,10 @@ def client_env(ctx: Ctx, **extra: str) -> dict[str, str]:
                     **exports(ctx), **extra)
 
 
-def _api(ctx: Ctx, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+def _api(ctx: Ctx, method: str, path: str, body: dict | None = None,
+         timeout: float = 5) -> tuple[int, object]:
     """A request to the API (the server's own, on 127.0.0.1) with the stack's auth string."""
-    return request(method, f"{local_url(ctx)}{path}", body, auth=_auth(ctx))
+    return request(method, f"{local_url(ctx)}{path}", body, auth=_auth(ctx), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- server
@@ -108,6 +119,63 @@ def start_pool(ctx: Ctx) -> str:
     if not made:
         return f"work pools {', '.join(POOLS)} exist"
     return f"work pool{'s' if len(made) > 1 else ''} {', '.join(made)} created"
+
+
+def zombie_automation() -> dict:
+    """The automation ``ZOMBIE`` as the API takes it: a flow run that sent a heartbeat and then,
+    for ``SILENT_S`` seconds, neither another one nor a final state is set CRASHED."""
+    return {
+        "name": ZOMBIE,
+        "description": (f"rlfn stack: a flow run silent for {SILENT_S} s (no heartbeat; its "
+                        "process or host is gone) is marked CRASHED"),
+        "enabled": True,
+        "trigger": {
+            "type": "event", "posture": "Proactive", "threshold": 1, "within": SILENT_S,
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                       "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                       "prefect.flow-run.Crashed"],
+            "for_each": ["prefect.resource.id"],
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": (f"no heartbeat for {SILENT_S} s: the flow run's process (or "
+                                 f"its host) is gone (automation {ZOMBIE})")}],
+    }
+
+
+def _same(want: object, have: object) -> bool:
+    """Whether the server's ``have`` holds every field of ``want`` as given (it adds its own)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(_same(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and \
+            all(_same(a, b) for a, b in zip(sorted(want, key=str), sorted(have, key=str)))
+    return want == have
+
+
+def start_automations(ctx: Ctx) -> str:
+    """``up``: the automation ``ZOMBIE``, created (or updated) unless the server has it as
+    ``zombie_automation`` says."""
+    want = zombie_automation()
+    code, found = _api(ctx, "POST", "/automations/filter",
+                       {"automations": {"name": {"any_": [ZOMBIE]}}}, timeout=30)
+    if code != 200 or not isinstance(found, list):
+        raise StackError(f"prefect: cannot read the automations at {url(ctx)} (HTTP "
+                         f"{code or 'nothing'}); read {rel(log_path('prefect'))}")
+    if found and _same(want, found[0]):
+        return f"{ZOMBIE} exists"
+    if found:
+        code, body = _api(ctx, "PUT", f"/automations/{found[0]['id']}", want, timeout=30)
+        done = "updated"
+    else:
+        code, body = _api(ctx, "POST", "/automations/", want, timeout=30)
+        done = "created"
+    if code not in (200, 201, 204):
+        raise StackError(f"prefect: could not create automation {ZOMBIE} at {url(ctx)} (HTTP "
+                         f"{code or 'nothing'}: {str(body)[:300]})")
+    return (f"{ZOMBIE} {done}: a flow run with no heartbeat for {SILENT_S} s is marked "
+            "CRASHED")
 
 
 def _expected_deployments(project: Path) -> list[str]:

@@ -74,6 +74,8 @@ TABLE: tuple[Service, ...] = (
             called="the work pool"),
     Service("deployments", start=prefect_server.start_deployments, needs=("work pool",),
             log="deploy"),
+    Service("automations", start=prefect_server.start_automations, needs=("work pool",),
+            log="prefect"),
     Service("worker", start=lambda ctx: prefect_server.start_worker(ctx, worker_exports(ctx)),
             needs=("work pool",), where=prefect_server.worker_where,
             row=prefect_server.worker_row, health=prefect_server.worker_health,

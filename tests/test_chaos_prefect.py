@@ -1,0 +1,238 @@
+"""Chaos (issue 24), cases 4 and 3: the Prefect server, then the Prefect worker, SIGKILLed in
+the middle of real work, against team mode's stack (scripts/stack.sh), no mocks.
+
+Case 4, the Prefect server SIGKILLed while a stage runs.
+The data stages (``prepare``, ``degrade``, ``patches``) are reproduced against the stack: their
+flow runs are what was recorded before the fault. Then ``dvc repro --single-item
+train_stage@1`` runs with failpoint ``train.step@2`` armed: the stage's flow run is RUNNING on
+the server, two iterations done. The test SIGKILLs the Prefect server's process group there,
+by construction, and releases the stage. Exactly: the stage either finishes (its exit 0) or
+fails with one ``error:`` line naming the Prefect server; after ``stack.sh up`` every flow
+run recorded before the fault is still there, as it was; a rerun of the same ``dvc repro``
+completes and leaves the stage up to date in ``dvc status``. What became of the stage's
+own flow run (the server never heard its end) is printed.
+
+Case 3, the worker SIGKILLed while it runs a ``repro`` deployment: the flow run, paused by
+failpoint ``train.step@3`` inside ``train_stage@2`` (the checkpoint of iteration 2 written),
+loses its worker and everything the worker ran (its process group and every process of the
+flow run: a worker host gone). Exactly: the flow run does not stay RUNNING: the stack's
+automation ``rlfn-crash-silent-flow-runs`` (its heartbeats stopped) marks it CRASHED, within
+the automation's window plus a bound; after ``stack.sh up`` (the worker started again) a
+rerun of the deployment completes, ``train_stage@2`` resumes from its checkpoint of
+iteration 2, and ``dvc status`` is clean (no stage's outputs half-written).
+
+Marked ``chaos`` only: a stack of its own and four stages (minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from chaosstack import census, counts
+from faults import armed_env, release, wait_reached
+from prereq import ROOT
+from servers import _group_alive, processes_with_env
+from teamstack import BIN, Stack, dvc, py, run, stack_up, why
+from tinyproject import tiny_clone
+
+pytestmark = pytest.mark.chaos
+
+TIMES: dict[str, float] = {}
+DATA = ("prepare", "degrade", "patches")
+STAGE = "train_stage@1"
+POINT, AT = "train.step", 2  # armed as train.step@2; its marker and release are train.step's
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with stack_up("rlfn-chaos-prefect-", prepare=tiny_clone, times=TIMES) as st:
+        yield st
+
+
+def _reader(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            into.append(line.rstrip("\n"))
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.mark.timeout(3600)  # the module's stack (1-6 min), three data stages, two of training
+def test_prefect_server_killed_during_a_stage(stack):
+    api = stack.client_env()["PREFECT_API_URL"]
+    t = time.monotonic()
+    dvc(stack, "repro", *DATA, timeout=900)
+    TIMES["data stages"] = time.monotonic() - t
+    before = census(stack)
+    print(f"\nbefore the fault: {counts(before)}")
+    assert sorted(fr[1] for fr in before["flow_runs"]) == \
+        sorted(["rlfn-prepare", "rlfn-degrade", "rlfn-patches"]), before["flow_runs"]
+    assert all(fr[3] == "COMPLETED" for fr in before["flow_runs"]), before["flow_runs"]
+
+    fp = stack.state.parent / "failpoints-prefect-lost"
+    lines: list[str] = []
+    env = stack.client_env(**armed_env(fp, f"{POINT}@{AT}"))
+    stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", STAGE],
+                             cwd=stack.clone, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    reader = _reader(stage, lines)
+    try:
+        wait_reached(fp, POINT, stage, limit_s=600, what=lambda: "\n".join(lines[-60:]))
+        mid = census(stack)  # the stage's flow run, RUNNING on the server
+        running = [fr for fr in mid["flow_runs"] if fr[3] == "RUNNING"]
+        assert [fr[1] for fr in running] == ["rlfn-train"], mid["flow_runs"]
+        pid = int((stack.state / "run" / "prefect.pid").read_text().split()[0])
+        os.killpg(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        while _group_alive(pid) and time.monotonic() < t_kill + 30:
+            time.sleep(0.1)
+        assert not _group_alive(pid), "the Prefect server survived SIGKILL"
+        release(fp, POINT)
+        stage.wait(timeout=900)
+        reader.join(timeout=10)
+        TIMES["fault: server killed -> stage exited"] = time.monotonic() - t_kill
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait(timeout=30)
+            print("\nthe stage, killed by the test; its last lines:\n" + "\n".join(lines[-80:]))
+    out = "\n".join(lines)
+    errors = [x for x in lines if x.startswith("error:")]
+    print(f"stage exit {stage.returncode} "
+          f"{TIMES['fault: server killed -> stage exited']:.1f} s after the kill; error lines:\n"
+          + "\n".join(errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
+    if stage.returncode != 0:  # failed: one line naming the server, nothing else
+        assert len(errors) == 1, why(errors, out[-6000:])
+        assert errors[0].startswith(f"error: Prefect server at {api}"), why(errors[0],
+                                                                            out[-6000:])
+    else:
+        assert errors == [], why(errors, out[-6000:])
+
+    # the server back: what it recorded before the fault, as it was
+    t = time.monotonic()
+    r = stack.sh("up")
+    TIMES["stack up after the kill"] = time.monotonic() - t
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^prefect\s+started", r.stdout, re.M), r.stdout
+    after = census(stack)
+    print(f"after the restart: {counts(after)}")
+    assert set(map(str, before["flow_runs"])) <= set(map(str, after["flow_runs"])), \
+        why(before["flow_runs"], after["flow_runs"])
+    for key in ("versions", "aliases", "studies"):
+        assert after[key] == before[key], key
+    lost = [fr for fr in after["flow_runs"] if fr[0] == running[0][0]]
+    print(f"the stage's own flow run after the restart: {lost}")
+
+    # a rerun completes, and DVC has the stage up to date
+    t = time.monotonic()
+    rerun = dvc(stack, "repro", "--single-item", STAGE, timeout=900)
+    TIMES["rerun of the stage"] = time.monotonic() - t
+    assert f"{STAGE}: ready after" in rerun.stdout + rerun.stderr or stage.returncode == 0, \
+        rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    st = dvc(stack, "status", STAGE, "--json")
+    assert st.stdout.strip() in ("{}", ""), st.stdout
+    final = census(stack)
+    done = [fr for fr in final["flow_runs"] if fr[1] == "rlfn-train" and fr[3] == "COMPLETED"]
+    assert done or stage.returncode == 0, final["flow_runs"]
+    print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+
+
+FLOW_RUN = r"""
+import json, sys, time
+from uuid import UUID
+from prefect.client.orchestration import get_client
+fid, want, limit = sys.argv[1], set(sys.argv[2].split(",")), float(sys.argv[3])
+deadline = time.monotonic() + limit
+with get_client(sync_client=True) as c:
+    while True:
+        fr = c.read_flow_run(UUID(fid))
+        if (fr.state_type and fr.state_type.value in want) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+print(json.dumps({"state": fr.state_type.value if fr.state_type else None,
+                  "name": fr.state_name, "message": fr.state.message if fr.state else ""}))
+"""
+
+
+def _flow_run(stack: Stack, fid: str, want: str, limit_s: float) -> dict:
+    """The flow run's state once its type is one of ``want`` (comma-separated), or after
+    ``limit_s`` (a bound on waiting)."""
+    return py(stack, FLOW_RUN, fid, want, str(limit_s), timeout=limit_s + 120)
+
+
+def _deployment_run(stack: Stack, *args: str) -> str:
+    r = run(stack, [str(BIN / "prefect"), "deployment", "run", "rlfn-repro/repro", *args],
+            timeout=300)
+    m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert m, r.stdout + r.stderr
+    return m.group(1)
+
+
+@pytest.mark.timeout(3600)  # two repros from train_stage@2 on, and SILENT_S of silence
+def test_worker_killed_during_a_repro(stack):
+    sys.path.insert(0, str(ROOT / "scripts"))  # the stack's own figures (SILENT_S, ...)
+    from stack import prefect_server
+
+    point = "train.step"  # @3: the checkpoint of iteration 2 written
+    fp = stack.state.parent / "failpoints-worker-lost"
+    log = stack.state / "logs" / "worker.log"
+    env = json.dumps(armed_env(fp, f"{point}@3"))
+    fid = _deployment_run(stack, "--job-variable", f"env={env}")
+    wait_reached(fp, point, None, limit_s=1500,
+                 what=lambda: log.read_text(errors="replace")[-4000:])
+    running = _flow_run(stack, fid, "RUNNING", 60)
+    assert running["state"] == "RUNNING", running
+    # the worker host gone: the worker's process group and every process of the flow run
+    wpid = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    os.killpg(wpid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    procs = processes_with_env("PREFECT__FLOW_RUN_ID", fid)
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"\nkilled the worker's group ({wpid}) and the flow run's {len(procs)} processes")
+    while (_group_alive(wpid) or processes_with_env("PREFECT__FLOW_RUN_ID", fid)) and \
+            time.monotonic() < t_kill + 30:
+        time.sleep(0.1)
+    assert not processes_with_env("PREFECT__FLOW_RUN_ID", fid), "the flow run survived"
+    assert procs, "the flow run had no process of its own to kill"
+
+    # the automation ends it: silent for SILENT_S (after its last heartbeat), then CRASHED
+    bound = prefect_server.SILENT_S + 2 * prefect_server.HEARTBEAT_S + 120
+    ended = _flow_run(stack, fid, "CRASHED,COMPLETED,FAILED,CANCELLED", bound)
+    TIMES["fault: worker killed -> flow run CRASHED"] = time.monotonic() - t_kill
+    print(f"flow run {fid}: {ended} "
+          f"{TIMES['fault: worker killed -> flow run CRASHED']:.1f} s after the kill")
+    assert ended["state"] == "CRASHED", ended
+    assert prefect_server.ZOMBIE in (ended["message"] or ""), ended
+
+    # the worker back; a rerun completes, train_stage@2 from its checkpoint
+    t = time.monotonic()
+    r = stack.sh("up")
+    TIMES["stack up after the kill"] = time.monotonic() - t
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^worker\s+started", r.stdout, re.M), r.stdout
+    t = time.monotonic()
+    again = _deployment_run(stack)
+    done = _flow_run(stack, again, "COMPLETED,FAILED,CRASHED,CANCELLED", 1800)
+    TIMES["rerun of the repro"] = time.monotonic() - t
+    assert done["state"] == "COMPLETED", why(done, log.read_text(errors="replace")[-6000:])
+    result = json.loads((stack.clone / "models" / "stage2" / "result.json").read_text())
+    assert result["resumed_from"] == 2, result
+    st = dvc(stack, "status", "--json")
+    assert json.loads(st.stdout or "{}") == {}, st.stdout
+    print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
