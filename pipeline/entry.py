@@ -4,7 +4,9 @@
 ``error:`` line, exit 2, before Prefect or MLflow start), the command's own checks, team
 mode's servers (reachable and ours), then the work. An ``RLFNError`` it raises is one
 ``error:`` line and its exit code (2 configuration, 1 data or a failed step); a server lost
-mid-work is one line naming it (exit 1); anything else a traceback and 1."""
+mid-work is one line naming it (exit 1), but a Prefect server lost once the stage's work was
+done and recorded (``tracking.work_done``: only its flow run's end is unrecorded) is one
+warning and exit 0; anything else a traceback and 1."""
 
 from __future__ import annotations
 
@@ -46,6 +48,15 @@ def run_entry(work: Callable[[], int | None], *, check: Callable[[], Any] | None
         line = describe_failure(e)
         if line is None:
             raise
+        if line.startswith("Prefect server"):
+            from pipeline.tracking import work_done
+
+            done = work_done()
+            if done:  # only the flow run's end went unrecorded: the work and its records stand
+                log.warning(f"{line}; the work of {done} was done and recorded before, so "
+                            "it stands (its Prefect flow run stays as the server last saw "
+                            "it: the stack's automation marks it CRASHED)")
+                return 0
         log.error(line)
         return 1
     return code if isinstance(code, int) else 0  # a flow's result (a dict, ...) is not a code

@@ -32,7 +32,8 @@ from rlfn.errors import DataError
 from rlfn.io import atomic_write
 from rlfn.log import get_logger
 
-__all__ = ["tracking_uri", "experiment_id", "stage_run", "repro_id", "git_commit", "git_state",
+__all__ = ["tracking_uri", "experiment_id", "stage_run", "work_done", "repro_id", "git_commit",
+           "git_state",
            "dvc_outputs", "experiment", "changed_text", "GIT_STATES",
            "params_hash", "process_age_s", "flatten_numbers", "log_dict_metrics"]
 
@@ -354,9 +355,19 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
     finally:
         _terminate(client, run.info.run_id, status)
         _terminate(client, parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
+    global _DONE
+    _DONE = f"{stage} (MLflow run {run.info.run_id} FINISHED)"
 
 
 _LOST = False  # set once a server was lost mid-stage (after the clients' retries)
+_DONE: str | None = None  # set once a stage's work is done and recorded (its run FINISHED)
+
+
+def work_done() -> str | None:
+    """The stage whose work this process finished and recorded (``stage_run`` left without an
+    error and its MLflow run FINISHED), or None: what ``pipeline.entry`` needs to tell a
+    Prefect server lost after the work (the stage stands) from one lost during it (it fails)."""
+    return _DONE
 
 
 def _fail_fast() -> None:

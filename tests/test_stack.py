@@ -26,7 +26,7 @@ import yaml
 
 from prereq import ROOT, require_tool
 from servers import _group_alive, clean_env
-from teamstack import EXPORTS, SERVICES, STACK_SH, TUNE_RUNS, http, stack_up
+from teamstack import EXPORTS, SERVICES, STACK_SH, TUNE_RUNS, http, stack_up, why
 from tinyproject import tune_project
 
 pytestmark = pytest.mark.stack  # .ci/run: beside the other tests (mostly waiting on servers)
@@ -396,7 +396,8 @@ def test_two_tune_processes_share_one_study_and_survive_a_kill(stack, tmp_path):
     runs = json.loads(r.stdout.strip().splitlines()[-1])
     stage_ids = {x["id"] for x in runs if x["kind"] == "stage"}
     trial_runs = {x["id"]: x for x in runs if x["kind"] == "trial" and x["study"] == name}
-    assert len(trial_runs) == len(trials), (len(trial_runs), len(trials))
+    tails = [(tmp_path / f"tune{i}.log").read_text(errors="replace")[-3000:] for i in range(2)]
+    assert len(trial_runs) == len(trials), why(len(trial_runs), len(trials), runs, trials, *tails)
     assert all(x["parent"] in stage_ids for x in trial_runs.values()), runs
     assert len({x["parent"] for x in trial_runs.values()}) == 2  # one stage run per process
     dead = by_state["FAIL"][0]
