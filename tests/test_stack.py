@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from faults import armed_env, wait_reached
 from prereq import ROOT, require_tool
 from servers import _group_alive, clean_env
 from teamstack import EXPORTS, SERVICES, STACK_SH, TUNE_RUNS, http, stack_up, why
@@ -355,11 +356,18 @@ def test_two_tune_processes_share_one_study_and_survive_a_kill(stack, tmp_path):
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     logs = [open(tmp_path / f"tune{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=d, env=env,
+    # the first is held inside its first trial's training (failpoint train.step@12: its MLflow
+    # run made, the validation of iteration 10 reported) until the kill: polled states alone
+    # once let it finish that trial and be killed in the next, before its run existed (CI R7)
+    fp = tmp_path / "failpoints"
+    envs = [{**env, **armed_env(fp, "train.step@12")}, env]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=d, env=envs[i],
                               stdout=logs[i], stderr=subprocess.STDOUT, start_new_session=True)
              for i in range(2)]
     try:
-        # both processes mid-training (two RUNNING trials with reports), then kill the first
+        wait_reached(fp, "train.step", procs[0], limit_s=300,
+                     what=lambda: (tmp_path / "tune0.log").read_text()[-3000:])
+        # the other mid-training too (two RUNNING trials with reports), then kill the first
         deadline = time.monotonic() + 300
         while True:
             trials = state()
