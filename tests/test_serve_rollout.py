@@ -323,6 +323,11 @@ class _Client(threading.Thread):
 @pytest.mark.timeout(900)  # measured 120-125 s idle (registering 3 versions: 32 s); a hang guard
 def test_promotion_rolls_the_endpoint_with_no_failed_request(stack, versions):
     url = _serve_url(stack)
+    # versions registered, none the champion yet: `up` still waits for one (it failed, when
+    # MLflow answered the alias lookup HTTP 400 "alias champion not found": chaos case 4)
+    r = stack.sh("up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"waiting for a champion of {NAME}" in _serve_row(stack), _serve_row(stack)
     moved = _set_champion(stack, "1")
     _wait_for("the first champion (v1) answering", lambda: _version_answering(url) == "1", 300)
     first = time.time() - moved

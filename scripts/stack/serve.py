@@ -149,8 +149,10 @@ def champion_version(ctx: Ctx, name: str) -> str | None:
                          auth=(mlflow_server.ADMIN, ctx.sec["mlflow_admin_password"]))
     if code == 200 and isinstance(data, dict):
         return str(data["model_version"]["version"])
-    if code == 404:
+    if code == 404:  # no registered model of that name
         return None
+    if code == 400 and isinstance(data, dict) and "not found" in str(data.get("message")):
+        return None  # the model, no champion yet: "Registered model alias champion not found."
     raise StackError(f"serve: the champion of {name}: the MLflow server answered HTTP "
                      f"{code or 'nothing'} at {mlflow_server.local_url(ctx)}")
 
