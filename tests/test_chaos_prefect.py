@@ -152,7 +152,7 @@ def test_prefect_server_killed_during_a_stage(stack):
     TIMES["rerun of the stage"] = time.monotonic() - t
     assert f"{STAGE}: ready after" in rerun.stdout + rerun.stderr or stage.returncode == 0, \
         rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    st = dvc(stack, "status", STAGE, "--json")
+    st = dvc(stack, "status", "--json", STAGE)
     assert st.stdout.strip() in ("{}", ""), st.stdout
     final = census(stack)
     done = [fr for fr in final["flow_runs"] if fr[1] == "rlfn-train" and fr[3] == "COMPLETED"]
@@ -244,6 +244,6 @@ def test_worker_killed_during_a_repro(stack):
     assert done["state"] == "COMPLETED", why(done, log.read_text(errors="replace")[-6000:])
     result = json.loads((stack.clone / "models" / "stage2" / "result.json").read_text())
     assert result["resumed_from"] == 2, result
-    st = dvc(stack, "status", "--json")
+    st = dvc(stack, "status", "--json", "dvc.yaml")  # the pipeline (not experiments/)
     assert json.loads(st.stdout or "{}") == {}, st.stdout
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
