@@ -7,6 +7,8 @@ one census before the fault with one after."""
 
 from __future__ import annotations
 
+import re
+
 from teamstack import Stack, py
 
 MODEL = "rlfn-x4"
@@ -68,3 +70,12 @@ def counts(c: dict) -> dict:
             "versions": len(c["versions"]), "aliases": c["aliases"],
             "trials": {k: len(v) for k, v in c["studies"].items()},
             "flow_runs": len(c["flow_runs"])}
+
+
+def restarted(stack: Stack, service: str) -> str:
+    """``stack.sh up`` after a fault: it succeeds and starts ``service`` again (not "already
+    up": a stale pid or a half-dead daemon would say that); its output."""
+    r = stack.sh("up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(rf"^{re.escape(service)}\s+started", r.stdout, re.M), r.stdout
+    return r.stdout

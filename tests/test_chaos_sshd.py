@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chaosstack import restarted
 from tinyproject import tiny_clone
 from servers import _group_alive
 from teamstack import Stack, dvc, run, stack_up
@@ -141,8 +142,7 @@ def test_sshd_killed_during_push_and_pull(stack):
     assert len(err) == 1, err  # DVC 3: "ERROR: unexpected error - [Errno 111] Connect call ..."
     objs = _remote_sound(stack)
     t = time.monotonic()
-    u = stack.sh("up")
-    assert u.returncode == 0 and re.search(r"^sshd\s+started", u.stdout, re.M), u.stdout
+    restarted(stack, "sshd")
     push = dvc(stack, "push")
     TIMES["recovery: up + push"] = time.monotonic() - t
     assert re.search(r"\d+ files? pushed", push.stdout + push.stderr), push.stdout + push.stderr
@@ -161,8 +161,7 @@ def test_sshd_killed_during_push_and_pull(stack):
     left = [o for o in outs if (fresh / o).exists()]
     assert not left, left  # nothing half-restored
     t = time.monotonic()
-    u = stack.sh("up")
-    assert u.returncode == 0 and re.search(r"^sshd\s+started", u.stdout, re.M), u.stdout
+    restarted(stack, "sshd")
     pull = dvc(stack, "pull", *STAGES, cwd=fresh)  # dvc.lock's training stages: not pushed
     TIMES["recovery: up + pull"] = time.monotonic() - t
     n = _check_against_lock(fresh)
