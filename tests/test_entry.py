@@ -5,8 +5,6 @@ real closed port: httpx's own ConnectError, whose message names no URL."""
 
 from __future__ import annotations
 
-import logging
-
 import httpx
 import pytest
 
@@ -22,15 +20,6 @@ def prefect_gone(monkeypatch) -> str:
     monkeypatch.setenv("PREFECT_API_URL", api)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return api
-
-
-@pytest.fixture
-def caplog(caplog):
-    """pytest's caplog, also fed by the ``rlfn`` logger (which does not propagate)."""
-    log = logging.getLogger("rlfn")
-    log.addHandler(caplog.handler)
-    yield caplog
-    log.removeHandler(caplog.handler)
 
 
 def _lost(api: str) -> Exception:
@@ -60,20 +49,26 @@ def _work(api: str):
     return work
 
 
-def test_lost_during_the_work_fails_with_one_line(prefect_gone, monkeypatch, caplog):
+def _lines(capsys) -> list[str]:
+    """What the entry printed on stderr (rlfn.log: ``note:`` / ``error:`` lines)."""
+    return capsys.readouterr().err.splitlines()
+
+
+def test_lost_during_the_work_fails_with_one_line(prefect_gone, monkeypatch, capsys):
     monkeypatch.setattr(tracking, "_DONE", None)
     assert entry.run_entry(_work(prefect_gone), services=False) == 1
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].getMessage().startswith(
-        f"Prefect server at {prefect_gone}: lost"), [r.getMessage() for r in errors]
+    errors = [x for x in _lines(capsys) if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: Prefect server at {prefect_gone}: lost"), errors
 
 
 def test_lost_after_the_work_was_recorded_lets_the_stage_stand(prefect_gone, monkeypatch,
-                                                                caplog):
+                                                                capsys):
     monkeypatch.setattr(tracking, "_DONE", "train_stage@1 (MLflow run abc FINISHED)")
     assert entry.run_entry(_work(prefect_gone), services=False) == 0
-    assert not [r for r in caplog.records if r.levelname == "ERROR"]
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(w.startswith(f"Prefect server at {prefect_gone}: lost") and
-               "train_stage@1 (MLflow run abc FINISHED) was done and recorded" in w
-               for w in warned), warned
+    lines = _lines(capsys)
+    assert not [x for x in lines if x.startswith("error:")], lines
+    notes = [x for x in lines if x.startswith(f"note: Prefect server at {prefect_gone}: lost")]
+    assert len(notes) == 1 and \
+        "the work of train_stage@1 (MLflow run abc FINISHED) was done and recorded" in notes[0], \
+        lines
