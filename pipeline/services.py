@@ -140,22 +140,15 @@ def check_services(timeout: float = 10.0) -> list[str]:
 def describe_failure(exc: BaseException) -> str | None:
     """One line for a failure caused by a lost server (MLflow or Prefect) mid-stage, naming
     it; None when ``exc`` is something else."""
-    text = f"{type(exc).__name__}: {exc}"
-    seen, cur, url = {id(exc)}, exc.__cause__ or exc.__context__, ""
-    while cur is not None and id(cur) not in seen:  # what it was raised from, or during
+    parts, url, seen, cur = [], "", set(), exc
+    while cur is not None and id(cur) not in seen:  # it, and what it was raised from (during)
         seen.add(id(cur))
-        text += f"; from {type(cur).__name__}: {cur}"
-        cur = cur.__cause__ or cur.__context__
-    cur = exc
-    for _ in range(len(seen)):  # httpx names no URL in its message: its request does
-        req = getattr(cur, "_request", None)  # httpx.RequestError's, when it has one
-        if req is not None and getattr(req, "url", None) is not None:
+        parts.append(f"{type(cur).__name__}: {cur}")
+        req = getattr(cur, "_request", None)  # httpx names no URL in its message: its request
+        if not url and req is not None and getattr(req, "url", None) is not None:
             url = f" ({req.method} {req.url})"
-            break
         cur = cur.__cause__ or cur.__context__
-        if cur is None:
-            break
-    text += url
+    text = "; from ".join(parts) + url
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     api = os.environ.get("PREFECT_API_URL", "")
     lowered = text.lower()
