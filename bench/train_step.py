@@ -3,8 +3,8 @@
     .venv/bin/python bench/train_step.py [--model rlfn] [--batch 16] [--patch 128] [--steps 20]
 
 "plain": NCHW float32, the textbook loop. "channels_last fp32": the layout alone. "ours": what
-rlfn.train.engine does by default (channels_last; bf16 autocast where it trains faster: CUDA
-and CPUs with AMX, see rlfn.device.bf16_trains_faster); where bf16 runs natively the table
+rlfn.train.engine does by default (channels_last; bf16 autocast where it trains faster: CUDA,
+CPUs with AMX, AMD CPUs with AVX512-BF16, see rlfn.device.bf16_trains_faster); where bf16 runs natively the table
 also has channels_last bf16 autocast, chosen or not. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``
 in the environment caps oneDNN below AMX (the class of CPUs without it). Run on a CUDA machine to
 get the GPU table (the card is named). One run, same machine, alternating order.

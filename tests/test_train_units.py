@@ -197,6 +197,7 @@ def test_missing_data_and_bad_file(tmp_path):
 
 def test_bf16_autocast_choice(monkeypatch):
     from rlfn.device import cpu_amx_usable, cpu_has_bf16
+    from rlfn.machine import cpu_vendor
     from rlfn.train.step import use_bf16
 
     cpu = torch.device("cpu")
@@ -206,19 +207,52 @@ def test_bf16_autocast_choice(monkeypatch):
     for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(k, raising=False)
     amx = bool(torch.cpu._is_amx_tile_supported())
+    amd = cpu_vendor() == "AuthenticAMD"
     assert cpu_amx_usable() == amx
-    assert use_bf16(auto, cpu) == (cpu_has_bf16() and amx)
-    # oneDNN capped below AMX (what bench/main_job.py --isa AVX512_CORE_BF16 sets): fp32, as
-    # on a CPU with AVX512-BF16 and no AMX, where bf16 autocast trains slower
-    for cap in ("AVX512_CORE_BF16", "avx2"):
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert not cpu_amx_usable() and not use_bf16(auto, cpu), cap
+    # this machine: bf16 with AMX, or on an AMD CPU with AVX512-BF16 (measured faster there)
+    assert use_bf16(auto, cpu) == (cpu_has_bf16() and (amx or amd))
+    # oneDNN capped below AMX (what bench/main_job.py --isa AVX512_CORE_BF16 sets): AMX off;
+    # bf16 stays only on AMD; below bf16 (AVX2) fp32 everywhere
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not cpu_amx_usable() and use_bf16(auto, cpu) == (cpu_has_bf16() and amd)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not cpu_amx_usable() and not use_bf16(auto, cpu)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN's older name
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN's older name, below bf16
     assert not use_bf16(auto, cpu)
     for cap in ("AVX512_CORE_AMX", "ALL"):  # AMX allowed: as without a cap
         monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
-        assert cpu_amx_usable() == amx and use_bf16(auto, cpu) == (cpu_has_bf16() and amx), cap
+        assert cpu_amx_usable() == amx and use_bf16(auto, cpu) == (cpu_has_bf16() and (amx or amd))
+
+
+@pytest.mark.parametrize("vendor,amx,cap,want", [
+    ("GenuineIntel", True, "", True),                    # Xeon with AMX: 1.79x
+    ("GenuineIntel", True, "AVX512_CORE_BF16", False),   # the same capped: 0.63x
+    ("GenuineIntel", False, "", False),                  # AVX512-BF16, no AMX: as capped
+    ("AuthenticAMD", False, "", True),                   # EPYC, AVX512-BF16: 1.62x
+    ("AuthenticAMD", False, "AVX512_CORE_BF16", True),
+    ("AuthenticAMD", False, "AVX512_CORE_VNNI", False),  # capped below bf16
+    ("AuthenticAMD", False, "AVX2", False),
+    ("", False, "", False),                              # a vendor not measured: fp32
+])
+def test_bf16_autocast_follows_what_was_measured_per_cpu_class(monkeypatch, vendor, amx, cap,
+                                                               want):
+    """The rule on every CPU class measured (rlfn.device.BF16_FASTER_WITHOUT_AMX), whatever
+    this machine is: vendor, AMX and the cap given, bf16 runs natively."""
+    from rlfn import device
+    from rlfn.train.step import use_bf16
+
+    monkeypatch.setattr(device, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert use_bf16(TrainConfig(hr_dir="x", amp="auto"), torch.device("cpu")) is want
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)  # emulated bf16: never
+    assert use_bf16(TrainConfig(hr_dir="x", amp="auto"), torch.device("cpu")) is False
 
 
 # ------------------------------------------------------------------ contrastive loss
