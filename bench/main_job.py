@@ -2,7 +2,7 @@
 
     python bench/main_job.py [--repo .] [--dir /tmp/rlfn-main-job] [--reuse-venv]
                              [--no-shared] [--compare bench/results/main_job.json] [--stack]
-                             [--isa AVX512_CORE_BF16]
+                             [--isa AVX512_CORE_BF16] [--out FILE]
 
 Clones ``--repo`` (its committed HEAD) into ``--dir``/main, beside a link ``--dir``/shared to
 this checkout's ``../shared`` when there is one (as a fresh clone here has it: Urban100 and the
@@ -18,12 +18,14 @@ it went on start-up (interpreter, imports, Prefect, the MLflow run) from the sta
 recorded; ``--compare FILE`` checks them against an earlier run's (a second fresh clone must
 give bit-identical weights).
 ``--isa CAP`` caps the instruction set oneDNN (PyTorch's CPU convolutions, bf16 autocast)
-dispatches to, through its own ``ONEDNN_MAX_CPU_ISA`` (for example ``AVX512_CORE_BF16``: a
-machine with AVX-512 bf16 and VNNI but no AMX, like the AMD EPYC hosts), for every stage and
+dispatches to, through its own ``ONEDNN_MAX_CPU_ISA`` (for example ``AVX512_CORE_BF16``: the
+instruction set of a machine with AVX-512 bf16 and VNNI but no AMX), for every stage and
 the champion's check; the result records the ISA oneDNN reports and the convolution kernels
-it picked, and goes to ``bench/results/main_job.<cap>.json`` so both CPU classes sit side by
-side. (OpenVINO's CPU plugin has no such switch: its points in the profile stage run on the
-full instruction set either way.)
+it picked, and goes to ``bench/results/main_job.<cap>.json``. A capped Intel CPU is not an
+AMD EPYC of the same instruction set, though: bf16 autocast trains 0.63x of fp32 on the one
+and 1.62x on the other (bench/results/train_step_cpu_amd_epyc.txt), so time a class on a
+machine of that class (``--out``) where one can be had. (OpenVINO's CPU plugin has no such
+switch: its points in the profile stage run on the full instruction set either way.)
 ``--stack``: team mode's command chain instead (issue 13's): ``bash scripts/stack.sh up``,
 ``eval "$(bash scripts/stack.sh env)"``, ``dvc repro && dvc push``, the champion loaded from the
 tracking server, then ``stack.sh down``; written to ``bench/results/team_job.json``.
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-venv", action="store_true",
                     help="link this checkout's .venv instead of running setup")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", metavar="FILE",
+                    help="the results file (default: bench/results/main_job[.<cap>].json; "
+                         "another CPU class's run deserves a name of its own)")
     ap.add_argument("--no-shared", action="store_true",
                     help="do not link ../shared beside the clone")
     ap.add_argument("--compare", metavar="FILE",
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", "scripts/stack.sh", "down"], cwd=work, env=env)
     if not a.no_save:
         name = ("team_job" if a.stack else "main_job") + (f".{a.isa.lower()}" if a.isa else "")
-        out = ROOT / "bench" / "results" / f"{name}.json"
+        out = Path(a.out) if a.out else ROOT / "bench" / "results" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": machine(), "isa": {"cap": a.isa, **isa}, "command": " ".join(
             [sys.executable, *sys.argv]), "exit_code": rc, "total_s": round(total_s, 1),
