@@ -33,6 +33,15 @@ def exports(ctx: Ctx) -> dict[str, str]:
     return out
 
 
+# MLflow's basic-auth app checks the password's scrypt hash on every request (about 0.1 s of
+# CPU each on a 2-core AMD EPYC): a stage's few hundred requests cost the server tens of CPU
+# seconds, taken from the training beside it. Its cache (off by default) keeps a successful
+# check for this long, per worker; a wrong password is never cached, and a password changed
+# through MLflow's API is dropped from the cache of the worker that changed it at once (the
+# stack runs one), elsewhere within this many seconds. bench/mlflow_auth.py measures it.
+AUTH_CACHE_TTL_S = 60
+
+
 def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
     """The auth app's config and the artifact store; the server's command and environment
     (secrets in the environment, never on a command line: ps shows those)."""
@@ -46,7 +55,8 @@ def _launch(ctx: Ctx) -> tuple[list[str], dict[str, str]]:
                       f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
                       f"admin_username = {ADMIN}\n"
                       "# admin_password: MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
     env = base_env(
         MLFLOW_BACKEND_STORE_URI=postgresql.dsn(ctx, "mlflow"),
         MLFLOW_AUTH_CONFIG_PATH=str(ini),
