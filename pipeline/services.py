@@ -1,18 +1,22 @@
 """The services a stage talks to, checked before any work: team mode's MLflow tracking server
 (``MLFLOW_TRACKING_URI`` = http(s)://...) and Prefect server (``PREFECT_API_URL``). Each that is
-unreachable, or refuses our credentials, is one ``ServiceError`` naming the service, its URL
+unreachable, refuses our credentials, or cannot reach its own database (PostgreSQL down: it
+answers its health probe but not a query) is one ``ServiceError`` naming the service, its URL
 and the reason (exit 1), before a byte is written. Without those variables (the default: a
 SQLite store and Prefect's temporary server) there is nothing to check.
 
 During a stage the clients retry a lost server (MLflow: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
 set here to a few tries over about half a minute unless the user set it), then the stage fails
-with one line naming the server (``describe_failure``)."""
+with one line naming the server (``describe_failure``); a server that stayed up but answered
+5xx to every retry is asked once more why, so its database, when that is what is down, is
+named in the same line."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -88,8 +92,7 @@ def _check(service: str, base: str, health: str, api: str, headers: dict,
     if status in (401, 403):
         raise ServiceError(where, f"refused our credentials (HTTP {status}); {how}")
     if status >= 400:
-        raise ServiceError(where, f"answered HTTP {status} to {api}: "
-                                  f"{body[:200].decode(errors='replace')}")
+        raise ServiceError(where, _says(api, status, body))
 
 
 def team_mode() -> bool:
@@ -99,23 +102,44 @@ def team_mode() -> bool:
     return os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
 
 
+def _mlflow_headers() -> dict:
+    """The tracking server's credentials from the environment (MLflow's own variables)."""
+    headers = {}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        pw = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _prefect_headers() -> dict:
+    """The Prefect server's credentials from the environment (Prefect's own variables)."""
+    headers = {}
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    key = os.environ.get("PREFECT_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search?" + urllib.parse.urlencode({"max_results": 1})
+PREFECT_READY = "/ready"  # Prefect's readiness probe: 503 while its database is not available
+
+
 def check_services(timeout: float = 10.0) -> list[str]:
-    """Check the configured servers; returns what was checked (``[]`` in the default mode)."""
+    """Check the configured servers; returns what was checked (``[]`` in the default mode).
+    A server whose database is down answers its health probe but not a query: named with the
+    reason its answer gives (MLflow: ``TEMPORARILY_UNAVAILABLE`` and the driver's message;
+    Prefect: its readiness probe)."""
     checked = []
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if team_mode():
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        pw = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-        headers = {}
-        if user:
-            headers["Authorization"] = "Basic " + base64.b64encode(
-                f"{user}:{pw}".encode()).decode()
-        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        q = urllib.parse.urlencode({"max_results": 1})
-        _check("MLflow tracking server", uri, "/health",
-               f"/api/2.0/mlflow/experiments/search?{q}", headers,
+        _check("MLflow tracking server", uri, "/health", MLFLOW_PROBE, _mlflow_headers(),
                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
                "(team mode: eval \"$(bash scripts/stack.sh env)\")", timeout,
                ("MLFLOW_TRACKING_SERVER_CERT_PATH",
@@ -123,23 +147,58 @@ def check_services(timeout: float = 10.0) -> list[str]:
         checked.append(f"MLflow {masked(uri)}")
     api = os.environ.get("PREFECT_API_URL", "")
     if api:
-        headers = {}
-        auth = os.environ.get("PREFECT_API_AUTH_STRING")
-        if auth:
-            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-        key = os.environ.get("PREFECT_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        _check("Prefect server", api, "/health", "/admin/version", headers,
+        ca = os.environ.get("PREFECT_API_SSL_CERT_FILE", "")
+        _check("Prefect server", api, "/health", "/admin/version", _prefect_headers(),
                "set PREFECT_API_AUTH_STRING (team mode: eval \"$(bash scripts/stack.sh env)\")",
-               timeout, ("PREFECT_API_SSL_CERT_FILE", os.environ.get("PREFECT_API_SSL_CERT_FILE", "")))
+               timeout, ("PREFECT_API_SSL_CERT_FILE", ca))
+        ready = _probe(api, PREFECT_READY, {}, ca, timeout)
+        if ready is not None:
+            raise ServiceError(f"Prefect server at {masked(api)}", ready)
         checked.append(f"Prefect {masked(api)}")
     return checked
 
 
+def _reason(status: int, body: bytes) -> str:
+    """What a server's error answer says, in one line: MLflow's ``error_code: message`` (its
+    first line: SQLAlchemy appends a link), Prefect's ``message``, else the body's start."""
+    text = body.decode(errors="replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        msg = str(doc.get("message") or doc.get("exception_message") or doc.get("detail") or "")
+        msg = msg.strip().splitlines()[0] if msg.strip() else ""
+        text = f"{doc['error_code']}: {msg}" if doc.get("error_code") else msg or text
+    return f"HTTP {status}: {text.strip()[:240]}"
+
+
+def _probe(base: str, path: str, headers: dict, ca: str, timeout: float) -> str | None:
+    """None when ``base + path`` answers 200; else why not, in one line (a database
+    that is down says so here: MLflow's 503 names the driver's error, Prefect's readiness
+    probe says ``Database is not available``)."""
+    try:
+        status, body = _get(base.rstrip("/") + path, headers, timeout, ca or None)
+    except (OSError, ValueError) as e:
+        return f"unreachable ({getattr(e, 'reason', e)})"
+    return None if status == 200 else _says(path, status, body)
+
+
+def _says(path: str, status: int, body: bytes) -> str:
+    """A server's error answer to ``GET path``, in one line; a database that is down named
+    as such (MLflow's ``TEMPORARILY_UNAVAILABLE`` with the driver's connection error,
+    Prefect's readiness probe's 503)."""
+    why = _reason(status, body)
+    if (path == PREFECT_READY and status == 503) or \
+            ("TEMPORARILY_UNAVAILABLE" in why and "OperationalError" in why):
+        return f"its database is not available (GET {path} answered {why})"
+    return f"answered {why} to GET {path}"
+
+
 def describe_failure(exc: BaseException) -> str | None:
     """One line for a failure caused by a lost server (MLflow or Prefect) mid-stage, naming
-    it; None when ``exc`` is something else."""
+    it (and, when it answered 5xx to every retry, what it says now: its database not
+    available, say); None when ``exc`` is something else."""
     parts, url, seen, cur = [], "", set(), exc
     while cur is not None and id(cur) not in seen:  # it, and what it was raised from (during)
         seen.add(id(cur))
@@ -152,13 +211,29 @@ def describe_failure(exc: BaseException) -> str | None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     api = os.environ.get("PREFECT_API_URL", "")
     lowered = text.lower()
+    host = lambda u: urllib.parse.urlsplit(u).netloc.rsplit("@", 1)[-1]  # noqa: E731
+    # up, but answering 5xx to every retry (its database down, for one): ask it why, now
+    code = re.search(r"too many (5\d\d) error responses|server error '(5\d\d)", lowered)
+    if code:
+        status = code.group(1) or code.group(2)
+        quoted = json.dumps(text[:300])
+        if uri.startswith("http") and host(uri) and host(uri) in text:
+            now = _probe(uri, MLFLOW_PROBE, _mlflow_headers(),
+                         os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH", ""), 10)
+            return (f"MLflow tracking server at {masked(uri)}: answered HTTP {status} to each "
+                    f"of the client's retries during the stage; now "
+                    f"{now or 'it answers again'} ({quoted})")
+        if api and host(api) and host(api) in text:
+            now = _probe(api, PREFECT_READY, {}, os.environ.get("PREFECT_API_SSL_CERT_FILE", ""),
+                         10)
+            return (f"Prefect server at {masked(api)}: answered HTTP {status} during the "
+                    f"stage; now {now or 'it answers again'} ({quoted})")
     lost = any(s in lowered for s in ("connection refused", "max retries exceeded",
                                       "failed to establish", "connecterror",
                                       "remote end closed", "connection reset",
                                       "temporarily unavailable", "read timed out"))
     if not lost:
         return None
-    host = lambda u: urllib.parse.urlsplit(u).netloc.rsplit("@", 1)[-1]  # noqa: E731
     if uri.startswith("http") and host(uri) and host(uri) in text:
         return (f"MLflow tracking server at {masked(uri)}: lost during the stage, still "
                 f"unreachable after the client's retries ({json.dumps(text[:300])})")

@@ -7,7 +7,12 @@ one census before the fault with one after."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import time
+from pathlib import Path
 
 from teamstack import Stack, py
 
@@ -79,3 +84,39 @@ def restarted(stack: Stack, service: str) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(rf"^{re.escape(service)}\s+started", r.stdout, re.M), r.stdout
     return r.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def kill_postgresql(stack: Stack) -> list[int]:
+    """SIGKILL the stack's PostgreSQL: the postmaster (``postmaster.pid``) and every process it
+    started (backends, checkpointer, WAL writer, ...) at once, as a crashed host leaves it: no
+    shutdown checkpoint, the lock file stale. Returns the pids, all gone when it returns
+    (AssertionError after 30 s otherwise: a bound on waiting)."""
+    pid = int((stack.state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    family = [pid, *_children(pid)]
+    for p in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in family):
+        assert time.monotonic() < deadline, f"PostgreSQL survived SIGKILL: {family}"
+        time.sleep(0.05)
+    return family
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"

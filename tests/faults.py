@@ -5,6 +5,7 @@ child's work by construction, never by winning a race with a clock."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,3 +41,16 @@ def wait_reached(folder: Path, name: str, proc: subprocess.Popen | None = None,
 def release(folder: Path, name: str) -> None:
     """Let the child paused at ``name`` go on."""
     (folder / f"{name}.release").touch()
+
+
+def pump_lines(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
+    """Append each line of ``proc``'s stdout (text mode) to ``into`` as it comes, on a daemon
+    thread (returned: join it after the process exits), so a test can wait on the process and
+    still print or check what it said so far."""
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            into.append(line.rstrip("\n"))
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    return th

@@ -129,11 +129,14 @@ def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, backend_db: Path | None = None) -> Iterator[str]:
+def mlflow_server(workdir: Path, backend_db: Path | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
     """Start a real ``mlflow server`` (SQLite backend in ``workdir``, artifacts beside it) on
-    127.0.0.1, wait for ``/health`` (90 s at most) and yield its URL; stopped on exit."""
+    127.0.0.1, wait for ``/health`` (90 s at most) and yield its URL; stopped on exit.
+    ``env``: more of the server's environment (``MLFLOW_SQLALCHEMYSTORE_POOLCLASS``, ...)."""
     db = backend_db or workdir / "server.db"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner
+           **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     port = free_port()
     log_path = workdir / "server.log"

@@ -33,13 +33,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from chaosstack import census, counts, restarted
-from faults import armed_env, release, wait_reached
+from faults import armed_env, pump_lines, release, wait_reached
 from prereq import ROOT
 from servers import _group_alive, processes_with_env
 from teamstack import BIN, Stack, dvc, py, run, stack_up, why
@@ -57,16 +56,6 @@ POINT, AT = "train.step", 2  # armed as train.step@2; its marker and release are
 def stack():
     with stack_up("rlfn-chaos-prefect-", prepare=tiny_clone, times=TIMES) as st:
         yield st
-
-
-def _reader(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            into.append(line.rstrip("\n"))
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    return th
 
 
 @pytest.mark.timeout(3600)  # the module's stack (1-6 min), three data stages, two of training
@@ -88,7 +77,7 @@ def test_prefect_server_killed_during_a_stage(stack):
                              cwd=stack.clone, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              stdin=subprocess.DEVNULL, start_new_session=True)
-    reader = _reader(stage, lines)
+    reader = pump_lines(stage, lines)
     try:
         wait_reached(fp, POINT, stage, limit_s=600, what=lambda: "\n".join(lines[-60:]))
         mid = census(stack)  # the stage's flow run, RUNNING on the server

@@ -30,14 +30,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from faults import armed_env, release, wait_reached
+from faults import armed_env, pump_lines, release, wait_reached
 from servers import _group_alive, free_port
 from teamstack import BIN, PYFUNC, Stack, dvc, http, py, run, stack_up, why
 from tinyproject import DVC_STAGES, FLOW_RUNS, PREFECT_RUNS, tiny_clone
@@ -496,15 +495,6 @@ def test_a_stage_refuses_a_server_it_cannot_use(stack, fault):
     assert _snapshot(stack) == before  # no run, no version, no alias move, no file written
 
 
-def _read_lines(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
-    def pump():
-        for line in proc.stdout:
-            into.append(line.rstrip("\n"))
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    return th
-
-
 @pytest.mark.timeout(900)
 def test_tracking_server_lost_while_a_stage_registers(stack):
     """Killed while ``train_stage@1`` registers its model: the stage fails naming the server;
@@ -528,7 +518,7 @@ def test_tracking_server_lost_while_a_stage_registers(stack):
                               "train_stage@1"], cwd=stack.clone, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              stdin=subprocess.DEVNULL, start_new_session=True)
-    reader = _read_lines(stage, lines)
+    reader = pump_lines(stage, lines)
     try:
         wait_reached(fp, "register.weights_logged", stage, limit_s=600,
                      what=lambda: "\n".join(lines[-60:]))
