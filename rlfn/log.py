@@ -25,8 +25,33 @@ class _Plain(logging.Formatter):
         return self.PREFIX.get(record.levelno, "") + record.getMessage()
 
 
+class _LineStart:
+    """The process's stderr, remembering whether the last write ended a line. Another
+    library's message written without its newline (Prefect's "Error logging to API" notice
+    writes an exception's text alone) would otherwise run into the next ``error:`` line, and
+    ``grep '^error:'`` would miss it; ``_StderrHandler`` starts a fresh line first."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, s: str) -> int:
+        n = self._stream.write(s)
+        if s:
+            self.at_line_start = s.endswith("\n")
+        return n
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirect)."""
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirect), each
+    record on a line of its own (``_LineStart``)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -39,6 +64,11 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(sys.stderr, "at_line_start", True):
+            sys.stderr.write("\n")
+        super().emit(record)
+
 
 def get_logger(name: str | None = None) -> logging.Logger:
     if not name or name == ROOT_NAME:
@@ -49,7 +79,10 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 
 def setup(level: int = logging.INFO) -> logging.Logger:
-    """Attach one plain stderr handler to the ``rlfn`` logger (idempotent)."""
+    """Attach one plain stderr handler to the ``rlfn`` logger (idempotent); the process's
+    stderr becomes a ``_LineStart`` (what it writes is unchanged)."""
+    if sys.stderr is not None and sys.stderr is sys.__stderr__:
+        sys.stderr = _LineStart(sys.stderr)
     log = logging.getLogger(ROOT_NAME)
     log.setLevel(level)
     if not any(getattr(h, "_rlfn_plain", False) for h in log.handlers):
