@@ -1,6 +1,6 @@
 """Test hosts: Linux network namespaces joined by a bridge the test makes, each "host" an address
 on it and a Unix user of its own with its own home (0700), what team mode across hosts is tested
-on (issue 23). Used by test_hosts.py (the harness itself) and test_stack_hosts.py.
+on (issue 23). Used by test_hosts.py (the harness itself), test_stack_hosts.py and teamhosts.py.
 
 Layout of one ``hosts(...)`` (``<s>``: a random per-run suffix, so runs never collide):
 
@@ -56,6 +56,7 @@ class Host:
     user: str
     home: Path
     hostname: str | None = None  # its own hostname (a UTS namespace per command); None: shared
+    port: str = ""  # its veth's other end, on the bridge (in the switch namespace)
     # what popen() started: teardown kills each one's process group first (a command still
     # between `ip netns exec` and runuser is in neither the namespace nor the user's uid yet)
     started: list[subprocess.Popen] = field(default_factory=list)
@@ -111,6 +112,16 @@ class Net:
     subnet: str
     base: Path
     hosts: dict[str, Host]
+
+    def cut(self, name: str) -> None:
+        """Host ``name``'s cable pulled: its port on the bridge down. The host keeps its address
+        and route, and what it sends is dropped (a connect times out, nothing is refused), as
+        when a link or a switch port fails; ``mend`` puts it back."""
+        _ip("-n", self.switch_ns, "link", "set", self.hosts[name].port, "down")
+
+    def mend(self, name: str) -> None:
+        """Host ``name``'s port on the bridge up again (after ``cut``)."""
+        _ip("-n", self.switch_ns, "link", "set", self.hosts[name].port, "up")
 
     def switch(self, cmd: list[str], **kw) -> subprocess.Popen:
         """Start ``cmd`` as root in the switch namespace (e.g. tcpdump on the bridge)."""
@@ -330,13 +341,12 @@ def hosts(*names: str, hostnames: bool = False) -> Iterator[Net]:
         _ip("-n", net.switch_ns, "link", "set", net.bridge, "up")
         for i, name in enumerate(names, start=2):
             h = Host(name, f"rlfn-{name}-{sfx}", f"{subnet}.{i}", f"rlfn-{name}-{sfx}",
-                     base / name, name if hostnames else None)
+                     base / name, name if hostnames else None, port=f"v{i}{sfx}")
             net.hosts[name] = h
             _ip("netns", "add", h.ns)
-            port = f"v{i}{sfx}"
-            _ip("-n", net.switch_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                "netns", h.ns)
-            _ip("-n", net.switch_ns, "link", "set", port, "master", net.bridge, "up")
+            _ip("-n", net.switch_ns, "link", "add", h.port, "type", "veth", "peer", "name",
+                "eth0", "netns", h.ns)
+            _ip("-n", net.switch_ns, "link", "set", h.port, "master", net.bridge, "up")
             _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
             _ip("-n", h.ns, "link", "set", "eth0", "up")
             _ip("-n", h.ns, "link", "set", "lo", "up")

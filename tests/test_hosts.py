@@ -79,6 +79,29 @@ def test_hosts_reach_each_other_only_over_the_bridge():
                 cap.communicate()
 
 
+def test_a_cut_host_reaches_no_one_until_mended():
+    """``Net.cut``: the host's packets vanish (a connect times out; nothing answers, nothing
+    refuses), the others still reach each other; after ``mend`` it is back."""
+    with hosts("alpha", "beta", "gamma") as net:
+        a, b, c = (net.hosts[n] for n in ("alpha", "beta", "gamma"))
+        server = _listen(b, b.addr, 24683)
+        try:
+            assert a.run([PY, "-c", CONNECT, b.addr, "24683"]).stdout.strip() == \
+                f"hello {a.addr}"
+            net.cut("alpha")
+            r = a.run([PY, "-c", CONNECT, b.addr, "24683"])
+            assert r.returncode == 1 and "timed out" in r.stdout, r.stdout + r.stderr
+            r = c.run([PY, "-c", CONNECT, b.addr, "24683"])  # the rest of the bridge works
+            assert r.returncode == 0 and r.stdout.strip() == f"hello {c.addr}", r.stdout
+            net.mend("alpha")
+            r = a.run([PY, "-c", CONNECT, b.addr, "24683"])
+            assert r.returncode == 0 and r.stdout.strip() == f"hello {a.addr}", \
+                r.stdout + r.stderr
+        finally:
+            server.kill()
+            server.wait()
+
+
 def test_each_host_keeps_its_home_to_itself():
     with hosts("alpha", "beta") as net:
         a, b = net.hosts["alpha"], net.hosts["beta"]

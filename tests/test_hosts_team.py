@@ -44,28 +44,21 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hosts import Host, Net, capture, hosts, install_project, secrets_seen
-from prereq import ROOT
-from teamstack import (PYFUNC, TUNE_RUNS, eval_env, log_tails, prerequisites, stack_ports,
-                       why)
-from tinyproject import DVC_STAGES, tiny_clone
+from hosts import capture, secrets_seen
+from teamhosts import (CLIENT_EXPORTS, GIT_EXPORTS, WORKERS, Team, carry, deploy_run, ok,
+                       team_on_hosts, wait_runs)
+from teamstack import PYFUNC, TUNE_RUNS, eval_env, why
+from tinyproject import DVC_STAGES
 
 pytestmark = pytest.mark.stack
 
-GIT_EXPORTS = ("RLFN_GIT_URL", "GIT_SSH_COMMAND")
-CLIENT_EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                  "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
-                  "MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE", *GIT_EXPORTS)
 N_TRIALS = 4
 PAUSE_STEP = 3  # the failpoint train.step@3: both hosts inside a trial, gated together
 FP_DIR = "failpoints"  # relative: the flow run's working directory, the worker host's clone
@@ -73,14 +66,6 @@ CACHED = ("data/manifest.parquet", "data/lr", "data/patches", "models/stage1", "
           "models/stage3")  # outputs DVC caches (pushed by the worker host, pulled by the client)
 BEFORE_STAGE3 = ("prepare", "degrade", "patches", "train_stage@1", "train_stage@2")
 STAGE3_ITERATIONS = 8  # the retrained branch's only change (the tiny params train 4)
-
-WORKERS = r"""
-import json, sys
-from prefect.client.orchestration import get_client
-with get_client(sync_client=True) as c:
-    ws = c.read_workers_for_work_pool(sys.argv[1])
-print(json.dumps({w.name: str(getattr(w.status, "value", w.status)) for w in ws}))
-"""
 
 # the rollout flow runs of the champion's version (rlfn-serve/rollout), from the client, once
 # one exists and every one is final (bounded)
@@ -107,24 +92,6 @@ print(json.dumps({"version": version, "runs": {str(fr.id): {
     "message": fr.state.message if fr.state else ""} for fr in frs}}))
 """
 
-# the flow runs' states, from the client, once every one of them is final (bounded)
-WAIT_RUNS = r"""
-import json, sys, time
-from uuid import UUID
-from prefect.client.orchestration import get_client
-limit, ids = float(sys.argv[1]), sys.argv[2:]
-deadline = time.monotonic() + limit
-with get_client(sync_client=True) as c:
-    while True:
-        frs = [c.read_flow_run(UUID(i)) for i in ids]
-        if all(fr.state and fr.state.is_final() for fr in frs) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-print(json.dumps({str(fr.id): {"state": fr.state_type.value if fr.state_type else None,
-                               "message": fr.state.message if fr.state else "",
-                               "pool": fr.work_pool_name} for fr in frs}))
-"""
-
 
 TUNE_STATE = r"""
 import json, sys
@@ -147,20 +114,6 @@ print(json.dumps([{"branch": r.data.tags.get("rlfn.retrain.branch"),
 """
 
 
-def _ok(r: subprocess.CompletedProcess, what: str, extra: str = "") -> str:
-    assert r.returncode == 0, f"{what}: exit {r.returncode}\n{r.stdout}{r.stderr}{extra}"
-    return r.stdout
-
-
-def _carry(src: Path, h: Host, name: str = "team.bundle") -> Path:
-    """The bundle copied to host ``h`` (its user's, 0600): as a person hands it over."""
-    dst = h.home / name
-    shutil.copy(src, dst)
-    os.chown(dst, h.uid, h.uid)
-    os.chmod(dst, 0o600)
-    return dst
-
-
 def _secrets(state: Path) -> dict[str, str]:
     """What must never cross the bridge in clear: every password the server's ``up`` made
     (``secrets/stack.json``: PostgreSQL's, MLflow's, Prefect's auth string), MLflow's
@@ -176,106 +129,9 @@ def _secrets(state: Path) -> dict[str, str]:
     return out
 
 
-@dataclass
-class Team:
-    net: Net
-    srv: Host
-    srv_env: dict[str, str]        # what the server's stack.sh runs with (state, ports)
-    stack_sh: str                  # the server clone's scripts/stack.sh
-    up_out: str                    # what the server's `up` printed
-    workers: dict[str, Host]       # name -> host
-    tools: dict[str, Path]         # name -> the worker host's tool clone (its .venv runs join)
-    wstate: dict[str, Path]        # name -> its join state directory
-    wenv: dict[str, dict]          # name -> what its stack.sh runs with
-    cli: Host
-    cli_clone: Path
-    client: dict[str, str]         # the client's exports (env --bundle)
-    state: Path                    # the server's state directory
-    bare: Path                     # the team's git repository on the server host
-    head: str                      # the commit the team's repository was seeded with
-    git_url: str
-    study: str
-    bundle: dict                   # the bundle (JSON) the server wrote
-    repro: str | None = field(default=None)  # repro/<id>, once test 1 checked it out and pulled
-
-    def project(self, name: str) -> Path:
-        return self.wstate[name] / "project"
-
-    def wsh(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """``stack.sh ARGS`` on worker host ``name`` (its tool clone's, its state directory)."""
-        return self.workers[name].run(["bash", str(self.tools[name] / "scripts" / "stack.sh"),
-                                       *args], timeout=timeout, **self.wenv[name])
-
-    def join(self, name: str) -> subprocess.CompletedProcess:
-        """``join`` on worker host ``name`` with the bundle carried there."""
-        j = self.wsh(name, "join", str(_carry(self.srv.home / "team.bundle",
-                                             self.workers[name])), timeout=600)
-        print(j.stdout + j.stderr)
-        _ok(j, f"join on {name}", log_tails(self.wstate[name]))
-        return j
-
-    def both_joined(self) -> None:
-        """Every worker host joined (test 1 joins ``w1``; when it failed before, or did not run,
-        the later tests join it here)."""
-        for n in self.workers:
-            if not (self.wstate[n] / "run" / "state.json").is_file():
-                self.join(n)
-
-    def cenv(self) -> dict[str, str]:
-        return dict(self.client, PREFECT_HOME=str(self.cli.home / "prefect"))
-
-    def py(self) -> str:
-        return str(self.cli_clone / ".venv" / "bin" / "python")
-
-    def cdvc(self) -> str:
-        return str(self.cli_clone / ".venv" / "bin" / "dvc")
-
-    def runner_of(self, flow_run_id: str) -> list[str]:
-        """The worker hosts that ran ``flow_run_id``: the flow run's own first line ("View at
-        .../flow-run/<id>") is in that host's worker log only (a worker that lost the race for
-        the run logs "submitting" then "Aborted submission", never that line)."""
-        line = f"/runs/flow-run/{flow_run_id}"
-        logs = {n: st / "logs" / "worker.log" for n, st in self.wstate.items()}
-        return [n for n, log in logs.items() if log.is_file() and
-                any("View at" in x and x.rstrip().endswith(line)
-                    for x in log.read_text(errors="replace").splitlines())]
-
-    def logs(self) -> str:
-        return "".join(log_tails(st, 80) for st in self.wstate.values())
-
-    def pull_on_client(self, branch: str, where: Path) -> None:
-        """The client's clone of ``RLFN_GIT_URL`` at ``branch`` in ``where`` (cloned, or fetched
-        and checked out), its DVC remote the bundle's, ``dvc pull``, ``dvc status`` clean."""
-        if not where.exists():
-            _ok(self.cli.run(["git", "clone", "-q", self.git_url, str(where)], timeout=300,
-                             **self.client), "client clone")
-        _ok(self.cli.run(["git", "fetch", "-q", "origin"], cwd=where, timeout=300,
-                         **self.client), "client fetch")
-        _ok(self.cli.run(["git", "checkout", "-q", branch], cwd=where, **self.client),
-            f"checkout {branch}")
-        ckey = self.cli.home / ".config" / "rlfn-stack" / self.srv.addr / "id_ed25519"
-        for cmd in (["remote", "add", "--local", "-f", "-d", "stack", self.bundle["ssh"]["remote"]],
-                    ["remote", "modify", "--local", "stack", "keyfile", str(ckey)],
-                    ["pull", "-q"]):
-            _ok(self.cli.run([self.cdvc(), *cmd], cwd=where, timeout=300, **self.client),
-                f"dvc {cmd}")
-        st = self.cli.run([self.cdvc(), "status", "--json", "dvc.yaml"], cwd=where, timeout=300,
-                          **self.client)
-        assert json.loads(_ok(st, "dvc status")) == {}, st.stdout
-
-
 @pytest.fixture(scope="module")
 def team():
-    prerequisites(off_loopback=True)
-    study = f"team-{uuid.uuid4().hex[:8]}"
-    with hosts("server", "w1", "w2", "client") as net:
-        srv, cli = net.hosts["server"], net.hosts["client"]
-        workers = {n: net.hosts[n] for n in ("w1", "w2")}
-        clone = install_project(srv, ROOT)
-        # the team's code and params, committed (the team repository is seeded from them): the
-        # tiny pipeline and a tiny study (a random sampler with a seed, lr only, 8 iterations)
-        p = clone / "params.yaml"
-        prm = yaml.safe_load(p.read_text())
+    def tiny_study(prm: dict) -> None:  # a random sampler with a seed, lr only, 8 iterations
         prm["tune"].update(study=study, n_trials=N_TRIALS, sampler={"name": "random", "seed": 3},
                            pruner={"name": "none"}, heartbeat_s=2, grace_s=30,
                            base={"iterations": 8, "val_every": 4, "checkpoint_every": 8,
@@ -284,64 +140,11 @@ def team():
                                  "log_every": 4, "val_max_images": 2},
                            space={"lr": {"type": "float", "low": 1e-3, "high": 4e-3,
                                          "log": True}})
-        p.write_text(yaml.safe_dump(prm, sort_keys=False))
-        tiny_clone(clone, wrap=srv.argv)
-        head = _ok(srv.run(["git", "rev-parse", "HEAD"], cwd=clone), "HEAD").strip()
-        stack_sh = str(clone / "scripts" / "stack.sh")
-        tools = {n: install_project(h, ROOT) for n, h in workers.items()}
-        cli_clone = install_project(cli, ROOT)
-        ports, port_env = stack_ports()
-        state = srv.home / "state"
-        env = dict(RLFN_STACK_DIR=str(state), RLFN_PROJECT_DIR=str(clone), **port_env,
-                   RLFN_STACK_WORKER="0")
-        wstate = {n: h.home / "state" for n, h in workers.items()}
-        # one flow run at a time per worker host: two runs dispatched together go to both hosts
-        wenv = {n: dict(RLFN_STACK_DIR=str(wstate[n]), RLFN_STACK_WORKER_POLL_S="1",
-                        RLFN_STACK_WORKER_LIMIT="1") for n in workers}
-        try:
-            r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)
-            print(r.stdout + r.stderr)
-            _ok(r, "up", log_tails(state))
-            _ok(srv.run(["bash", stack_sh, "bundle", str(srv.home / "team.bundle")], **env),
-                "bundle")
-            bundle = json.loads((srv.home / "team.bundle").read_text())
-            got = cli.run(["bash", str(cli_clone / "scripts" / "stack.sh"), "env", "--bundle",
-                           str(_carry(srv.home / "team.bundle", cli))])
-            client = eval_env(_ok(got, "env --bundle"), CLIENT_EXPORTS)
-            assert set(client) == set(CLIENT_EXPORTS), sorted(client)
-            t = Team(net, srv, env, stack_sh, r.stdout, workers, tools, wstate, wenv, cli,
-                     cli_clone, client, state, state / "git" / "rlfn-pipeline.git", head,
-                     f"ssh://{srv.user}@{srv.addr}:{ports['ssh']}{state}/git/rlfn-pipeline.git",
-                     study, bundle)
-            t.join("w2")  # w1 joins in test_worker_host_joins, after its bad input
-            yield t
-        finally:
-            for n in workers:
-                log = wstate[n] / "logs" / "worker.log"
-                if log.is_file():
-                    print(f"--- {n}: {log}\n" + "\n".join(
-                        log.read_text(errors="replace").splitlines()[-30:]))
-                if (wstate[n] / "run" / "state.json").is_file():
-                    d = workers[n].run(["bash", str(tools[n] / "scripts" / "stack.sh"), "down"],
-                                       timeout=120, **wenv[n])
-                    print(d.stdout + d.stderr)
-            d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
-            print(d.stdout + d.stderr)
 
-
-def _deploy_run(t: Team, name: str, *args: str) -> str:
-    """``prefect deployment run NAME`` from the client host (not watched): the flow run id."""
-    prefect = str(t.cli_clone / ".venv" / "bin" / "prefect")
-    r = t.cli.run([prefect, "deployment", "run", name, *args], timeout=300, **t.cenv())
-    m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
-    assert r.returncode == 0 and m, r.stdout + r.stderr
-    return m.group(1)
-
-
-def _wait_runs(t: Team, ids: list[str], limit: float) -> dict:
-    r = t.cli.run([t.py(), "-c", WAIT_RUNS, str(limit), *ids], timeout=limit + 60,
-                  **t.cenv())
-    return json.loads(_ok(r, "flow runs").strip().splitlines()[-1])
+    study = f"team-{uuid.uuid4().hex[:8]}"
+    # w1 joins in test_worker_host_joins, after its bad input
+    with team_on_hosts(("w1", "w2"), join=("w2",), params=tiny_study, study=study) as t:
+        yield t
 
 
 @pytest.mark.timeout(2400)  # the module's stack (setup, ~1 min) and the whole tiny pipeline (~8)
@@ -355,13 +158,13 @@ def test_worker_host_joins(team: Team):
     assert not (t.state / "run" / "worker.pid").exists()
     exports = eval_env(srv.run(["bash", t.stack_sh, "env"], **t.srv_env).stdout, GIT_EXPORTS)
     assert exports["RLFN_GIT_URL"] == t.git_url, exports
-    assert _ok(srv.run(["git", "rev-parse", "HEAD"], cwd=t.bare), "bare HEAD").strip() == t.head
+    assert ok(srv.run(["git", "rev-parse", "HEAD"], cwd=t.bare), "bare HEAD").strip() == t.head
     assert t.bundle["git"] == {"url": t.git_url}, t.bundle["git"]
     assert t.client["RLFN_GIT_URL"] == t.git_url
     assert t.client["PREFECT_API_URL"].startswith(f"https://{srv.addr}:")
 
     # bad input: one error line naming it, exit 2, nothing written
-    carried = _carry(srv.home / "team.bundle", wrk)
+    carried = carry(srv.home / "team.bundle", wrk)
     client_dir = wrk.home / ".config" / "rlfn-stack" / srv.addr
     os.chmod(carried, 0o644)
     loose = t.wsh("w1", "join", str(carried))
@@ -384,9 +187,9 @@ def test_worker_host_joins(team: Team):
         assert joined["pool"] == "rlfn-pool" and joined["project_dir"] == str(project)
         worker_name = joined["worker"]
         assert wrk.addr in worker_name, worker_name
-        origin = _ok(wrk.run(["git", "remote", "get-url", "origin"], cwd=project), "origin")
+        origin = ok(wrk.run(["git", "remote", "get-url", "origin"], cwd=project), "origin")
         assert origin.strip() == t.git_url
-        assert _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
+        assert ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
         local = (project / ".dvc" / "config.local").read_text()
         assert f"url = {t.bundle['ssh']['remote']}" in local, local
         assert f"keyfile = {client_dir / 'id_ed25519'}" in local, local
@@ -398,30 +201,30 @@ def test_worker_host_joins(team: Team):
 
         # both worker hosts, seen from the client through the server's Prefect API over TLS
         w = cli.run([t.py(), "-c", WORKERS, "rlfn-pool"], timeout=120, **t.cenv())
-        workers = json.loads(_ok(w, "workers").strip().splitlines()[-1])
+        workers = json.loads(ok(w, "workers").strip().splitlines()[-1])
         assert workers.get(worker_name) == "ONLINE", workers
         assert sorted(workers.values()) == ["ONLINE", "ONLINE"], workers
 
         # git over SSH from the worker host: a branch pushed to RLFN_GIT_URL ...
-        wexp = eval_env(_ok(wrk.run(["bash", str(t.tools["w1"] / "scripts" / "stack.sh"),
+        wexp = eval_env(ok(wrk.run(["bash", str(t.tools["w1"] / "scripts" / "stack.sh"),
                                      "env", "--bundle", str(carried)]), "env"), CLIENT_EXPORTS)
         git_id = ["-c", "user.name=w", "-c", "user.email=w@localhost"]
-        joined_ref = _ok(wrk.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=project),
+        joined_ref = ok(wrk.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=project),
                          "branch").strip()
         (project / "join-probe.txt").write_text(f"from {wrk.name}\n")
         os.chown(project / "join-probe.txt", wrk.uid, wrk.uid)
         for cmd in (["checkout", "-q", "-b", "join-probe"], ["add", "join-probe.txt"],
                     [*git_id, "commit", "-q", "-m", "a commit of the worker host"],
                     ["push", "-q", "origin", "join-probe"]):
-            _ok(wrk.run(["git", *cmd], cwd=project, timeout=120, **wexp), f"git {cmd}")
-        pushed = _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip()
-        assert _ok(srv.run(["git", "rev-parse", "refs/heads/join-probe"], cwd=t.bare),
+            ok(wrk.run(["git", *cmd], cwd=project, timeout=120, **wexp), f"git {cmd}")
+        pushed = ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip()
+        assert ok(srv.run(["git", "rev-parse", "refs/heads/join-probe"], cwd=t.bare),
                    "server's branch").strip() == pushed
         # ... is in the client host's own clone of RLFN_GIT_URL
         cclone = cli.home / "team-clone"
-        _ok(cli.run(["git", "clone", "-q", t.git_url, str(cclone)], timeout=300, **t.client),
+        ok(cli.run(["git", "clone", "-q", t.git_url, str(cclone)], timeout=300, **t.client),
             "client clone")
-        assert _ok(cli.run(["git", "rev-parse", "origin/join-probe"], cwd=cclone),
+        assert ok(cli.run(["git", "rev-parse", "origin/join-probe"], cwd=cclone),
                    "client's branch").strip() == pushed
         # without the bundle's ssh config git cannot reach it (no key, no pinned host key)
         bare_env = {k: v for k, v in t.client.items() if k != "GIT_SSH_COMMAND"}
@@ -434,10 +237,10 @@ def test_worker_host_joins(team: Team):
         blob = os.urandom(64).hex() + "\n"
         (project / "join-probe.bin").write_text(blob)
         os.chown(project / "join-probe.bin", wrk.uid, wrk.uid)
-        _ok(wrk.run([dvc, "add", "-q", "join-probe.bin"], cwd=project, timeout=300, **wexp),
+        ok(wrk.run([dvc, "add", "-q", "join-probe.bin"], cwd=project, timeout=300, **wexp),
             "dvc add")
         p = wrk.run([dvc, "push", "join-probe.bin.dvc"], cwd=project, timeout=300, **wexp)
-        _ok(p, "dvc push")
+        ok(p, "dvc push")
         md5 = yaml.safe_load((project / "join-probe.bin.dvc").read_text())["outs"][0]["md5"]
         stored = t.state / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
         assert stored.is_file() and stored.read_text() == blob, (stored, p.stdout)
@@ -447,11 +250,11 @@ def test_worker_host_joins(team: Team):
         for f in ("join-probe.bin", "join-probe.bin.dvc"):
             (project / f).unlink()
         for cmd in (["checkout", "-q", "--", ".gitignore"], ["checkout", "-q", joined_ref]):
-            _ok(wrk.run(["git", *cmd], cwd=project, timeout=120), f"git {cmd}")
-        assert _ok(wrk.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project),
+            ok(wrk.run(["git", *cmd], cwd=project, timeout=120), f"git {cmd}")
+        assert ok(wrk.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project),
                    "status") == "", \
             "the worker host's checkout is not as it joined"
-        assert _ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
+        assert ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
 
         # a deployment run from the client host, run by a worker host (the server runs none)
         prefect = str(t.cli_clone / ".venv" / "bin" / "prefect")
@@ -464,7 +267,7 @@ def test_worker_host_joins(team: Team):
         m = re.search(r"UUID: ([0-9a-f-]{36})", out)
         assert m, out
         fid = m.group(1)
-        fr = _wait_runs(t, [fid], 60)[fid]
+        fr = wait_runs(t, [fid], 60)[fid]
         assert fr["state"] == "COMPLETED", why(fr, out[-3000:], t.logs())
         assert fr["pool"] == "rlfn-pool", fr
         runner = t.runner_of(fid)
@@ -474,11 +277,11 @@ def test_worker_host_joins(team: Team):
         lock = yaml.safe_load((ran_in / "dvc.lock").read_text())["stages"]
         assert set(DVC_STAGES) <= set(lock), sorted(lock)  # the worker host's clone
         branch = f"repro/{fid}"
-        on_server = _ok(srv.run(["git", "rev-parse", f"refs/heads/{branch}"], cwd=t.bare),
+        on_server = ok(srv.run(["git", "rev-parse", f"refs/heads/{branch}"], cwd=t.bare),
                         "the repro branch on the server").strip()
         # the client checks it out and pulls the worker's bytes of every cached output
         t.pull_on_client(branch, cclone)
-        assert _ok(cli.run(["git", "rev-parse", "HEAD"], cwd=cclone), "HEAD").strip() == \
+        assert ok(cli.run(["git", "rev-parse", "HEAD"], cwd=cclone), "HEAD").strip() == \
             on_server
         for out_path in CACHED:
             a, b = ran_in / out_path, cclone / out_path
@@ -490,12 +293,12 @@ def test_worker_host_joins(team: Team):
         t.repro = branch  # what test 3 retrains on top of
         # the champion, from the tracking server over TLS, upscales x4 on the client
         got = cli.run([t.py(), "-c", PYFUNC], cwd=cli.home, timeout=600, **t.cenv())
-        assert json.loads(_ok(got, "pyfunc").strip().splitlines()[-1]) == \
+        assert json.loads(ok(got, "pyfunc").strip().splitlines()[-1]) == \
             {"shape": [80, 96, 3], "dtype": "uint8"}, got.stdout
         # the champion's rollout (triggered by the registry's webhook on the server) is the
         # server host's own rollout-worker's, never a worker host's (it had no stack secrets)
         got = cli.run([t.py(), "-c", ROLLOUTS, "600"], timeout=700, **t.cenv())
-        rolls = json.loads(_ok(got, "rollout runs").strip().splitlines()[-1])
+        rolls = json.loads(ok(got, "rollout runs").strip().splitlines()[-1])
         print("rollouts:", rolls)
         serve_logs = "".join(f"--- {log.name}:\n" + log.read_text(errors="replace")[-3000:]
                              for log in sorted((t.state / "logs").glob("serve-*.log")))
@@ -529,7 +332,7 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     t.both_joined()
     fp_env = json.dumps({"RLFN_FAILPOINTS": f"train.step@{PAUSE_STEP}",
                          "RLFN_FAILPOINT_DIR": FP_DIR, "RLFN_FAILPOINT_TIMEOUT_S": "240"})
-    ids = [_deploy_run(t, "rlfn-tune/tune", "--job-variable", f"env={fp_env}")
+    ids = [deploy_run(t, "rlfn-tune/tune", "--job-variable", f"env={fp_env}")
            for _ in range(2)]
     # both hosts inside a trial of the study at once: each paused at the failpoint
     markers = {n: t.project(n) / FP_DIR / "train.step.reached" for n in t.workers}
@@ -538,12 +341,12 @@ def test_two_worker_hosts_drain_one_study(team: Team):
         time.sleep(0.5)
     waited = {n: m.exists() for n, m in markers.items()}
     if not all(waited.values()):
-        states = _wait_runs(t, ids, 1)
+        states = wait_runs(t, ids, 1)
         pytest.fail(f"not both hosts at the failpoint: {waited}; flow runs {states}"
                     f"{t.logs()}")
     for n, h in t.workers.items():  # let both go on
-        _ok(h.run(["touch", str(t.project(n) / FP_DIR / "train.step.release")]), "release")
-    states = _wait_runs(t, ids, 450)
+        ok(h.run(["touch", str(t.project(n) / FP_DIR / "train.step.release")]), "release")
+    states = wait_runs(t, ids, 450)
     assert all(s["state"] == "COMPLETED" for s in states.values()), why(states, t.logs())
     assert all(s["pool"] == "rlfn-pool" for s in states.values()), states
     # each run taken by another worker host (one flow run at a time each)
@@ -555,7 +358,7 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     assert storage.startswith("postgresql") and f"@{t.srv.addr}:" in storage \
         and "sslmode=verify-full" in storage, storage.split("@")[-1]
     r = t.cli.run([t.py(), "-c", TUNE_STATE, t.study, storage], timeout=300, **t.cenv())
-    trials = json.loads(_ok(r, "the study").strip().splitlines()[-1])
+    trials = json.loads(ok(r, "the study").strip().splitlines()[-1])
     print(f"\nstudy {t.study}: {[(x['number'], x['state'], x['params']) for x in trials]}")
     by_state: dict[str, list] = {}
     for x in trials:
@@ -576,7 +379,7 @@ def test_two_worker_hosts_drain_one_study(team: Team):
     assert set.union(*ran.values()) == {x["number"] for x in trials}, ran
     # every trial a nested run on the tracking server, under one stage run per host
     r = t.cli.run([t.py(), "-c", TUNE_RUNS], timeout=300, **t.cenv())
-    runs = json.loads(_ok(r, "MLflow runs").strip().splitlines()[-1])
+    runs = json.loads(ok(r, "MLflow runs").strip().splitlines()[-1])
     stage_ids = {x["id"] for x in runs if x["kind"] == "stage"}
     trial_runs = {x["id"]: x for x in runs if x["kind"] == "trial" and x["study"] == t.study}
     assert set(trial_runs) == {x["run"] for x in trials}, (trial_runs, trials)
@@ -594,7 +397,7 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     t.both_joined()
     # the client's change on top of test 1's repro: stage 3 longer, nothing else
     src = t.cli.home / "retrain-src"
-    _ok(t.cli.run(["git", "clone", "-q", "-b", t.repro, t.git_url, str(src)], timeout=300,
+    ok(t.cli.run(["git", "clone", "-q", "-b", t.repro, t.git_url, str(src)], timeout=300,
                   **t.client), "clone of the repro branch")
     p = src / "params.yaml"
     prm = yaml.safe_load(p.read_text())
@@ -604,8 +407,8 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     git_id = ["-c", "user.name=c", "-c", "user.email=c@localhost"]
     for cmd in ([*git_id, "commit", "-qam", "stage 3 longer"],
                 ["push", "-q", "origin", f"HEAD:refs/heads/{ref}"]):
-        _ok(t.cli.run(["git", *cmd], cwd=src, timeout=120, **t.client), f"git {cmd}")
-    base = _ok(t.cli.run(["git", "rev-parse", "HEAD"], cwd=src), "HEAD").strip()
+        ok(t.cli.run(["git", *cmd], cwd=src, timeout=120, **t.client), f"git {cmd}")
+    base = ok(t.cli.run(["git", "rev-parse", "HEAD"], cwd=src), "HEAD").strip()
 
     summary = t.cli.home / "retrain-summary.md"
     r = t.cli.run(["bash", "scripts/retrain.sh", ref], cwd=t.cli_clone, timeout=1100,
@@ -615,7 +418,7 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     m = re.search(r"UUID: ([0-9a-f-]{36})", out)
     assert m, out
     fid = m.group(1)
-    states = _wait_runs(t, [fid], 60)
+    states = wait_runs(t, [fid], 60)
     assert r.returncode == 0 and states[fid]["state"] == "COMPLETED", why(states, out[-3000:],
                                                                           t.logs())
     assert states[fid]["pool"] == "rlfn-pool"
@@ -627,10 +430,10 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     # the branch, pushed over SSH to the team's repository on the server host
     b = f"retrain/{fid}"
     git = lambda *a: t.srv.run(["git", *a], cwd=t.bare)  # noqa: E731
-    tip = _ok(git("rev-parse", f"refs/heads/{b}"), f"{b} on the server").strip()
-    assert _ok(git("rev-parse", f"{tip}^"), "parent").strip() == base
-    lock_text = _ok(git("show", f"{tip}:dvc.lock"), "dvc.lock")
-    parent_lock = _ok(git("show", f"{base}:dvc.lock"), "the parent's dvc.lock")
+    tip = ok(git("rev-parse", f"refs/heads/{b}"), f"{b} on the server").strip()
+    assert ok(git("rev-parse", f"{tip}^"), "parent").strip() == base
+    lock_text = ok(git("show", f"{tip}:dvc.lock"), "dvc.lock")
+    parent_lock = ok(git("show", f"{base}:dvc.lock"), "the parent's dvc.lock")
     assert lock_text != parent_lock
     lock = yaml.safe_load(lock_text)["stages"]
     assert set(DVC_STAGES) <= set(lock), sorted(lock)
@@ -638,7 +441,7 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     assert all(lock[s] == before[s] for s in BEFORE_STAGE3), \
         [s for s in BEFORE_STAGE3 if lock[s] != before[s]]  # not rerun
     assert lock["train_stage@3"] != before["train_stage@3"]
-    promo = json.loads(_ok(git("show", f"{tip}:reports/promotion.json"), "promotion.json"))
+    promo = json.loads(ok(git("show", f"{tip}:reports/promotion.json"), "promotion.json"))
     assert "decision" in promo and "promoted" in promo, promo
     # its outputs are in the server's DVC remote (pushed by the worker host): the client's clone
     # of RLFN_GIT_URL at that branch, `dvc pull` from the bundle's remote, `dvc status` clean
@@ -647,7 +450,7 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
     assert (cclone / "models" / "stage3" / "model.safetensors").is_file()
     # the retrain's MLflow run names the branch and the stages it reran (read from the client)
     r = t.cli.run([t.py(), "-c", RETRAIN_RUNS], timeout=300, **t.cenv())
-    runs = json.loads(_ok(r, "retrain runs").strip().splitlines()[-1])
+    runs = json.loads(ok(r, "retrain runs").strip().splitlines()[-1])
     assert [x["branch"] for x in runs] == [b], runs
     reran = set(runs[0]["stages"].split(","))
     assert "train_stage@3" in reran and not reran & set(BEFORE_STAGE3), runs
