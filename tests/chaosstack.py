@@ -77,6 +77,19 @@ def counts(c: dict) -> dict:
             "flow_runs": len(c["flow_runs"])}
 
 
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def lost_flow_runs(before: list, after: list) -> list:
+    """The flow runs of census ``before`` that census ``after`` lost: one in a final state must
+    be there unchanged; one not yet final then (a rollout the champion's alias triggered, still
+    at its canary) by its id, in whatever state it reached."""
+    exact = set(map(str, after))
+    ids = {fr[0] for fr in after}
+    return [fr for fr in before
+            if (str(fr) not in exact if fr[3] in FINAL else fr[0] not in ids)]
+
+
 def restarted(stack: Stack, service: str) -> str:
     """``stack.sh up`` after a fault: it succeeds and starts ``service`` again (not "already
     up": a stale pid or a half-dead daemon would say that); its output."""

@@ -1,0 +1,132 @@
+"""Chaos (issue 24), case 6: the network partitioned, in the multi-host layout
+(tests/teamhosts.py: the server host's stack off loopback over TLS, worker host ``w1`` joined,
+a client host; no shared disk, only the services' protocols between them), no mocks.
+
+From the client, ``rlfn-repro/repro`` is dispatched and ``w1`` runs the whole tiny pipeline.
+``train_stage@1`` is held at failpoint ``register.weights_logged`` (its weights uploaded to
+the tracking server, its pyfunc and version not yet), then ``w1``'s cable is pulled
+(``Net.cut``: its port on the bridge down, so what it sends is dropped and a connect times
+out, nothing is refused) and the stage released into the partition; the link is mended
+``PARTITION_S`` later. Exactly: the flow run COMPLETED (the clients' retries outlast a minute:
+MLflow 5 tries of up to 30 s with backoff 2 to 16 s, ``pipeline/services.py``); stage 1's
+version registered after the link came back, once; three versions, one per training stage's
+run, each READY; the alias ``champion`` on the version the promotion report names, that
+version READY; the worker on ``w1`` ONLINE again; nothing the client counted before the
+dispatch lost (chaosstack.CENSUS, read from the client over TLS); ``dvc status`` clean on
+``w1``. The test prints how long the stage waited after the link came back.
+
+Marked ``chaos`` only: the hosts, the stack, the whole tiny pipeline and a minute of
+partition (``pytest -m chaos``; docs/chaos-status.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from chaosstack import CENSUS, MODEL, counts, lost_flow_runs
+from teamhosts import WORKERS, Team, deploy_run, ok, team_on_hosts, wait_runs
+from teamstack import why
+
+pytestmark = pytest.mark.chaos
+
+PARTITION_S = 60  # the cable out: longer than one try's timeout, shorter than all the retries
+FP = "register.weights_logged"
+FP_DIR = "failpoints"  # relative: the flow run's working directory, the worker host's clone
+
+REGISTRY = r"""
+import json, sys
+from mlflow import MlflowClient
+c = MlflowClient()
+name = sys.argv[1]
+vs = c.search_model_versions(f"name = '{name}'")
+runs = {v.run_id: c.get_run(v.run_id).data.tags.get("dvc_stage") for v in vs}
+print(json.dumps({"versions": sorted([int(v.version), str(v.status), v.run_id, runs[v.run_id],
+                                      v.creation_timestamp / 1000] for v in vs),
+                  "aliases": dict(c.get_registered_model(name).aliases or {}) if vs else {}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def team():
+    with team_on_hosts(("w1",), join=("w1",)) as t:
+        yield t
+
+
+def _client_py(t: Team, code: str, *args: str, timeout: float = 300) -> dict:
+    r = t.cli.run([t.py(), "-c", code, *args], timeout=timeout, **t.cenv())
+    return json.loads(ok(r, "client script").strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(2700)
+def test_worker_host_partitioned_while_a_stage_registers(team: Team):
+    t = team
+    w = t.workers["w1"]
+    project = t.project("w1")
+    before = _client_py(t, CENSUS, MODEL)
+    print(f"\nbefore the dispatch: {counts(before)}")
+    fp_env = json.dumps({"RLFN_FAILPOINTS": FP, "RLFN_FAILPOINT_DIR": FP_DIR,
+                         "RLFN_FAILPOINT_TIMEOUT_S": "1200"})
+    fid = deploy_run(t, "rlfn-repro/repro", "--job-variable", f"env={fp_env}")
+    marker = project / FP_DIR / f"{FP}.reached"
+    deadline = time.monotonic() + 1500  # a bound on waiting: prepare to stage 1's weights
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"failpoint {FP} not reached: {wait_runs(t, [fid], 1)}{t.logs()}")
+        time.sleep(1)
+    stage_pid = int(marker.read_text().split()[0])
+    mid = _client_py(t, REGISTRY, MODEL)
+    assert mid["versions"] == [], mid  # held before the version: nothing registered yet
+
+    t.net.cut("w1")
+    t_cut = time.time()
+    try:
+        (project / FP_DIR / f"{FP}.release").touch()  # into the partition
+        time.sleep(PARTITION_S)  # the fault's length (a clock sets it; nothing asserts on it)
+        alive = os.path.exists(f"/proc/{stage_pid}")
+    finally:
+        t.net.mend("w1")
+    t_mend = time.time()
+    print(f"w1 cut off for {t_mend - t_cut:.1f} s; the stage still waiting at the end: {alive}")
+
+    states = wait_runs(t, [fid], 1800)
+    logs = t.logs()
+    assert states[fid]["state"] == "COMPLETED", why(states, logs)
+    reg = _client_py(t, REGISTRY, MODEL)
+    print(f"registry: {reg}")
+    versions = reg["versions"]
+    # one version per training stage's run, each READY: none duplicated by a retried request
+    assert [(v[0], v[1], v[3]) for v in versions] == [
+        (1, "READY", "train_stage@1"), (2, "READY", "train_stage@2"),
+        (3, "READY", "train_stage@3")], versions
+    assert len({v[2] for v in versions}) == 3, versions
+    waited = versions[0][4] - t_mend
+    print(f"stage 1's version registered {waited:.1f} s after the link came back "
+          f"({versions[0][4] - t_cut:.1f} s after the cut)")
+    assert versions[0][4] > t_mend, why("registered during the partition?", versions, t_mend)
+    # the alias: whole, on the version the promotion report names
+    promo = json.loads((project / "reports" / "promotion.json").read_text())["decision"]
+    expected = promo["candidate_version"] if promo["promoted"] else promo["champion_version"]
+    assert reg["aliases"] == {"champion": str(expected)}, (reg["aliases"], promo["reason"])
+    # the worker on w1 back on the pool
+    workers = _client_py(t, WORKERS, "rlfn-pool")
+    assert list(workers.values()) == ["ONLINE"], workers
+    # nothing counted before lost; every run ended
+    after = _client_py(t, CENSUS, MODEL)
+    print(f"after: {counts(after)}")
+    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
+    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
+    assert after["studies"] == before["studies"]
+    assert [r for r in after["runs"] if r[1] == "RUNNING"] == [], after["runs"]
+    new_flows = [f for f in after["flow_runs"] if str(f) not in set(map(str, before["flow_runs"]))]
+    assert all(f[3] == "COMPLETED" for f in new_flows), new_flows
+    # the worker host's clone: every stage's outputs as its dvc.lock says
+    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
+    st = w.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)
+    assert json.loads(ok(st, "dvc status") or "{}") == {}, st.stdout
+    retried = [x for x in logs.splitlines() if "Retrying" in x or "Error logging" in x]
+    print("what the clients said in the partition (the worker log's tail):\n" +
+          "\n".join(retried[-10:]))
