@@ -11,10 +11,14 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from teamstack import Stack, py
+from faults import armed_env, pump_lines, release, wait_reached
+from teamstack import BIN, Stack, py
 
 MODEL = "rlfn-x4"
 
@@ -133,3 +137,53 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+@dataclass
+class Held:
+    """How a stage that ``through_fault`` held ended: its exit code, every line it printed, and
+    the seconds from the fault to its exit."""
+
+    returncode: int
+    lines: list[str]
+    after_fault_s: float
+
+    @property
+    def out(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def errors(self) -> list[str]:
+        return [x for x in self.lines if x.startswith("error:")]
+
+
+def through_fault(stack: Stack, dvc_args: list[str], fp: Path, point: str,
+                  fault: Callable[[], float], reach_s: float = 900,
+                  finish_s: float = 1200) -> Held:
+    """``dvc DVC_ARGS`` in the stack's clone (a client's environment), held at failpoint
+    ``point`` (``NAME@VALUE``; markers in ``fp``); there, ``fault()`` (it returns the
+    ``time.monotonic()`` of the fault itself); then the stage released and waited for. If the
+    test fails meanwhile, the stage is killed and its last lines printed. Prints the exit, the
+    ``error:`` lines and the last lines."""
+    name = point.split("@")[0]
+    lines: list[str] = []
+    stage = subprocess.Popen([str(BIN / "dvc"), *dvc_args], cwd=stack.clone,
+                             env=stack.client_env(**armed_env(fp, point)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    reader = pump_lines(stage, lines)
+    try:
+        wait_reached(fp, name, stage, limit_s=reach_s, what=lambda: "\n".join(lines[-60:]))
+        t_fault = fault()
+        release(fp, name)
+        stage.wait(timeout=finish_s)
+        reader.join(timeout=10)
+        held = Held(stage.returncode, lines, time.monotonic() - t_fault)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait(timeout=30)
+            print("\nthe stage, killed by the test; its last lines:\n" + "\n".join(lines[-80:]))
+    print(f"stage exit {held.returncode}, {held.after_fault_s:.1f} s after the fault; error "
+          "lines:\n" + "\n".join(held.errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
+    return held

@@ -31,17 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 
 import pytest
 
-from chaosstack import census, counts, kill_postgresql, lost_flow_runs, restarted
-from faults import armed_env, pump_lines, release, wait_reached
-from teamstack import BIN, dvc, py, stack_up, why
+from chaosstack import (census, counts, kill_postgresql, lost_flow_runs, restarted,
+                        through_fault)
+from teamstack import dvc, py, stack_up, why
 from tinyproject import DVC_STAGES, tiny_clone
 
 pytestmark = pytest.mark.chaos
@@ -153,17 +150,9 @@ def test_postgresql_killed_while_a_stage_logs(stack):
     assert before["aliases"] and "champion" in before["aliases"], before["aliases"]
     assert undisturbed in {v[3] for v in before["versions"]}, before["versions"]
 
-    fp = stack.state.parent / "failpoints-pg-killed"
-    lines: list[str] = []
-    env = stack.client_env(**armed_env(fp, "train.step@3"))
-    stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item",
-                              "train_stage@3"], cwd=stack.clone, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-    reader = pump_lines(stage, lines)
     pg = str(stack.ports["pg"])
-    try:
-        wait_reached(fp, "train.step", stage, limit_s=900, what=lambda: "\n".join(lines[-60:]))
+
+    def fault() -> float:
         mid = census(stack)  # the stage's run and flow run open on the servers
         assert [fr[1] for fr in mid["flow_runs"] if fr[3] == "RUNNING"] == ["rlfn-train"], \
             mid["flow_runs"]
@@ -175,22 +164,14 @@ def test_postgresql_killed_while_a_stage_logs(stack):
         assert "refused" in refused and "its database is not available" in \
             refused["refused"], refused
         print(f"a stage's check meanwhile: {refused['refused']}")
-        release(fp, "train.step")
-        stage.wait(timeout=1200)
-        reader.join(timeout=10)
-        TIMES["case 1: fault: PostgreSQL killed -> stage exited"] = time.monotonic() - t_kill
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
-            stage.wait(timeout=30)
-            print("\nthe stage, killed by the test; its last lines:\n" + "\n".join(lines[-80:]))
-    out = "\n".join(lines)
-    errors = [x for x in lines if x.startswith("error:")]
-    print(f"stage exit {stage.returncode}, "
-          f"{TIMES['case 1: fault: PostgreSQL killed -> stage exited']:.1f} s after the kill; "
-          "error lines:\n" + "\n".join(errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
-    assert stage.returncode != 0, why("the stage rode through a database that stayed down",
-                                      out[-6000:])
+        return t_kill
+
+    held = through_fault(stack, ["repro", "--force", "--single-item", "train_stage@3"],
+                         stack.state.parent / "failpoints-pg-killed", "train.step@3", fault)
+    TIMES["case 1: fault: PostgreSQL killed -> stage exited"] = held.after_fault_s
+    out, errors = held.out, held.errors
+    assert held.returncode != 0, why("the stage rode through a database that stayed down",
+                                     out[-6000:])
     assert len(errors) == 1, why(errors, out[-6000:])
     assert "its database is not available" in errors[0], why(errors[0], out[-6000:])
     print(f"the error line names PostgreSQL's port {pg}: {pg in errors[0]}; a traceback "

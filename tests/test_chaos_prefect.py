@@ -31,14 +31,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from chaosstack import census, counts, lost_flow_runs, restarted
-from faults import armed_env, pump_lines, release, wait_reached
+from chaosstack import census, counts, lost_flow_runs, restarted, through_fault
+from faults import armed_env, wait_reached
 from prereq import ROOT
 from servers import _group_alive, processes_with_env
 from teamstack import BIN, Stack, dvc, py, run, stack_up, why
@@ -70,18 +69,11 @@ def test_prefect_server_killed_during_a_stage(stack):
         sorted(["rlfn-prepare", "rlfn-degrade", "rlfn-patches"]), before["flow_runs"]
     assert all(fr[3] == "COMPLETED" for fr in before["flow_runs"]), before["flow_runs"]
 
-    fp = stack.state.parent / "failpoints-prefect-lost"
-    lines: list[str] = []
-    env = stack.client_env(**armed_env(fp, f"{POINT}@{AT}"))
-    stage = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", STAGE],
-                             cwd=stack.clone, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-    reader = pump_lines(stage, lines)
-    try:
-        wait_reached(fp, POINT, stage, limit_s=600, what=lambda: "\n".join(lines[-60:]))
+    running: list = []
+
+    def fault() -> float:
         mid = census(stack)  # the stage's flow run, RUNNING on the server
-        running = [fr for fr in mid["flow_runs"] if fr[3] == "RUNNING"]
+        running[:] = [fr for fr in mid["flow_runs"] if fr[3] == "RUNNING"]
         assert [fr[1] for fr in running] == ["rlfn-train"], mid["flow_runs"]
         pid = int((stack.state / "run" / "prefect.pid").read_text().split()[0])
         os.killpg(pid, signal.SIGKILL)
@@ -89,21 +81,14 @@ def test_prefect_server_killed_during_a_stage(stack):
         while _group_alive(pid) and time.monotonic() < t_kill + 30:
             time.sleep(0.1)
         assert not _group_alive(pid), "the Prefect server survived SIGKILL"
-        release(fp, POINT)
-        stage.wait(timeout=900)
-        reader.join(timeout=10)
-        TIMES["fault: server killed -> stage exited"] = time.monotonic() - t_kill
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
-            stage.wait(timeout=30)
-            print("\nthe stage, killed by the test; its last lines:\n" + "\n".join(lines[-80:]))
-    out = "\n".join(lines)
-    errors = [x for x in lines if x.startswith("error:")]
-    print(f"stage exit {stage.returncode} "
-          f"{TIMES['fault: server killed -> stage exited']:.1f} s after the kill; error lines:\n"
-          + "\n".join(errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
-    if stage.returncode != 0:  # failed: one line naming the server, nothing else
+        return t_kill
+
+    held = through_fault(stack, ["repro", "--single-item", STAGE],
+                         stack.state.parent / "failpoints-prefect-lost", f"{POINT}@{AT}", fault,
+                         reach_s=600, finish_s=900)
+    TIMES["fault: server killed -> stage exited"] = held.after_fault_s
+    out, errors, lines = held.out, held.errors, held.lines
+    if held.returncode != 0:  # failed: one line naming the server, nothing else
         assert len(errors) == 1, why(errors, out[-6000:])
         assert errors[0].startswith(f"error: Prefect server at {api}"), why(errors[0],
                                                                             out[-6000:])
@@ -128,7 +113,7 @@ def test_prefect_server_killed_during_a_stage(stack):
     assert after["versions"][:len(before["versions"])] == before["versions"], after["versions"]
     new = after["versions"][len(before["versions"]):]
     assert all(v[1] == "READY" for v in new), new  # nothing half-registered
-    if stage.returncode == 0:
+    if held.returncode == 0:
         assert len(new) == 1, new  # the stage's version, once
     lost = [fr for fr in after["flow_runs"] if fr[0] == running[0][0]]
     print(f"the stage's own flow run after the restart: {lost}")
@@ -137,13 +122,13 @@ def test_prefect_server_killed_during_a_stage(stack):
     t = time.monotonic()
     rerun = dvc(stack, "repro", "--single-item", STAGE, timeout=900)
     TIMES["rerun of the stage"] = time.monotonic() - t
-    assert f"{STAGE}: ready after" in rerun.stdout + rerun.stderr or stage.returncode == 0, \
+    assert f"{STAGE}: ready after" in rerun.stdout + rerun.stderr or held.returncode == 0, \
         rerun.stdout[-3000:] + rerun.stderr[-3000:]
     st = dvc(stack, "status", "--json", STAGE)
     assert st.stdout.strip() in ("{}", ""), st.stdout
     final = census(stack)
     done = [fr for fr in final["flow_runs"] if fr[1] == "rlfn-train" and fr[3] == "COMPLETED"]
-    assert done or stage.returncode == 0, final["flow_runs"]
+    assert done or held.returncode == 0, final["flow_runs"]
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
 
 
