@@ -93,6 +93,26 @@ print(json.dumps({"version": version, "runs": {str(fr.id): {
 """
 
 
+# the served endpoint from the client (RLFN_SERVE_URL over TLS, verified with RLFN_SERVE_CA):
+# a 24x32 LR image upscaled by the serving version
+SERVED = r"""
+import base64, io, json, os, ssl, urllib.request
+import numpy as np
+from PIL import Image
+img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+buf = io.BytesIO(); Image.fromarray(img).save(buf, format="PNG")
+body = json.dumps({"dataframe_records": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
+req = urllib.request.Request(os.environ["RLFN_SERVE_URL"] + "/invocations", data=body.encode(),
+                             headers={"Content-Type": "application/json"})
+ctx = ssl.create_default_context(cafile=os.environ["RLFN_SERVE_CA"])
+with urllib.request.urlopen(req, timeout=240, context=ctx) as r:
+    out = json.loads(r.read())["predictions"][0]
+    png = base64.b64decode(out["image"] if isinstance(out, dict) else out)
+    print(json.dumps({"status": r.status, "version": r.headers.get("X-Model-Version"),
+                      "shape": list(np.asarray(Image.open(io.BytesIO(png))).shape)}))
+"""
+
+
 TUNE_STATE = r"""
 import json, sys
 import optuna
@@ -312,6 +332,11 @@ def test_worker_host_joins(team: Team):
         srv_log = t.state / "logs" / "rollout-worker.log"
         assert any(f"/runs/flow-run/{rid}" in srv_log.read_text(errors="replace")
                    for rid in rolls["runs"]), "the server's rollout-worker log names no rollout"
+        # the served champion answers the client host through the endpoint's TLS end
+        got = cli.run([t.py(), "-c", SERVED], cwd=cli.home, timeout=300, **t.cenv())
+        served = json.loads(ok(got, "served").strip().splitlines()[-1])
+        assert served == {"status": 200, "version": rolls["version"], "shape": [96, 128, 3]}, \
+            (served, serve_logs)
     finally:
         wire.close()  # the capture's end (or, after a failure, tcpdump stopped)
 

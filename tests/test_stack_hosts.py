@@ -2,8 +2,10 @@
 address>`` (tests/hosts.py: its own network namespace, Unix user and home); from a client host
 (another namespace and user) MLflow and Prefect answer over HTTPS verified with the stack's CA,
 a client without the CA is refused (one line naming the service, pipeline/services.py's
-check), the servers' plain HTTP listeners are not reachable from the client, and PostgreSQL
-refuses a connection without SSL and accepts verify-full with the CA."""
+check), the servers' plain HTTP listeners are not reachable from the client, the served
+endpoint answers over TLS on the server's address (``RLFN_SERVE_URL``, ``RLFN_SERVE_CA`` in the
+bundle; 503 before a champion) and refuses a client without the CA, and PostgreSQL refuses a
+connection without SSL and accepts verify-full with the CA."""
 
 from __future__ import annotations
 
@@ -74,6 +76,19 @@ except OSError as e:
 """
 
 
+HTTPS = r"""
+import ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2] if len(sys.argv) > 2 else None)
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10, context=ctx) as r:
+        print(r.status, r.read(300).decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.code, e.read(300).decode(errors="replace"))
+except OSError as e:
+    print("refused:", getattr(e, "reason", e)); sys.exit(1)
+"""
+
+
 def _listeners(h) -> set[tuple[str, int]]:
     out = h.root(["ss", "-ltnH"]).stdout
     found = set()
@@ -111,10 +126,10 @@ def test_server_host_over_tls():
 
             # on the server host: off loopback only the TLS ends, PostgreSQL and sshd listen
             outside = {(a, p) for a, p in _listeners(srv) if not a.startswith("127.")}
-            # (the webhook receiver and the served endpoint stay on loopback: docs/serving-status.md)
-            assert outside == {(srv.addr, ports[s]) for s in ("pg", "mlflow", "prefect", "ssh")}, \
-                outside
-            for s in ("mlflow", "prefect"):
+            # (the webhook receiver stays on loopback; the served endpoint has its TLS end here)
+            assert outside == {(srv.addr, ports[s])
+                               for s in ("pg", "mlflow", "prefect", "ssh", "serve")}, outside
+            for s in ("mlflow", "prefect", "serve"):
                 assert ("127.0.0.1", ports[s]) in _listeners(srv)
 
             # the bundle: owner-only on the server host, carried to the client host, where
@@ -141,6 +156,17 @@ def test_server_host_over_tls():
             assert client == {k: v.replace(str(srv.home / "state" / "tls" / "ca.crt"), str(ca))
                               for k, v in exports.items() if k != "RLFN_PROJECT_DIR"}
             client["PREFECT_HOME"] = str(cli.home / "prefect")
+            # the served endpoint (no champion yet): its TLS end, verified with the bundle's CA
+            serve = eval_env(got.stdout, ("RLFN_SERVE_URL", "RLFN_SERVE_CA"))
+            assert serve == {"RLFN_SERVE_URL": f"https://{srv.addr}:{ports['serve']}",
+                             "RLFN_SERVE_CA": str(ca)}, serve
+            ping = cli.run([py, "-c", HTTPS, f"{serve['RLFN_SERVE_URL']}/ping", str(ca)],
+                           timeout=60)
+            assert ping.stdout.startswith("503 ") and "no champion" in ping.stdout, \
+                ping.stdout + ping.stderr
+            ping = cli.run([py, "-c", HTTPS, f"{serve['RLFN_SERVE_URL']}/ping"], timeout=60)
+            assert ping.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in ping.stdout, \
+                ping.stdout + ping.stderr
 
             ok = cli.run([py, "-c", CHECK], timeout=60, **client)
             assert ok.returncode == 0 and ok.stdout.startswith("ok: MLflow https://"), \
@@ -160,7 +186,8 @@ def test_server_host_over_tls():
             assert "certificate" in lines[0], lines
 
             # the servers' plain HTTP is not reachable from the client
-            for s, path in (("mlflow", "/health"), ("prefect", "/api/health")):
+            for s, path in (("mlflow", "/health"), ("prefect", "/api/health"),
+                            ("serve", "/ping")):
                 for target in (f"http://{srv.addr}:{ports[s]}{path}",
                                f"http://127.0.0.1:{ports[s]}{path}"):
                     h = cli.run([py, "-c", HTTP, target], timeout=30)

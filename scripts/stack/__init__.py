@@ -25,7 +25,8 @@ webhooks       the receiver of MLflow's registry webhook            55070
                the Prefect event that runs ``rlfn-serve/rollout``
 serve          the served endpoint: an nginx of its own in front    55080, instances at
                of ``mlflow models serve`` of the serving version    +1.. (RLFN_STACK_SERVE_PORT)
-               (``RLFN_SERVE_URL``)
+               (``RLFN_SERVE_URL``; off loopback over TLS on ADDR,
+               ``RLFN_SERVE_CA``)
 sshd           a private sshd (key only) for the DVC remote         52222
                ``stack`` (this clone's default, .dvc/config.local)  (RLFN_STACK_SSH_PORT)
 =============  ===================================================  ====================

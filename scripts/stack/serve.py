@@ -1,6 +1,8 @@
 """The served endpoint (``serve``): an nginx of its own (Debian's package; its config, pid and
 temporary files in ``serve/``, apart from the TLS nginx of ``up --host``) on 127.0.0.1 at
-``RLFN_STACK_SERVE_PORT``, in front of ``RLFN_STACK_SERVE_INSTANCES`` (default 1) instances of
+``RLFN_STACK_SERVE_PORT`` (off loopback, ``up --host ADDR``, also on ADDR at that port over TLS,
+with the stack's server certificate: the plain port stays on 127.0.0.1, for this host's own
+probes and the rollout's canary), in front of ``RLFN_STACK_SERVE_INSTANCES`` (default 1) instances of
 ``mlflow models serve -m models:/<registered model>/<version> --env-manager local`` of one
 version, each a daemon of the stack (``run/serve-<slot>-<i>.pid``, ``logs/serve-<slot>-<i>.log``).
 
@@ -38,8 +40,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from rlfn.io import atomic_write
-from stack import mlflow_server, nginx
-from stack.core import (HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, open_log,
+from stack import mlflow_server, nginx, tls
+from stack.core import (CA_CERT, HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, open_log,
                         read_json, rel, timeout_s)
 from stack.procs import (children, pid_of, port_free, require_free, run_logged, spawn,
                          stop_daemon, wait_until)
@@ -120,14 +122,23 @@ def instance_env(n_instances: int) -> dict[str, str]:
 
 
 def url(ctx: Ctx) -> str:
-    """The endpoint (``RLFN_SERVE_URL``): POST ``<url>/invocations``."""
+    """The endpoint on this host's loopback (plain HTTP): POST ``<url>/invocations``."""
     return f"http://{HOST}:{ctx.ports[NAME]}"
 
 
+def public_url(ctx: Ctx) -> str:
+    """The endpoint for clients (``RLFN_SERVE_URL``): on loopback ``url``; off it the TLS end on
+    the stack's address."""
+    return f"https://{ctx.host}:{ctx.ports[NAME]}" if ctx.remote else url(ctx)
+
+
 def exports(ctx: Ctx) -> dict[str, str]:
-    """``RLFN_SERVE_URL``; on loopback only for now (off it the endpoint has no TLS end yet,
-    and a bundle's 127.0.0.1 would be another host's)."""
-    return {} if ctx.remote else {"RLFN_SERVE_URL": url(ctx)}
+    """``RLFN_SERVE_URL``; off loopback with ``RLFN_SERVE_CA``, the CA to verify it with (the
+    stack's; a bundle carries it, as it does for MLflow and Prefect)."""
+    out = {"RLFN_SERVE_URL": public_url(ctx)}
+    if ctx.remote:
+        out["RLFN_SERVE_CA"] = str(CA_CERT)
+    return out
 
 
 def model_name(ctx: Ctx) -> str:
@@ -266,7 +277,11 @@ def refuse(name: str, version: str, reason: str) -> None:
 
 # --------------------------------------------------------------------------- nginx
 def _conf(ctx: Ctx) -> str:
-    return nginx.head(DIR, f"scripts/stack/serve.py: the served endpoint on {url(ctx)}") + f"""\
+    certs = "" if not ctx.remote else (f"    ssl_certificate {tls.SERVER_CERT};\n"
+                                       f"    ssl_certificate_key {tls.SERVER_KEY};\n"
+                                       "    ssl_protocols TLSv1.2 TLSv1.3;\n")
+    return nginx.head(DIR, f"scripts/stack/serve.py: the served endpoint on {public_url(ctx)}") \
+        + certs + f"""\
     client_max_body_size {max_body()};
     client_body_timeout {client_timeout_s()}s;
     client_header_timeout {client_timeout_s()}s;
@@ -284,6 +299,8 @@ def _route(ctx: Ctx, name: str, version: str | None, ports: tuple[int, ...] = ()
     """The route: the upstream of ``version``'s instances and the headers naming it; without a
     version, HTTP 503 "waiting for a champion"."""
     listen = f"listen {HOST}:{ctx.ports[NAME]};"
+    if ctx.remote:  # the TLS end for other hosts (the plain port stays on loopback)
+        listen += f"\n    listen {ctx.host}:{ctx.ports[NAME]} ssl;"
     if version is None:
         msg = json.dumps({"error_code": "SERVICE_UNAVAILABLE",
                           "message": f"serve: no champion of {name} yet (waiting for one)"})
@@ -317,7 +334,9 @@ server {{
 
 
 def _answers(ctx: Ctx) -> bool:
-    return probe(f"{url(ctx)}/ping")[0] != 0
+    """Whether nginx answers on loopback and, off it, on its TLS end (verified with the CA)."""
+    return probe(f"{url(ctx)}/ping")[0] != 0 and (
+        not ctx.remote or request("GET", f"{public_url(ctx)}/ping", timeout=3)[0] != 0)
 
 
 def _reload(exe: str) -> None:
@@ -463,6 +482,8 @@ def start(ctx: Ctx) -> str:
 def spawn_nginx(ctx: Ctx, exe: str) -> None:
     """Start the endpoint's nginx on the config and route written, and wait for it to answer."""
     require_free(ctx, NAME)
+    if ctx.remote:
+        require_free(ctx, NAME, host=ctx.host)
     p = spawn(NAME, [exe, "-c", str(CONF), "-p", str(DIR), "-e", "stderr"], base_env(), DIR)
     wait_until(NAME, lambda: _answers(ctx), p, f"{url(ctx)}/ping")
 
@@ -480,9 +501,9 @@ def row(ctx: Ctx) -> str:
     name = st.get("name") or "the registered model"
     if st.get("version"):
         n = len(st.get("ports") or [])
-        text = f"{url(ctx)} -> {name} v{st['version']} ({n} instance{'s' * (n != 1)})"
+        text = f"{public_url(ctx)} -> {name} v{st['version']} ({n} instance{'s' * (n != 1)})"
     else:
-        text = f"{url(ctx)}: waiting for a champion of {name}"
+        text = f"{public_url(ctx)}: waiting for a champion of {name}"
     refused = st.get("refused")
     if refused:
         text += f"; v{refused['version']} refused: {refused['reason']}"
@@ -494,6 +515,8 @@ def health(ctx: Ctx) -> str | None:
     the endpoint answers with its version."""
     if pid_of(NAME) is None:
         return "not running"
+    if ctx.remote and request("GET", f"{public_url(ctx)}/ping", timeout=3)[0] == 0:
+        return f"its TLS end {public_url(ctx)} does not answer"
     st = state()
     status, headers = probe(f"{url(ctx)}/ping")
     if not st.get("version"):
