@@ -32,7 +32,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))  # the test suite's port reservation, reused
 
+from machine import machine  # noqa: E402 - bench/machine.py
 from rlfn.threads import set_wait_policy_default  # noqa: E402
 
 set_wait_policy_default()  # as the servers (serve.instance_env): before torch loads
@@ -355,9 +355,7 @@ def main() -> int:
         "big_input": big, "server_log_warnings": warnings,
         "one_client_p50_vs_alone": (round(one["p50_s"] / baseline["p50_s"], 3) if one
                                     else None),
-        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "mlflow": mlflow.__version__,
-                    "node": platform.node()},
+        "machine": machine(torch=torch.__version__, mlflow=mlflow.__version__),
     }
     print_table(result)
     out = Path(args.out)

@@ -208,36 +208,38 @@ def describe_failure(exc: BaseException) -> str | None:
             url = f" ({req.method} {req.url})"
         cur = cur.__cause__ or cur.__context__
     text = "; from ".join(parts) + url
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    api = os.environ.get("PREFECT_API_URL", "")
-    lowered = text.lower()
-    host = lambda u: urllib.parse.urlsplit(u).netloc.rsplit("@", 1)[-1]  # noqa: E731
+    server = _named_server(text)
+    if server is None:
+        return None
+    what, base, probe_path, headers, ca, retries = server
+    lowered, quoted = text.lower(), json.dumps(text[:300])
     # up, but answering 5xx to every retry (its database down, for one): ask it why, now
     code = re.search(r"too many (5\d\d) error responses|server error '(5\d\d)", lowered)
     if code:
-        status = code.group(1) or code.group(2)
-        quoted = json.dumps(text[:300])
-        if uri.startswith("http") and host(uri) and host(uri) in text:
-            now = _probe(uri, MLFLOW_PROBE, _mlflow_headers(),
-                         os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH", ""), 10)
-            return (f"MLflow tracking server at {masked(uri)}: answered HTTP {status} to each "
-                    f"of the client's retries during the stage; now "
-                    f"{now or 'it answers again'} ({quoted})")
-        if api and host(api) and host(api) in text:
-            now = _probe(api, PREFECT_READY, {}, os.environ.get("PREFECT_API_SSL_CERT_FILE", ""),
-                         10)
-            return (f"Prefect server at {masked(api)}: answered HTTP {status} during the "
-                    f"stage; now {now or 'it answers again'} ({quoted})")
+        now = _probe(base, probe_path, headers, ca, 10)
+        return (f"{what} at {masked(base)}: answered HTTP {code.group(1) or code.group(2)} "
+                f"{retries or 'during the stage'}; now {now or 'it answers again'} ({quoted})")
     lost = any(s in lowered for s in ("connection refused", "max retries exceeded",
                                       "failed to establish", "connecterror",
                                       "remote end closed", "connection reset",
                                       "temporarily unavailable", "read timed out"))
     if not lost:
         return None
+    after = ", still unreachable after the client's retries" if retries else ""
+    return f"{what} at {masked(base)}: lost during the stage{after} ({quoted})"
+
+
+def _named_server(text: str) -> tuple[str, str, str, dict, str, str] | None:
+    """The server (MLflow's, else Prefect's) whose host ``text`` names: its label, URL, probe
+    path, headers, CA file and how its client retried (MLflow's retries each request)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    api = os.environ.get("PREFECT_API_URL", "")
+    host = lambda u: urllib.parse.urlsplit(u).netloc.rsplit("@", 1)[-1]  # noqa: E731
     if uri.startswith("http") and host(uri) and host(uri) in text:
-        return (f"MLflow tracking server at {masked(uri)}: lost during the stage, still "
-                f"unreachable after the client's retries ({json.dumps(text[:300])})")
+        return ("MLflow tracking server", uri, MLFLOW_PROBE, _mlflow_headers(),
+                os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH", ""),
+                "to each of the client's retries during the stage")
     if api and host(api) and host(api) in text:
-        return (f"Prefect server at {masked(api)}: lost during the stage "
-                f"({json.dumps(text[:300])})")
+        return ("Prefect server", api, PREFECT_READY, {},
+                os.environ.get("PREFECT_API_SSL_CERT_FILE", ""), "")
     return None

@@ -98,6 +98,13 @@ def health(ctx: Ctx) -> str | None:
     return None
 
 
+def tls_lines() -> str:
+    """The http block's TLS lines (the stack's server certificate): this nginx's and serve's."""
+    return (f"    ssl_certificate {tls.SERVER_CERT};\n"
+            f"    ssl_certificate_key {tls.SERVER_KEY};\n"
+            "    ssl_protocols TLSv1.2 TLSv1.3;\n")
+
+
 def _conf(ctx: Ctx) -> str:
     servers = "".join(f"""
     server {{  # {s}
@@ -112,17 +119,15 @@ def _conf(ctx: Ctx) -> str:
         }}
     }}
 """ for s, _ in FRONTS)
-    return head(DIR, f"scripts/stack/nginx.py: the TLS end of MLflow and Prefect on {ctx.host}") + f"""\
+    title = f"scripts/stack/nginx.py: the TLS end of MLflow and Prefect on {ctx.host}"
+    return head(DIR, title) + f"""\
     client_max_body_size 0;
     proxy_http_version 1.1;
     proxy_request_buffering off;
     proxy_buffering off;
     proxy_read_timeout 3600s;
     proxy_send_timeout 3600s;
-    ssl_certificate {tls.SERVER_CERT};
-    ssl_certificate_key {tls.SERVER_KEY};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+{tls_lines()}    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
 {servers}}}
 """
 

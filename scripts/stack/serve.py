@@ -2,9 +2,10 @@
 temporary files in ``serve/``, apart from the TLS nginx of ``up --host``) on 127.0.0.1 at
 ``RLFN_STACK_SERVE_PORT`` (off loopback, ``up --host ADDR``, also on ADDR at that port over TLS,
 with the stack's server certificate: the plain port stays on 127.0.0.1, for this host's own
-probes and the rollout's canary), in front of ``RLFN_STACK_SERVE_INSTANCES`` (default 1) instances of
-``mlflow models serve -m models:/<registered model>/<version> --env-manager local`` of one
-version, each a daemon of the stack (``run/serve-<slot>-<i>.pid``, ``logs/serve-<slot>-<i>.log``).
+probes and the rollout's canary), in front of ``RLFN_STACK_SERVE_INSTANCES`` (default 1)
+instances of ``mlflow models serve -m models:/<registered model>/<version> --env-manager local``
+of one version, each a daemon of the stack (``run/serve-<slot>-<i>.pid``,
+``logs/serve-<slot>-<i>.log``).
 
 Every answer through it carries ``X-Model-Name`` and ``X-Model-Version``: the route
 (``serve/route.conf``, included by ``serve/nginx.conf``) is written for one version at a time,
@@ -21,7 +22,7 @@ recorded, the champion (alias ``champion`` of the project's registered model, pa
 champion" and ``status`` says so (``up`` does not fail: the first promotion's rollout starts
 it). Settings: ``RLFN_STACK_SERVE_MAX_BODY`` (nginx's ``client_max_body_size``, default
 ``16m``: a larger request gets 413), ``RLFN_STACK_SERVE_TIMEOUT_S`` (seconds nginx waits for a
-model's answer, default 300), ``RLFN_STACK_SERVE_CLIENT_TIMEOUT_S`` (seconds nginx waits for
+model's answer and a model server lets a request run, default 300), ``RLFN_STACK_SERVE_CLIENT_TIMEOUT_S`` (seconds nginx waits for
 the next piece of a client's request headers or body, default 30: a client that stalls sending
 is cut off), ``RLFN_STACK_SERVE_THREADS`` (torch threads of each model server; default 0: the
 cores shared among the instances)."""
@@ -40,9 +41,9 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from rlfn.io import atomic_write
-from stack import mlflow_server, nginx, tls
-from stack.core import (CA_CERT, HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, open_log,
-                        read_json, rel, timeout_s)
+from stack import mlflow_server, nginx
+from stack.core import (CA_CERT, HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path,
+                        open_log, read_json, rel, timeout_s)
 from stack.procs import (children, pid_of, port_free, require_free, run_logged, spawn,
                          stop_daemon, wait_until)
 from stack.web import probe, request
@@ -76,7 +77,9 @@ def max_body() -> str:
 
 
 def read_timeout_s() -> int:
-    """``RLFN_STACK_SERVE_TIMEOUT_S``: how long nginx waits for a model's answer (300)."""
+    """``RLFN_STACK_SERVE_TIMEOUT_S``: how long nginx waits for a model's answer, and each
+    model server (``mlflow models serve --timeout``; MLflow's default, 60 s, answered a 2K
+    input on 2 cores with HTTP 504) lets a request run (300)."""
     v = os.environ.get("RLFN_STACK_SERVE_TIMEOUT_S", "300").strip()
     if not v.isdigit() or int(v) < 1:
         raise StackError(f"serve: RLFN_STACK_SERVE_TIMEOUT_S={v!r}: not a positive integer")
@@ -249,7 +252,8 @@ def launch(ctx: Ctx, name: str, version: str, tracking: dict[str, str] | None = 
                                  f"RLFN_STACK_SERVE_PORT+{port - ctx.ports[NAME]}) is taken by "
                                  "another program (set RLFN_STACK_SERVE_PORT elsewhere)")
             cmd = [PY, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
-                   "--env-manager", "local", "-h", HOST, "-p", str(port), "--workers", "1"]
+                   "--env-manager", "local", "-h", HOST, "-p", str(port), "--workers", "1",
+                   "--timeout", str(read_timeout_s())]  # MLflow's own cut is 60 s: a 504
             procs.append(spawn(_daemon(slot, i), cmd, env, work))
         for i, (port, p) in enumerate(zip(ports, procs)):
             wait_until(_daemon(slot, i), lambda port=port: probe(
@@ -277,9 +281,7 @@ def refuse(name: str, version: str, reason: str) -> None:
 
 # --------------------------------------------------------------------------- nginx
 def _conf(ctx: Ctx) -> str:
-    certs = "" if not ctx.remote else (f"    ssl_certificate {tls.SERVER_CERT};\n"
-                                       f"    ssl_certificate_key {tls.SERVER_KEY};\n"
-                                       "    ssl_protocols TLSv1.2 TLSv1.3;\n")
+    certs = nginx.tls_lines() if ctx.remote else ""
     return nginx.head(DIR, f"scripts/stack/serve.py: the served endpoint on {public_url(ctx)}") \
         + certs + f"""\
     client_max_body_size {max_body()};
@@ -333,10 +335,14 @@ server {{
 """
 
 
+def _tls_answers(ctx: Ctx) -> bool:
+    """Whether the TLS end answers /ping (verified with the CA); True on loopback (none)."""
+    return not ctx.remote or request("GET", f"{public_url(ctx)}/ping", timeout=3)[0] != 0
+
+
 def _answers(ctx: Ctx) -> bool:
-    """Whether nginx answers on loopback and, off it, on its TLS end (verified with the CA)."""
-    return probe(f"{url(ctx)}/ping")[0] != 0 and (
-        not ctx.remote or request("GET", f"{public_url(ctx)}/ping", timeout=3)[0] != 0)
+    """Whether nginx answers on loopback and, off it, on its TLS end."""
+    return probe(f"{url(ctx)}/ping")[0] != 0 and _tls_answers(ctx)
 
 
 def _reload(exe: str) -> None:
@@ -515,7 +521,7 @@ def health(ctx: Ctx) -> str | None:
     the endpoint answers with its version."""
     if pid_of(NAME) is None:
         return "not running"
-    if ctx.remote and request("GET", f"{public_url(ctx)}/ping", timeout=3)[0] == 0:
+    if not _tls_answers(ctx):
         return f"its TLS end {public_url(ctx)} does not answer"
     st = state()
     status, headers = probe(f"{url(ctx)}/ping")
