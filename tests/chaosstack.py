@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,20 @@ print(json.dumps({
                     dict(sorted(r.data.metrics.items()))] for r in runs),
     "versions": versions, "aliases": aliases, "studies": studies,
     "flow_runs": asyncio.run(flow_runs())}))
+'''
+
+
+# One client process: the Optuna study ``chaos-pg`` in the stack's PostgreSQL, N more trials
+# (argv: sampler seed, N); prints every trial's number.
+STUDY = r'''
+import json, os, sys
+import optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.create_study(study_name="chaos-pg", load_if_exists=True,
+                            storage=os.environ["RLFN_OPTUNA_STORAGE"],
+                            sampler=optuna.samplers.RandomSampler(seed=int(sys.argv[1])))
+study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.25) ** 2, n_trials=int(sys.argv[2]))
+print(json.dumps([t.number for t in study.get_trials()]))
 '''
 
 
@@ -187,3 +202,46 @@ def through_fault(stack: Stack, dvc_args: list[str], fp: Path, point: str,
     print(f"stage exit {held.returncode}, {held.after_fault_s:.1f} s after the fault; error "
           "lines:\n" + "\n".join(held.errors) + "\n--- last lines:\n" + "\n".join(lines[-25:]))
     return held
+
+
+class LoopbackCut:
+    """On one host, the route to a server cut with iproute2's tools (what ``Net.cut`` is for
+    the multi-host layout): ``lo``'s queue made an ``htb`` whose ``u32`` filter sends every
+    packet addressed *to* ``port`` (a client's SYN, request or ACK) into a class whose queue
+    holds nothing (``pfifo limit 0``: dropped), so a connect times out and an open connection
+    hears nothing, nothing is refused; the server's answers (from the port) and every other
+    port take the default class, unlimited. (This kernel has the ``u32`` classifier but no
+    ``drop`` action module, nor ``prio`` or ``netem``.) ``cut()`` refuses a ``lo`` with a
+    queue discipline of someone else's; ``mend()`` restores the default. Root only."""
+
+    def __init__(self, port: int):
+        self.port, self.on, self.mended_at = port, False, 0.0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _tc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30)
+        assert not check or r.returncode == 0, f"tc {' '.join(args)}: {r.stderr.strip()}"
+        return r
+
+    def cut(self) -> float:
+        """Cut; the ``time.monotonic()`` of the cut."""
+        shown = self._tc("qdisc", "show", "dev", "lo").stdout
+        assert "htb" not in shown and "pfifo " not in shown, f"lo has a qdisc already: {shown}"
+        self._tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10")
+        self.on = True
+        for c in ("10", "20"):
+            self._tc("class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{c}", "htb",
+                     "rate", "100gbit", "quantum", "200000")
+        self._tc("qdisc", "add", "dev", "lo", "parent", "1:20", "handle", "20:", "pfifo",
+                 "limit", "0")
+        self._tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                 "u32", "match", "ip", "dport", str(self.port), "0xffff", "flowid", "1:20")
+        return time.monotonic()
+
+    def mend(self) -> None:
+        """Mend (the ``time.time()`` of it in ``mended_at``); a second call does nothing."""
+        with self._lock:
+            if self.on:
+                self._tc("qdisc", "del", "dev", "lo", "root")
+                self.on, self.mended_at = False, time.time()

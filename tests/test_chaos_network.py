@@ -15,22 +15,33 @@ version READY; the worker on ``w1`` ONLINE again; nothing the client counted bef
 dispatch lost (chaosstack.CENSUS, read from the client over TLS); ``dvc status`` clean on
 ``w1``. The test prints how long the stage waited after the link came back.
 
+On one host (single-host team mode, every service on 127.0.0.1), the same fault with the tools
+the namespaces give: the route to the tracking server's port cut on ``lo`` (chaosstack.
+LoopbackCut: iproute2's ``tc`` drops what is sent to that port, nothing refused) while a whole
+tiny ``dvc repro`` is released from the same failpoint, mended ``PARTITION_S`` later (stage
+``prepare`` and two Optuna trials recorded before, to count). The same exacts: the repro completes with no ``error:`` line, stage 1's version registered after the
+route came back and once, three READY versions, the alias whole on the version the promotion
+report names, nothing of the census lost, every stage's flow run COMPLETED, ``dvc status``
+clean.
+
 Marked ``chaos`` only: the hosts, the stack, the whole tiny pipeline and a minute of
-partition (``pytest -m chaos``; docs/chaos-status.md).
+partition, twice (``pytest -m chaos``; docs/chaos-status.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
 
-from chaosstack import CENSUS, MODEL, counts, lost_flow_runs
+from chaosstack import (CENSUS, MODEL, STUDY, LoopbackCut, census, counts, lost_flow_runs,
+                        through_fault)
 from teamhosts import WORKERS, Team, deploy_run, ok, team_on_hosts, wait_runs
-from teamstack import why
-from tinyproject import FLOW_RUNS
+from teamstack import dvc, py, stack_up, why
+from tinyproject import FLOW_RUNS, tiny_clone
 
 pytestmark = pytest.mark.chaos
 
@@ -135,3 +146,69 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     retried = [x for x in logs.splitlines() if "Retrying" in x or "Error logging" in x]
     print("what the clients said in the partition (the worker log's tail):\n" +
           "\n".join(retried[-10:]))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with stack_up("rlfn-chaos-net-", prepare=tiny_clone) as st:
+        yield st
+
+
+@pytest.mark.timeout(2700)
+def test_route_to_the_tracking_server_cut_on_one_host_while_a_stage_registers(stack, tmp_path):
+    # something recorded before, to count: stage prepare's run and flow run, 2 Optuna trials
+    dvc(stack, "repro", "prepare", timeout=900)
+    assert py(stack, STUDY, "0", "2") == [0, 1]
+    before = census(stack)
+    print(f"\nbefore the repro: {counts(before)}")
+    assert before["runs"] and before["flow_runs"] and before["studies"], counts(before)
+    cut = LoopbackCut(stack.ports["mlflow"])
+    timer: list[threading.Timer] = []
+    at: dict[str, float] = {}
+
+    def fault() -> float:
+        mid = py(stack, REGISTRY, MODEL)
+        assert mid["versions"] == [], mid  # held before the version: nothing registered yet
+        t = cut.cut()
+        at["cut"] = time.time()
+        timer.append(threading.Timer(PARTITION_S, cut.mend))
+        timer[0].start()
+        return t
+
+    try:
+        held = through_fault(stack, ["repro"], tmp_path / "fp", FP, fault, finish_s=1800)
+    finally:
+        if timer:
+            timer[0].cancel()
+            timer[0].join()
+        cut.mend()
+    print(f"route cut for {cut.mended_at - at['cut']:.1f} s; the repro ended "
+          f"{held.after_fault_s:.1f} s after the cut")
+    assert held.returncode == 0 and held.errors == [], held.out[-4000:]
+    reg = py(stack, REGISTRY, MODEL)
+    print(f"registry: {reg}")
+    versions = reg["versions"]
+    assert [(v[0], v[1], v[3]) for v in versions] == [
+        (1, "READY", "train_stage@1"), (2, "READY", "train_stage@2"),
+        (3, "READY", "train_stage@3")], versions
+    assert len({v[2] for v in versions}) == 3, versions
+    print(f"stage 1's version registered {versions[0][4] - cut.mended_at:.1f} s after the "
+          f"route came back ({versions[0][4] - at['cut']:.1f} s after the cut)")
+    assert versions[0][4] > cut.mended_at, why("registered during the cut?", versions)
+    promo = json.loads((stack.clone / "reports" / "promotion.json").read_text())["decision"]
+    expected = promo["candidate_version"] if promo["promoted"] else promo["champion_version"]
+    assert reg["aliases"] == {"champion": str(expected)}, (reg["aliases"], promo["reason"])
+    after = census(stack)
+    print(f"after: {counts(after)}")
+    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
+    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
+    assert after["studies"] == before["studies"]
+    assert [r for r in after["runs"] if r[1] == "RUNNING"] == [], after["runs"]
+    new_flows = [f for f in after["flow_runs"] if f[1] != "rlfn-serve" and
+                 str(f) not in set(map(str, before["flow_runs"]))]
+    assert sorted(f[2] for f in new_flows) == sorted(set(FLOW_RUNS) - {"prepare"}), new_flows
+    assert all(f[3] == "COMPLETED" for f in new_flows), new_flows
+    st = dvc(stack, "status", "--json", "dvc.yaml", timeout=300)
+    assert json.loads(st.stdout or "{}") == {}, st.stdout
+    retried = [x for x in held.lines if "Retrying" in x or "retry" in x.lower()]
+    print("what the client said in the cut:\n" + "\n".join(retried[-10:]))

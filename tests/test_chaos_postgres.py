@@ -36,7 +36,7 @@ import time
 
 import pytest
 
-from chaosstack import (census, counts, kill_postgresql, lost_flow_runs, restarted,
+from chaosstack import (STUDY, census, counts, kill_postgresql, lost_flow_runs, restarted,
                         through_fault)
 from teamstack import dvc, py, stack_up, why
 from tinyproject import DVC_STAGES, tiny_clone
@@ -44,17 +44,6 @@ from tinyproject import DVC_STAGES, tiny_clone
 pytestmark = pytest.mark.chaos
 
 TIMES: dict[str, float] = {}
-
-STUDY = r'''
-import json, os, sys
-import optuna
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-study = optuna.create_study(study_name="chaos-pg", load_if_exists=True,
-                            storage=os.environ["RLFN_OPTUNA_STORAGE"],
-                            sampler=optuna.samplers.RandomSampler(seed=int(sys.argv[1])))
-study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.25) ** 2, n_trials=int(sys.argv[2]))
-print(json.dumps([t.number for t in study.get_trials()]))
-'''
 
 
 @pytest.fixture(scope="module")
