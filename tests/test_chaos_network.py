@@ -34,6 +34,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,39 @@ print(json.dumps({"versions": sorted([int(v.version), str(v.status), v.run_id, r
                                       v.creation_timestamp / 1000] for v in vs),
                   "aliases": dict(c.get_registered_model(name).aliases or {}) if vs else {}}))
 """
+
+
+def registry_whole(reg: dict, t_cut: float, t_mend: float, project: Path) -> None:
+    """After the partition (``t_cut`` to ``t_mend``, ``time.time()``): one version per training
+    stage's run, each READY, none duplicated by a retried request; stage 1's registered after
+    the mend; the alias whole, on the version ``project``'s promotion report names."""
+    print(f"registry: {reg}")
+    versions = reg["versions"]
+    assert [(v[0], v[1], v[3]) for v in versions] == [
+        (1, "READY", "train_stage@1"), (2, "READY", "train_stage@2"),
+        (3, "READY", "train_stage@3")], versions
+    assert len({v[2] for v in versions}) == 3, versions
+    print(f"stage 1's version registered {versions[0][4] - t_mend:.1f} s after the route came "
+          f"back ({versions[0][4] - t_cut:.1f} s after the cut)")
+    assert versions[0][4] > t_mend, why("registered during the partition?", versions, t_mend)
+    promo = json.loads((project / "reports" / "promotion.json").read_text())["decision"]
+    expected = promo["candidate_version"] if promo["promoted"] else promo["champion_version"]
+    assert reg["aliases"] == {"champion": str(expected)}, (reg["aliases"], promo["reason"])
+
+
+def nothing_lost(before: dict, after: dict, flows: list[str], dispatched: str = "") -> None:
+    """Nothing of census ``before`` lost in ``after``, no MLflow run left RUNNING, and the new
+    flow runs (but the ``dispatched`` one and the champion's rollouts, triggered by the alias
+    on the server, going their own way) exactly ``flows``, each COMPLETED."""
+    print(f"after: {counts(after)}")
+    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
+    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
+    assert after["studies"] == before["studies"]
+    assert [r for r in after["runs"] if r[1] == "RUNNING"] == [], after["runs"]
+    new_flows = [f for f in after["flow_runs"] if f[1] != "rlfn-serve" and
+                 str(f) not in set(map(str, before["flow_runs"]))]
+    assert sorted(f[2] for f in new_flows if f[0] != dispatched) == sorted(flows), new_flows
+    assert all(f[3] == "COMPLETED" for f in new_flows), new_flows
 
 
 @pytest.fixture(scope="module")
@@ -107,38 +141,12 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     states = wait_runs(t, [fid], 1800)
     logs = t.logs()
     assert states[fid]["state"] == "COMPLETED", why(states, logs)
-    reg = _client_py(t, REGISTRY, MODEL)
-    print(f"registry: {reg}")
-    versions = reg["versions"]
-    # one version per training stage's run, each READY: none duplicated by a retried request
-    assert [(v[0], v[1], v[3]) for v in versions] == [
-        (1, "READY", "train_stage@1"), (2, "READY", "train_stage@2"),
-        (3, "READY", "train_stage@3")], versions
-    assert len({v[2] for v in versions}) == 3, versions
-    waited = versions[0][4] - t_mend
-    print(f"stage 1's version registered {waited:.1f} s after the link came back "
-          f"({versions[0][4] - t_cut:.1f} s after the cut)")
-    assert versions[0][4] > t_mend, why("registered during the partition?", versions, t_mend)
-    # the alias: whole, on the version the promotion report names
-    promo = json.loads((project / "reports" / "promotion.json").read_text())["decision"]
-    expected = promo["candidate_version"] if promo["promoted"] else promo["champion_version"]
-    assert reg["aliases"] == {"champion": str(expected)}, (reg["aliases"], promo["reason"])
+    registry_whole(_client_py(t, REGISTRY, MODEL), t_cut, t_mend, project)
     # the worker on w1 back on the pool
     workers = _client_py(t, WORKERS, "rlfn-pool")
     assert list(workers.values()) == ["ONLINE"], workers
     # nothing counted before lost; every run ended
-    after = _client_py(t, CENSUS, MODEL)
-    print(f"after: {counts(after)}")
-    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
-    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
-    assert after["studies"] == before["studies"]
-    assert [r for r in after["runs"] if r[1] == "RUNNING"] == [], after["runs"]
-    # the repro's flow run and each stage's, COMPLETED (the champion's rollout, triggered on
-    # the server by the alias, goes its own way: not counted)
-    new_flows = [f for f in after["flow_runs"] if f[1] != "rlfn-serve" and
-                 str(f) not in set(map(str, before["flow_runs"]))]
-    assert sorted(f[2] for f in new_flows if f[0] != fid) == sorted(FLOW_RUNS), new_flows
-    assert all(f[3] == "COMPLETED" for f in new_flows), new_flows
+    nothing_lost(before, _client_py(t, CENSUS, MODEL), FLOW_RUNS, fid)
     # the worker host's clone: every stage's outputs as its dvc.lock says
     dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
     st = w.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)
@@ -185,29 +193,8 @@ def test_route_to_the_tracking_server_cut_on_one_host_while_a_stage_registers(st
     print(f"route cut for {cut.mended_at - at['cut']:.1f} s; the repro ended "
           f"{held.after_fault_s:.1f} s after the cut")
     assert held.returncode == 0 and held.errors == [], held.out[-4000:]
-    reg = py(stack, REGISTRY, MODEL)
-    print(f"registry: {reg}")
-    versions = reg["versions"]
-    assert [(v[0], v[1], v[3]) for v in versions] == [
-        (1, "READY", "train_stage@1"), (2, "READY", "train_stage@2"),
-        (3, "READY", "train_stage@3")], versions
-    assert len({v[2] for v in versions}) == 3, versions
-    print(f"stage 1's version registered {versions[0][4] - cut.mended_at:.1f} s after the "
-          f"route came back ({versions[0][4] - at['cut']:.1f} s after the cut)")
-    assert versions[0][4] > cut.mended_at, why("registered during the cut?", versions)
-    promo = json.loads((stack.clone / "reports" / "promotion.json").read_text())["decision"]
-    expected = promo["candidate_version"] if promo["promoted"] else promo["champion_version"]
-    assert reg["aliases"] == {"champion": str(expected)}, (reg["aliases"], promo["reason"])
-    after = census(stack)
-    print(f"after: {counts(after)}")
-    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
-    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
-    assert after["studies"] == before["studies"]
-    assert [r for r in after["runs"] if r[1] == "RUNNING"] == [], after["runs"]
-    new_flows = [f for f in after["flow_runs"] if f[1] != "rlfn-serve" and
-                 str(f) not in set(map(str, before["flow_runs"]))]
-    assert sorted(f[2] for f in new_flows) == sorted(set(FLOW_RUNS) - {"prepare"}), new_flows
-    assert all(f[3] == "COMPLETED" for f in new_flows), new_flows
+    registry_whole(py(stack, REGISTRY, MODEL), at["cut"], cut.mended_at, stack.clone)
+    nothing_lost(before, census(stack), [f for f in FLOW_RUNS if f != "prepare"])
     st = dvc(stack, "status", "--json", "dvc.yaml", timeout=300)
     assert json.loads(st.stdout or "{}") == {}, st.stdout
     retried = [x for x in held.lines if "Retrying" in x or "retry" in x.lower()]
