@@ -10,6 +10,8 @@
 #   scripts/stack.sh bundle FILE  the team's bundle (owner-only) for other hosts
 #   scripts/stack.sh status   each service, its URL and health; non-zero if any is down
 #   scripts/stack.sh down     stop them all, keeping the data
+#   scripts/stack.sh rotate NAME...|all  new values for those secrets, applied, every service
+#                             restarted; other hosts then need a new bundle
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py="$root/.venv/bin/python"

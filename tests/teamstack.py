@@ -46,8 +46,10 @@ class Stack:
     up_seconds: float
     _exports: dict | None = field(default=None, repr=False)
 
-    def sh(self, cmd: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(STACK_SH), cmd], capture_output=True, text=True,
+    def sh(self, cmd: str, *args: str, timeout: float = 300,
+           **env) -> subprocess.CompletedProcess:
+        """``scripts/stack.sh CMD ARGS...`` with this stack's environment (and ``env``)."""
+        return subprocess.run(["bash", str(STACK_SH), cmd, *args], capture_output=True, text=True,
                               env={**self.env, **env}, timeout=timeout, cwd=ROOT)
 
     def exports(self) -> dict[str, str]:

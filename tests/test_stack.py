@@ -492,6 +492,72 @@ def test_status_names_a_stopped_service_and_up_restarts_it(stack):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# --------------------------------------------------------------------------- rotate (last)
+@pytest.mark.timeout(600)
+def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack):
+    """``rotate``: the old values refused by PostgreSQL, MLflow and Prefect (each server's own
+    answer), the new ones let in, what was recorded before still there. Last of the module's
+    stack tests: every client environment before it holds the old values."""
+    import psycopg
+    from mlflow.tracking import MlflowClient
+
+    old, old_sec = stack.exports(), stack.secrets()
+    client = MlflowClient(tracking_uri=old["MLFLOW_TRACKING_URI"])
+    os.environ.update(MLFLOW_TRACKING_USERNAME=old["MLFLOW_TRACKING_USERNAME"],
+                      MLFLOW_TRACKING_PASSWORD=old["MLFLOW_TRACKING_PASSWORD"])
+    try:
+        run = client.create_run(client.create_experiment(f"rotate-{uuid.uuid4().hex[:8]}"))
+        client.log_metric(run.info.run_id, "kept", 1.25)
+    finally:
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(k, None)
+
+    for args, says in (([], "name the secrets to rotate, or all"),
+                       (["no_such"], "no secret 'no_such' in the stack"),
+                       (["mlflow_webhook_key"], "mlflow_webhook_key is not rotatable")):
+        r = stack.sh("rotate", *args)
+        assert r.returncode == 2 and f"error: rotate: {says}" in r.stderr, r.stderr
+    assert stack.secrets() == old_sec  # refused: nothing changed
+
+    names = ["pg_superuser_password", "db_password", "mlflow_admin_password", "prefect_password",
+             "webhook_secret"]
+    t = time.monotonic()
+    r = stack.sh("rotate", *names, timeout=600)
+    print(f"\nrotate ({time.monotonic() - t:.1f} s):\n{r.stdout}{r.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rotate: db_password changed in postgresql" in r.stdout, r.stdout
+    assert "rotate: mlflow_admin_password changed in mlflow" in r.stdout, r.stdout
+    assert f"stack: rotated {', '.join(names)} and restarted every service" in r.stdout
+    sec = stack.secrets()
+    assert all(sec[n] != old_sec[n] for n in names), "a secret kept its value"
+    assert {k: v for k, v in sec.items() if k not in names} == \
+        {k: v for k, v in old_sec.items() if k not in names}
+    secrets_dir = stack.state / "secrets"
+    assert stat.S_IMODE((secrets_dir / "stack.json").stat().st_mode) == 0o600
+    assert not (secrets_dir / "rotating.json").exists()
+    new = stack.exports()
+
+    port = stack.ports["pg"]
+    for user, key in (("rlfn", "db_password"), ("postgres", "pg_superuser_password")):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(host="127.0.0.1", port=port, user=user, password=old_sec[key],
+                            dbname="postgres", connect_timeout=10)
+        psycopg.connect(host="127.0.0.1", port=port, user=user, password=sec[key],
+                        dbname="postgres", connect_timeout=10).close()
+    uri = new["MLFLOW_TRACKING_URI"]
+    search = f"{uri}/api/2.0/mlflow/experiments/search"
+    assert http("POST", search, {"max_results": 1},
+                auth=f"admin:{old['MLFLOW_TRACKING_PASSWORD']}")[0] == 401
+    code, body = http("GET", f"{uri}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}",
+                      auth=f"admin:{new['MLFLOW_TRACKING_PASSWORD']}")
+    assert code == 200 and json.loads(body)["run"]["data"]["metrics"][0]["value"] == 1.25, body
+    api = new["PREFECT_API_URL"]
+    assert http("POST", f"{api}/flows/filter", {}, auth=old["PREFECT_API_AUTH_STRING"])[0] == 401
+    assert http("POST", f"{api}/flows/filter", {}, auth=new["PREFECT_API_AUTH_STRING"])[0] == 200
+    r = stack.sh("status")
+    assert r.returncode == 0, r.stdout + r.stderr  # the worker, the webhook: on the new values
+
+
 # --------------------------------------------------------------------------- the team's git
 SEED = r"""
 import sys, types

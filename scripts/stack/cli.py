@@ -1,4 +1,5 @@
-"""The verbs ``up``, ``env``, ``status`` and ``down``, each an iteration over ``TABLE``."""
+"""The verbs ``up``, ``env``, ``status``, ``down`` (each an iteration over ``TABLE``), ``bundle``,
+``join`` and ``rotate``."""
 
 from __future__ import annotations
 
@@ -213,6 +214,34 @@ def cmd_down() -> int:
     return rc
 
 
+def cmd_rotate(args: list[str]) -> int:
+    """``rotate NAME... | all``: new values for those secrets (``stack.rotate``), then every
+    service restarted with them (``down``, ``up``); 2 with one ``error:`` line when nothing
+    could be rotated, 1 when the restart failed."""
+    from stack import join, rotate
+
+    if join.joined():
+        say("error: rotate: this is a worker host's stack (it joined "
+            f"{join.joined()['server']}): rotate on the server host, then `join` the new bundle",
+            err=True)
+        return 2
+    by_name = {s.name: s for s in TABLE}
+    try:
+        wanted = wanted_secrets()
+        done = rotate.rotate(rotate.names_of(args, wanted), wanted, context,
+                             lambda name, ctx: by_name[name].health(ctx))
+    except StackError as e:
+        say(f"error: {e}", err=True)
+        return 2
+    cmd_down()
+    rc = cmd_up(None)
+    ctx = context(load_secrets())
+    say(f"stack: rotated {', '.join(done)} and restarted every service"
+        f"{'' if rc == 0 else ' (its up FAILED: read the lines above)'}; "
+        f"{rotate.applies_to(ctx)}", err=rc != 0)
+    return 1 if rc else 0
+
+
 def locked(fn: Callable[[], int]) -> Callable[[], int]:
     """``fn`` with the stack's lock held: one `up` or `down` at a time."""
     def run() -> int:
@@ -232,18 +261,23 @@ def locked(fn: Callable[[], int]) -> Callable[[], int]:
 
 
 USAGE = ("usage: scripts/stack.sh up [--host ADDR] | env [--bundle FILE] | status | down | "
-         "bundle FILE | join FILE [--pool NAME]")
+         "bundle FILE | join FILE [--pool NAME] | rotate NAME... | rotate all")
 
 
 def main(argv: list[str]) -> int:
     """Run the verb ``argv`` names; 2 with a usage line for anything else, one ``error:`` line
     for a bad option."""
     cmds = {"up": cmd_up, "env": cmd_env, "status": cmd_status, "down": cmd_down,
-            "bundle": cmd_bundle, "join": None}
+            "bundle": cmd_bundle, "join": None, "rotate": None}
     if not argv or argv[0] not in cmds:
         print(USAGE, file=sys.stderr)
         return 2
     verb, rest = argv[0], argv[1:]
+    if verb == "rotate":
+        if any(a.startswith("-") for a in rest):
+            print(f"error: rotate: no options, only secret names\n{USAGE}", file=sys.stderr)
+            return 2
+        return locked(lambda: cmd_rotate(rest))()
     if verb == "bundle":
         if len(rest) != 1 or rest[0].startswith("-"):
             print(f"error: bundle: give one FILE to write\n{USAGE}", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 
 from rlfn.io import atomic_write
 from stack import postgresql
-from stack.core import CA_CERT, HOST, PY, STACK, Ctx, base_env
+from stack.core import CA_CERT, HOST, PY, STACK, Ctx, StackError, base_env
 from stack.web import HttpServer, request
 
 ADMIN = "admin"
@@ -95,6 +95,19 @@ def _api_check(ctx: Ctx) -> str | None:
     code, _ = request("POST", f"{local_url(ctx)}/api/2.0/mlflow/experiments/search",
                       {"max_results": 1}, auth=(ADMIN, ctx.sec["mlflow_admin_password"]))
     return None if code == 200 else f"the REST API answered HTTP {code} with the admin login"
+
+
+def set_admin_password(ctx: Ctx, new: str) -> None:
+    """``rotate``: the admin's password in MLflow's auth database changed to ``new`` through
+    its API, logged in with the current one (``MLFLOW_AUTH_ADMIN_PASSWORD`` only creates the
+    admin); StackError naming the server and its answer."""
+    code, body = request("PATCH", f"{local_url(ctx)}/api/2.0/mlflow/users/update-password",
+                         {"username": ADMIN, "password": new,
+                          "current_password": ctx.sec["mlflow_admin_password"]},
+                         auth=(ADMIN, ctx.sec["mlflow_admin_password"]), timeout=30)
+    if code != 200:
+        raise StackError(f"the MLflow server at {local_url(ctx)} answered HTTP {code or 'nothing'}"
+                         f" to the admin's password change: {str(body)[:200]}")
 
 
 SERVER = HttpServer("mlflow", url, local_url, _launch, _api_check)

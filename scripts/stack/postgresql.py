@@ -253,6 +253,20 @@ def _provision(ctx: Ctx) -> None:
                          f"{rel(log_path(NAME))}") from None
 
 
+def set_password(ctx: Ctx, role: str, new: str) -> None:
+    """``rotate``: role ``role``'s password changed to ``new`` (as the superuser, with the
+    secrets' current password); StackError naming the server and the driver's reason."""
+    from psycopg import sql
+
+    try:
+        with _connect(ctx, PG_SUPERUSER, ctx.sec["pg_superuser_password"]) as c:
+            c.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(new)))
+    except Exception as e:  # noqa: BLE001
+        raise StackError(f"postgresql at {HOST}:{ctx.ports[NAME]} did not change {role}'s "
+                         f"password ({_first_line(e)})") from None
+
+
 def stop(name: str) -> str:
     """``down``: ``pg_ctl stop`` (fast), its output in ``name``'s log."""
     if not running():
