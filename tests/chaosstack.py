@@ -88,6 +88,21 @@ def census(stack: Stack) -> dict:
     return py(stack, CENSUS, MODEL)
 
 
+def settled(stack: Stack, limit_s: float = 600) -> dict:
+    """The census once no flow run is still going: the champion's rollout, which the alias
+    triggers on its own, runs for a minute after a repro ends, and a census taken meanwhile
+    differs from any later one by that run's state. AssertionError naming the runs still going
+    after ``limit_s`` (a bound on waiting)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        c = census(stack)
+        going = [fr for fr in c["flow_runs"] if fr[3] not in FINAL]
+        if not going:
+            return c
+        assert time.monotonic() < deadline, f"flow runs not final after {limit_s:g} s: {going}"
+        time.sleep(5)
+
+
 def counts(c: dict) -> dict:
     """The census in figures (for the report lines)."""
     return {"runs": len(c["runs"]), "metrics": sum(len(r[3]) for r in c["runs"]),
