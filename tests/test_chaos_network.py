@@ -12,7 +12,8 @@ MLflow 5 tries of up to 30 s with backoff 2 to 16 s, ``pipeline/services.py``); 
 version registered after the link came back, once; three versions, one per training stage's
 run, each READY; the alias ``champion`` on the version the promotion report names, that
 version READY; the worker on ``w1`` ONLINE again; nothing the client counted before the
-dispatch lost (chaosstack.CENSUS, read from the client over TLS); ``dvc status`` clean on
+dispatch lost (chaosstack.CENSUS, read from the client over TLS; 2 Optuna trials recorded
+first, from the client); ``dvc status`` clean on
 ``w1``. The test prints how long the stage waited after the link came back.
 
 On one host (single-host team mode, every service on 127.0.0.1), the same fault with the tools
@@ -112,7 +113,11 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     t = team
     w = t.workers["w1"]
     project = t.project("w1")
+    # something recorded before, to count: 2 Optuna trials from the client host (its
+    # PostgreSQL over TLS)
+    assert _client_py(t, STUDY, "0", "2") == [0, 1]
     before = _client_py(t, CENSUS, MODEL)
+    assert before["studies"], counts(before)
     print(f"\nbefore the dispatch: {counts(before)}")
     fp_env = json.dumps({"RLFN_FAILPOINTS": FP, "RLFN_FAILPOINT_DIR": FP_DIR,
                          "RLFN_FAILPOINT_TIMEOUT_S": "1200"})
