@@ -494,7 +494,7 @@ def test_status_names_a_stopped_service_and_up_restarts_it(stack):
 
 # --------------------------------------------------------------------------- rotate (last)
 @pytest.mark.timeout(600)
-def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack):
+def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack, monkeypatch):
     """``rotate``: the old values refused by PostgreSQL, MLflow and Prefect (each server's own
     answer), the new ones let in, what was recorded before still there. Last of the module's
     stack tests: every client environment before it holds the old values."""
@@ -503,14 +503,10 @@ def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack):
 
     old, old_sec = stack.exports(), stack.secrets()
     client = MlflowClient(tracking_uri=old["MLFLOW_TRACKING_URI"])
-    os.environ.update(MLFLOW_TRACKING_USERNAME=old["MLFLOW_TRACKING_USERNAME"],
-                      MLFLOW_TRACKING_PASSWORD=old["MLFLOW_TRACKING_PASSWORD"])
-    try:
-        run = client.create_run(client.create_experiment(f"rotate-{uuid.uuid4().hex[:8]}"))
-        client.log_metric(run.info.run_id, "kept", 1.25)
-    finally:
-        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(k, None)
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, old[k])
+    run = client.create_run(client.create_experiment(f"rotate-{uuid.uuid4().hex[:8]}"))
+    client.log_metric(run.info.run_id, "kept", 1.25)
 
     for args, says in (([], "name the secrets to rotate, or all"),
                        (["no_such"], "no secret 'no_such' in the stack"),

@@ -181,9 +181,14 @@ def ensure_secrets(want: Mapping[str, int]) -> dict:
     if missing:
         for k in missing:
             s[k] = secrets.token_urlsafe(want[k])
-        write_private(SECRETS, json.dumps(s, indent=1) + "\n")
+        save_secrets(s)
     os.chmod(SECRETS, 0o600)
     return s
+
+
+def save_secrets(s: dict) -> None:
+    """The secrets ``s`` written, owner-only (``up``'s new ones, ``rotate``'s)."""
+    write_private(SECRETS, json.dumps(s, indent=1) + "\n")
 
 
 def base_env(**extra: str) -> dict[str, str]:

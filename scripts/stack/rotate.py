@@ -18,20 +18,20 @@ import json
 import secrets
 
 from stack import mlflow_server, postgresql
-from stack.core import SECRETS, Ctx, StackError, load_secrets, rel, say, write_private
+from stack.core import (SECRETS, Ctx, StackError, load_secrets, rel, save_secrets, say,
+                        write_private)
 
 PENDING = SECRETS.parent / "rotating.json"
 
-# A secret a running service holds: how to change it there (with the context's old values).
-APPLY = {
-    "pg_superuser_password": lambda ctx, new: postgresql.set_password(
-        ctx, postgresql.PG_SUPERUSER, new),
-    "db_password": lambda ctx, new: postgresql.set_password(ctx, postgresql.DB_ROLE, new),
-    "mlflow_admin_password": mlflow_server.set_admin_password,
+# A secret a running service holds: that service (it must be up to rotate it) and how to
+# change the secret there (with the context's old values).
+HELD = {
+    "pg_superuser_password": ("postgresql", lambda ctx, new: postgresql.set_password(
+        ctx, postgresql.PG_SUPERUSER, new)),
+    "db_password": ("postgresql", lambda ctx, new: postgresql.set_password(
+        ctx, postgresql.DB_ROLE, new)),
+    "mlflow_admin_password": ("mlflow", mlflow_server.set_admin_password),
 }
-# Where each applied secret is held: that service must be up to rotate it.
-HELD_BY = {"pg_superuser_password": "postgresql", "db_password": "postgresql",
-           "mlflow_admin_password": "mlflow"}
 FIXED = {"mlflow_webhook_key": "the key MLflow encrypts the stored webhook secrets with (a new "
                                "one makes them unreadable)"}
 
@@ -67,7 +67,7 @@ def rotate(names: list[str], wanted: dict[str, int], context, health) -> list[st
         raise StackError(f"rotate: {rel(PENDING)} holds a value from an interrupted rotation; "
                          f"compare it with {rel(SECRETS)}, keep the one its service accepts, "
                          "delete the file, then rotate again")
-    for held in sorted({HELD_BY[n] for n in names if n in HELD_BY}):
+    for held in sorted({HELD[n][0] for n in names if n in HELD}):
         problem = health(held, context(sec))
         if problem is not None:
             raise StackError(f"rotate: {held} is not up ({problem}): `scripts/stack.sh up` "
@@ -77,17 +77,17 @@ def rotate(names: list[str], wanted: dict[str, int], context, health) -> list[st
         new = secrets.token_urlsafe(wanted[name])
         write_private(PENDING, json.dumps({name: new}) + "\n")
         try:
-            if name in APPLY:
-                APPLY[name](context(sec), new)
+            if name in HELD:
+                HELD[name][1](context(sec), new)
         except StackError as e:
             PENDING.unlink(missing_ok=True)
             before = f" (rotated before it: {', '.join(done)})" if done else ""
             raise StackError(f"rotate: {name}: {e}; it keeps its old value{before}") from None
         sec[name] = new
-        write_private(SECRETS, json.dumps(sec, indent=1) + "\n")
+        save_secrets(sec)
         PENDING.unlink()
         done.append(name)
-        say(f"rotate: {name} changed" + (f" in {HELD_BY[name]}" if name in HELD_BY else ""))
+        say(f"rotate: {name} changed" + (f" in {HELD[name][0]}" if name in HELD else ""))
     return done
 
 
