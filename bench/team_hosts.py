@@ -22,7 +22,7 @@ Multi-host, in the runbook's order (server, w1 = a worker host, client = a perso
 * client: ``eval "$(bash scripts/stack.sh env --bundle ~/team.bundle)"``, ``git clone
   "$RLFN_GIT_URL"``, ``prefect deployment run rlfn-repro/repro --param push=true --watch``; then
   ``git fetch && git checkout repro/<id>``, the DVC remote from the bundle (``dvc remote add
-  --local -d stack ...``, ``keyfile``), ``dvc pull``, ``dvc status dvc.yaml`` (clean) and the
+  --local -d stack "$RLFN_DVC_REMOTE"``: its pinned route), ``dvc pull``, ``dvc status dvc.yaml`` (clean) and the
   champion ``models:/rlfn-x4@champion`` loaded from the tracking server over TLS upscales an
   image; then ``down`` on w1 and on the server.
 

@@ -27,7 +27,7 @@ GIT_EXPORTS = ("RLFN_GIT_URL", "GIT_SSH_COMMAND")
 CLIENT_EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                   "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RLFN_OPTUNA_STORAGE",
                   "MLFLOW_TRACKING_SERVER_CERT_PATH", "PREFECT_API_SSL_CERT_FILE",
-                  "RLFN_SERVE_URL", "RLFN_SERVE_CA", *GIT_EXPORTS)
+                  "RLFN_SERVE_URL", "RLFN_SERVE_CA", "RLFN_DVC_REMOTE", *GIT_EXPORTS)
 
 WORKERS = r"""
 import json, sys
@@ -150,10 +150,8 @@ class Team:
                          **self.client), "client fetch")
         ok(self.cli.run(["git", "checkout", "-q", branch], cwd=where, **self.client),
             f"checkout {branch}")
-        ckey = self.cli.home / ".config" / "rlfn-stack" / self.srv.addr / "id_ed25519"
-        for cmd in (["remote", "add", "--local", "-f", "-d", "stack", self.bundle["ssh"]["remote"]],
-                    ["remote", "modify", "--local", "stack", "keyfile", str(ckey)],
-                    ["pull", "-q"]):
+        for cmd in (["remote", "add", "--local", "-f", "-d", "stack",
+                     self.client["RLFN_DVC_REMOTE"]], ["pull", "-q"]):
             ok(self.cli.run([self.cdvc(), *cmd], cwd=where, timeout=300, **self.client),
                 f"dvc {cmd}")
         st = self.cli.run([self.cdvc(), "status", "--json", "dvc.yaml"], cwd=where, timeout=300,

@@ -211,7 +211,10 @@ def test_worker_host_joins(team: Team):
         assert origin.strip() == t.git_url
         assert ok(wrk.run(["git", "rev-parse", "HEAD"], cwd=project), "HEAD").strip() == t.head
         local = (project / ".dvc" / "config.local").read_text()
-        assert f"url = {t.bundle['ssh']['remote']}" in local, local
+        # the bundle's remote through its pinned route (DVC's own SSH client checks no host
+        # key: test_stack_hosts)
+        assert f"url = {t.client['RLFN_DVC_REMOTE']}" in local, local
+        assert t.client["RLFN_DVC_REMOTE"].startswith(f"ssh://{t.srv.user}@rlfn-stack-"), t.client
         assert f"keyfile = {client_dir / 'id_ed25519'}" in local, local
         assert "remote = stack" in local, local
         st = t.wsh("w1", "status")

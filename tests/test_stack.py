@@ -494,10 +494,11 @@ def test_status_names_a_stopped_service_and_up_restarts_it(stack):
 
 # --------------------------------------------------------------------------- rotate (last)
 @pytest.mark.timeout(600)
-def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack, monkeypatch):
+def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack, monkeypatch, tmp_path):
     """``rotate``: the old values refused by PostgreSQL, MLflow and Prefect (each server's own
-    answer), the new ones let in, what was recorded before still there. Last of the module's
-    stack tests: every client environment before it holds the old values."""
+    answer), the old SSH client key by sshd and the old host key's pin by OpenSSH, the new ones
+    let in, what was recorded before still there. Last of the module's stack tests: every
+    client environment before it holds the old values."""
     import psycopg
     from mlflow.tracking import MlflowClient
 
@@ -508,15 +509,19 @@ def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack, monkeypatc
     run = client.create_run(client.create_experiment(f"rotate-{uuid.uuid4().hex[:8]}"))
     client.log_metric(run.info.run_id, "kept", 1.25)
 
+    ssh = stack.state / "ssh"
+    kept = tmp_path / "before"
+    shutil.copytree(ssh, kept)  # the old key pair and the old host key's pin
     for args, says in (([], "name the secrets to rotate, or all"),
                        (["no_such"], "no secret 'no_such' in the stack"),
-                       (["mlflow_webhook_key"], "mlflow_webhook_key is not rotatable")):
+                       (["mlflow_webhook_key"], "mlflow_webhook_key is not rotatable"),
+                       (["tls"], "tls: the stack listens on 127.0.0.1 only")):
         r = stack.sh("rotate", *args)
         assert r.returncode == 2 and f"error: rotate: {says}" in r.stderr, r.stderr
     assert stack.secrets() == old_sec  # refused: nothing changed
 
     names = ["pg_superuser_password", "db_password", "mlflow_admin_password", "prefect_password",
-             "webhook_secret"]
+             "webhook_secret", "ssh_key", "ssh_host_key"]
     t = time.monotonic()
     r = stack.sh("rotate", *names, timeout=600)
     print(f"\nrotate ({time.monotonic() - t:.1f} s):\n{r.stdout}{r.stderr}")
@@ -524,10 +529,29 @@ def test_rotate_refuses_the_old_credentials_and_keeps_the_data(stack, monkeypatc
     assert "rotate: db_password changed in postgresql" in r.stdout, r.stdout
     assert "rotate: mlflow_admin_password changed in mlflow" in r.stdout, r.stdout
     assert f"stack: rotated {', '.join(names)} and restarted every service" in r.stdout
+    assert "rotate: ssh_host_key removed (sshd's host key" in r.stdout, r.stdout
     sec = stack.secrets()
-    assert all(sec[n] != old_sec[n] for n in names), "a secret kept its value"
+    assert all(sec[n] != old_sec[n] for n in names if n in old_sec), "a secret kept its value"
     assert {k: v for k, v in sec.items() if k not in names} == \
         {k: v for k, v in old_sec.items() if k not in names}
+    for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub", "known_hosts"):
+        assert (ssh / f).read_bytes() != (kept / f).read_bytes(), f"{f} kept its value"
+
+    def login(key: Path, known_hosts: Path) -> subprocess.CompletedProcess:
+        user = "root" if os.geteuid() == 0 else os.environ.get("USER", "")
+        return subprocess.run(
+            ["ssh", "-F", "/dev/null", "-p", str(stack.ports["ssh"]), "-i", str(key), "-o",
+             "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+             "-o", f"UserKnownHostsFile={known_hosts}", "-o", "ConnectTimeout=10",
+             f"{user}@127.0.0.1", "echo ok"], capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+
+    r = login(kept / "id_ed25519", ssh / "known_hosts")
+    assert r.returncode == 255 and "Permission denied (publickey)" in r.stderr, r.stderr
+    r = login(ssh / "id_ed25519", kept / "known_hosts")
+    assert r.returncode == 255 and "Host key verification failed" in r.stderr, r.stderr
+    r = login(ssh / "id_ed25519", ssh / "known_hosts")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     secrets_dir = stack.state / "secrets"
     assert stat.S_IMODE((secrets_dir / "stack.json").stat().st_mode) == 0o600
     assert not (secrets_dir / "rotating.json").exists()

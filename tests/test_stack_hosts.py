@@ -5,14 +5,23 @@ a client without the CA is refused (one line naming the service, pipeline/servic
 check), the servers' plain HTTP listeners are not reachable from the client, the served
 endpoint answers over TLS on the server's address (``RLFN_SERVE_URL``, ``RLFN_SERVE_CA`` in the
 bundle; 503 before a champion) and refuses a client without the CA, and PostgreSQL refuses a
-connection without SSL and accepts verify-full with the CA."""
+connection without SSL and accepts verify-full with the CA; DVC's remote, reached by
+``RLFN_DVC_REMOTE`` through the pinned route ``env --bundle`` sets up, takes a push and
+refuses an impostor sshd with another host key; after ``rotate tls ssh_host_key ssh_key``
+the old bundle's files are refused (TLS and the pin) and the new bundle's let in."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -160,6 +169,7 @@ def test_server_host_over_tls():
             serve = eval_env(got.stdout, ("RLFN_SERVE_URL", "RLFN_SERVE_CA"))
             assert serve == {"RLFN_SERVE_URL": f"https://{srv.addr}:{ports['serve']}",
                              "RLFN_SERVE_CA": str(ca)}, serve
+            dvc_remote = eval_env(got.stdout, ("RLFN_DVC_REMOTE",))["RLFN_DVC_REMOTE"]
             ping = cli.run([py, "-c", HTTPS, f"{serve['RLFN_SERVE_URL']}/ping", str(ca)],
                            timeout=60)
             assert ping.stdout.startswith("503 ") and "no champion" in ping.stdout, \
@@ -205,9 +215,127 @@ def test_server_host_over_tls():
                 full.stdout + full.stderr
             unverified = cli.run(base + ["verify-full"], timeout=30)
             assert unverified.returncode == 1, unverified.stdout
+
+            _dvc_remote_pins_the_host_key(srv, cli, cli_clone, dvc_remote, stack_sh, env)
+            _rotated_keys_need_the_new_bundle(srv, cli, cli_clone, client, stack_sh, env)
         finally:
             d = srv.run(["bash", stack_sh, "down"], timeout=300, **env)
             print(d.stdout + d.stderr)
+
+
+def _dvc_remote_pins_the_host_key(srv, cli, clone, remote: str, stack_sh: str,
+                                  env: dict) -> None:
+    """DVC's SSH client checks no host key (sshfs gives asyncssh ``known_hosts=None``): the
+    bundle's remote is reached by the alias of ``RLFN_DVC_REMOTE``, which only the client's
+    pinned route resolves (an OpenSSH tunnel, strict, the pinned key). A push through it lands
+    on the server's remote; an impostor sshd on the server's address and port, with the same
+    authorized key but another host key, is refused (OpenSSH's own words on DVC's stderr) and
+    gets no byte."""
+    dvc = str(clone / ".venv" / "bin" / "dvc")
+    assert remote.startswith(f"ssh://{srv.user}@rlfn-stack-{srv.addr}:"), remote
+    included = (cli.home / ".ssh" / "config").read_text()
+    assert f'Include "{cli.home}/.config/rlfn-stack/{srv.addr}/dvc_ssh_config"' in included
+    ok = cli.run([dvc, "remote", "add", "--local", "-d", "-f", "stack", remote], cwd=clone,
+                 timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    stored = srv.home / "state" / "dvc-remote" / "files" / "md5"
+
+    def push(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        blob = os.urandom(32).hex() + "\n"
+        (clone / name).write_text(blob)
+        os.chown(clone / name, cli.uid, cli.uid)
+        add = cli.run([dvc, "add", "-q", name], cwd=clone, timeout=300)
+        assert add.returncode == 0, add.stdout + add.stderr
+        md5 = hashlib.md5(blob.encode()).hexdigest()
+        # DVC's stderr a pipe of the client's user, as in a shell (`| tee`): one made by the
+        # test's root the proxy could not open (its words then go to ssh_errors.log)
+        cmd = f"{dvc} push {name}.dvc 2>&1 | cat; exit ${{PIPESTATUS[0]}}"
+        return cli.run(["bash", "-c", cmd], cwd=clone, timeout=300), stored / md5[:2] / md5[2:]
+
+    r, obj = push("pin-probe-1.bin")
+    assert r.returncode == 0 and obj.is_file(), r.stdout + r.stderr
+
+    # the impostor: the stack's sshd stopped, another on its address and port, a new host key
+    state = srv.home / "state"
+    where = (srv.addr, urlsplit(remote).port)
+
+    def listening(want: bool, p: subprocess.Popen | None = None) -> None:
+        deadline = time.monotonic() + 60
+        while (where in _listeners(srv)) != want:
+            assert p is None or p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, (where, want)
+            time.sleep(0.2)
+
+    os.kill(int((state / "run" / "sshd.pid").read_text().split()[0]), signal.SIGTERM)
+    listening(False)
+    conf = state / "ssh" / "sshd_config"
+    fake_key = srv.home / "impostor_host_key"
+    made = srv.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(fake_key)])
+    assert made.returncode == 0, made.stderr
+    fake_conf = srv.home / "impostor_sshd_config"
+    fake_conf.write_text(re.sub(r'(?m)^HostKey .*$', f'HostKey "{fake_key}"',
+                                conf.read_text()))
+    impostor = srv.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(fake_conf)])
+    try:
+        listening(True, impostor)
+        bad, obj = push("pin-probe-2.bin")
+        assert bad.returncode != 0 and not obj.exists(), bad.stdout + bad.stderr
+        assert "Host key verification failed." in bad.stdout, bad.stdout
+        assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in bad.stdout, bad.stdout
+    finally:
+        os.killpg(impostor.pid, signal.SIGKILL)
+        impostor.wait(timeout=30)
+    listening(False)
+    # the stack's own sshd again (`up` starts what is down), and the push goes through
+    again = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=600, **env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    r = cli.run([dvc, "push", "pin-probe-2.bin.dvc"], cwd=clone, timeout=300)
+    assert r.returncode == 0 and obj.is_file(), r.stdout + r.stderr
+
+
+def _rotated_keys_need_the_new_bundle(srv, cli, clone, client: dict, stack_sh: str,
+                                      env: dict) -> None:
+    """``rotate tls ssh_host_key ssh_key`` on the server host: a new CA and server
+    certificate, host key and client key pair. The client with the old bundle's files is
+    refused: by its own TLS check (one line naming MLflow and the certificate) and by the
+    pinned route (the host key changed); with the new bundle both go through."""
+    py = str(clone / ".venv" / "bin" / "python")
+    dvc = str(clone / ".venv" / "bin" / "dvc")
+    r = srv.run(["bash", stack_sh, "rotate", "tls", "ssh_host_key", "ssh_key"], timeout=900,
+                **env)
+    assert r.returncode == 0, r.stdout + r.stderr + log_tails(srv.home / "state")
+    assert "rotate: tls removed" in r.stdout and "stack: rotated tls, ssh_host_key, ssh_key" \
+        in r.stdout, r.stdout
+
+    def works() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        (clone / "pin-probe-3.bin").write_text(os.urandom(32).hex() + "\n")
+        os.chown(clone / "pin-probe-3.bin", cli.uid, cli.uid)
+        add = cli.run([dvc, "add", "-q", "pin-probe-3.bin"], cwd=clone, timeout=300)
+        assert add.returncode == 0, add.stdout + add.stderr
+        cmd = f"{dvc} push pin-probe-3.bin.dvc 2>&1 | cat; exit ${{PIPESTATUS[0]}}"
+        return (cli.run([py, "-c", CHECK], timeout=60, **client),
+                cli.run(["bash", "-c", cmd], cwd=clone, timeout=300))
+
+    check, push = works()  # the old bundle's CA, key and pin
+    assert check.returncode == 1 and check.stdout.startswith(
+        "error: MLflow tracking server at https://") and "certificate" in check.stdout, \
+        check.stdout + check.stderr
+    assert push.returncode != 0 and "Host key verification failed." in push.stdout, push.stdout
+
+    b = srv.run(["bash", stack_sh, "bundle", str(srv.home / "team.bundle")], **env)
+    assert b.returncode == 0, b.stdout + b.stderr
+    carried = cli.home / "team.bundle"
+    shutil.copy(srv.home / "team.bundle", carried)
+    os.chown(carried, cli.uid, cli.uid)
+    os.chmod(carried, 0o600)
+    got = cli.run(["bash", str(clone / "scripts" / "stack.sh"), "env", "--bundle", str(carried)])
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert eval_env(got.stdout, EXPORTS + TLS_EXPORTS) == \
+        {k: v for k, v in client.items() if k != "PREFECT_HOME"}  # the same paths: new files
+    check, push = works()
+    assert check.returncode == 0 and check.stdout.startswith("ok: MLflow https://"), \
+        check.stdout + check.stderr
+    assert push.returncode == 0, push.stdout
 
 
 @pytest.mark.parametrize("args, env, says", [

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from rlfn.io import atomic_write
 from stack.core import CA_CERT, CLIENT_KEY, KNOWN_HOSTS, Ctx, StackError, write_private
 
 VERSION = 1
@@ -87,8 +88,10 @@ def client_dir(doc: dict) -> Path:
 
 def client_exports(path: Path, doc: dict | None = None) -> dict[str, str]:
     """``stack.sh env --bundle FILE``: the bundle's CA, SSH key, pinned host key and an ssh
-    config for git written to the client's directory (0700, files 0600), and the exports with
-    the CA's path there, ``RLFN_GIT_URL`` and ``GIT_SSH_COMMAND`` among them. ``doc``: the
+    config for git written to the client's directory (0700, files 0600), the DVC remote's
+    pinned route (``sshd.dvc_ssh_config``, included from ``~/.ssh/config``), and the exports
+    with the CA's path there, ``RLFN_GIT_URL``, ``GIT_SSH_COMMAND`` and ``RLFN_DVC_REMOTE`` (the
+    remote's URL through that route) among them. ``doc``: the
     bundle already read (``read``)."""
     from stack import sshd
 
@@ -102,7 +105,37 @@ def client_exports(path: Path, doc: dict | None = None) -> dict[str, str]:
     write_private(d / "known_hosts", doc["ssh"]["known_hosts"])
     write_private(d / "ssh_config", sshd.ssh_config(doc["host"], d / "id_ed25519",
                                                     d / "known_hosts"))
+    write_private(d / "dvc_ssh_config", sshd.dvc_ssh_config(doc["ssh"]["remote"],
+                                                            d / "ssh_config", d / "id_ed25519"))
+    include_in_ssh_config(d / "dvc_ssh_config")
     out = {k: v.replace(CA_MARK, str(ca)) for k, v in doc["exports"].items()}
     out["RLFN_GIT_URL"] = doc["git"]["url"]
     out["GIT_SSH_COMMAND"] = sshd.git_ssh_command(d / "ssh_config")
+    out["RLFN_DVC_REMOTE"] = sshd.pinned_remote(doc["ssh"]["remote"])
     return out
+
+
+INCLUDE_MARK = "# scripts/stack (rlfn-pipeline): the DVC remote of a team's stack, host key pinned"
+
+
+def include_in_ssh_config(block: Path) -> None:
+    """``Include`` ``block`` at the top of ``~/.ssh/config`` (made 0600 in a 0700 ``~/.ssh``
+    when missing; added once, the rest of the file kept byte for byte). DVC has no setting for
+    its SSH client's host keys or proxy; asyncssh reads this file (and its ``Include``s) by
+    default, so this is where the pinned route of ``sshd.dvc_ssh_config`` reaches it. At the top,
+    because the first value of an option wins; the block names only the alias host
+    ``rlfn-stack-ADDR``, so no other ssh connection changes."""
+    ssh = Path.home() / ".ssh"
+    config = ssh / "config"
+    line = f'Include "{block}"'
+    try:
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        text = config.read_text() if config.exists() else ""
+        if line in text.splitlines():
+            return
+        mode = config.stat().st_mode & 0o777 if config.exists() else 0o600
+        atomic_write(config, f"{INCLUDE_MARK}\n{line}\n" + (f"\n{text}" if text else ""),
+                     mode=mode)
+    except OSError as e:
+        raise StackError(f"cannot add the DVC remote's pinned route to {config}: "
+                         f"{e.strerror or e}") from None

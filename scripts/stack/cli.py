@@ -228,7 +228,8 @@ def cmd_rotate(args: list[str]) -> int:
     by_name = {s.name: s for s in TABLE}
     try:
         wanted = wanted_secrets()
-        done = rotate.rotate(rotate.names_of(args, wanted), wanted, context,
+        remote = context(load_secrets()).remote
+        done = rotate.rotate(rotate.names_of(args, wanted, remote), wanted, context,
                              lambda name, ctx: by_name[name].health(ctx))
     except StackError as e:
         say(f"error: {e}", err=True)

@@ -34,7 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stack import bundle, prefect_server
+from stack import bundle, prefect_server, sshd
 from stack.core import (LOGS, PY, RUN, SECRETS, STACK, STATE, VENV_BIN, StackError, base_env,
                         log_path, read_json, rel, say, write_private)
 from stack.procs import pid_of, run_logged, spawn, stop_daemon, wait_until
@@ -115,9 +115,10 @@ def _clone(url: str, project: Path, env: dict) -> str:
 
 
 def _dvc_remote(doc: dict, project: Path, key: Path, env: dict) -> str:
-    """The clone's default DVC remote ``stack``: the bundle's, with the client key."""
+    """The clone's default DVC remote ``stack``: the bundle's, through its pinned route
+    (``sshd.pinned_remote``), with the client key."""
     dvc = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else "dvc"
-    remote = doc["ssh"]["remote"]
+    remote = sshd.pinned_remote(doc["ssh"]["remote"])
     for cmd in ([dvc, "remote", "add", "--local", "-d", "-f", "stack", remote],
                 [dvc, "remote", "modify", "--local", "stack", "keyfile", str(key)]):
         r = run_logged(NAME, cmd, env=env, cwd=project, timeout=120)
@@ -160,8 +161,8 @@ def cmd_join(file: str, pool: str) -> int:
             d.mkdir(parents=True, exist_ok=True)
         for d in (STACK, RUN, SECRETS.parent):
             os.chmod(d, 0o700)
-        say(f"{'client':<11} the bundle of {doc['host']}: CA, key, known_hosts, ssh_config in "
-            f"{client}")
+        say(f"{'client':<11} the bundle of {doc['host']}: CA, key, known_hosts, ssh_config, "
+            f"dvc_ssh_config (included from ~/.ssh/config) in {client}")
         env = base_env(**exports)
         say(f"{'clone':<11} {_clone(doc['git']['url'], project, env)}")
         say(f"{'dvc':<11} {_dvc_remote(doc, project, client / 'id_ed25519', env)}")

@@ -7,7 +7,9 @@ value: the PostgreSQL roles' passwords (``ALTER ROLE`` as the superuser), the ML
 restart applies them. Each new value is written to ``secrets/rotating.json`` (owner-only)
 before it is applied and to the secrets once it is, so a crash in between leaves it on disk,
 never lost; a secret whose change fails is left as it was (the error names it and why), those
-rotated before it stay rotated. ``all``: every rotatable secret. Not rotatable:
+rotated before it stay rotated. Keys and certificates ``up`` makes (``MADE``: the SSH client
+key pair, sshd's host key, off loopback the TLS CA and server certificate) are rotated by
+removing them before the restart, which makes new ones. ``all``: every rotatable one. Not rotatable:
 ``mlflow_webhook_key`` (the key MLflow encrypts stored webhook secrets with: a new one makes
 them unreadable). After a rotation the old credentials are refused everywhere: every other
 host needs the new bundle (``bundle FILE``, then ``join FILE`` or ``env --bundle FILE``)."""
@@ -17,9 +19,9 @@ from __future__ import annotations
 import json
 import secrets
 
-from stack import mlflow_server, postgresql
-from stack.core import (SECRETS, Ctx, StackError, load_secrets, rel, save_secrets, say,
-                        write_private)
+from stack import mlflow_server, postgresql, sshd, tls
+from stack.core import (CA_CERT, CLIENT_KEY, SECRETS, Ctx, StackError, load_secrets, rel,
+                        save_secrets, say, write_private)
 
 PENDING = SECRETS.parent / "rotating.json"
 
@@ -34,17 +36,29 @@ HELD = {
 }
 FIXED = {"mlflow_webhook_key": "the key MLflow encrypts the stored webhook secrets with (a new "
                                "one makes them unreadable)"}
+# Keys and certificates ``up`` makes when they are missing: rotated by removing them, so that
+# the restart makes new ones (what each is, its files, whether only off loopback).
+MADE = {
+    "ssh_key": ("the client key pair of the DVC remote and git, in every bundle",
+                (CLIENT_KEY, CLIENT_KEY.with_suffix(".pub")), False),
+    "ssh_host_key": ("sshd's host key, pinned by every client",
+                     (sshd.HOST_KEY, sshd.HOST_KEY.with_suffix(".pub")), False),
+    "tls": ("the CA and the server certificate, which every client verifies",
+            (tls.CA_KEY, CA_CERT, tls.SERVER_KEY, tls.SERVER_CERT), True),
+}
 
 
-def rotatable(wanted: dict[str, int]) -> list[str]:
-    """The secrets ``rotate`` changes (``wanted``: name -> bytes), in table order."""
-    return [k for k in wanted if k not in FIXED]
+def rotatable(wanted: dict[str, int], remote: bool = False) -> list[str]:
+    """What ``rotate`` changes (``wanted``: the secrets, name -> bytes), in table order, then
+    the keys and certificates (``tls`` only off loopback: ``remote``)."""
+    return ([k for k in wanted if k not in FIXED] +
+            [k for k, (_, _, off) in MADE.items() if remote or not off])
 
 
-def names_of(args: list[str], wanted: dict[str, int]) -> list[str]:
+def names_of(args: list[str], wanted: dict[str, int], remote: bool = False) -> list[str]:
     """The secrets ``args`` name (``all``: every rotatable one); StackError for an unknown or
     fixed one, naming what can be rotated."""
-    can = rotatable(wanted)
+    can = rotatable(wanted, remote)
     if not args:
         raise StackError(f"rotate: name the secrets to rotate, or all ({', '.join(can)})")
     if args == ["all"]:
@@ -52,7 +66,10 @@ def names_of(args: list[str], wanted: dict[str, int]) -> list[str]:
     for a in args:
         if a in FIXED:
             raise StackError(f"rotate: {a} is not rotatable: {FIXED[a]}")
-        if a not in wanted:
+        if a in MADE and a not in can:
+            raise StackError(f"rotate: {a}: the stack listens on 127.0.0.1 only and has no "
+                             f"{a.upper()} (`up --host ADDR` makes it)")
+        if a not in wanted and a not in MADE:
             raise StackError(f"rotate: no secret {a!r} in the stack (rotatable: "
                              f"{', '.join(can)}, or all)")
     return list(dict.fromkeys(args))
@@ -74,6 +91,8 @@ def rotate(names: list[str], wanted: dict[str, int], context, health) -> list[st
                              "first (a secret it holds is changed through it)")
     done: list[str] = []
     for name in names:
+        if name in MADE:
+            continue
         new = secrets.token_urlsafe(wanted[name])
         write_private(PENDING, json.dumps({name: new}) + "\n")
         try:
@@ -88,6 +107,12 @@ def rotate(names: list[str], wanted: dict[str, int], context, health) -> list[st
         PENDING.unlink()
         done.append(name)
         say(f"rotate: {name} changed" + (f" in {HELD[name][0]}" if name in HELD else ""))
+    for name in (n for n in names if n in MADE):
+        what, files, _ = MADE[name]
+        for f in files:  # the services hold them in memory until the restart
+            f.unlink(missing_ok=True)
+        done.append(name)
+        say(f"rotate: {name} removed ({what}); the restart makes a new one")
     return done
 
 

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from rlfn.io import atomic_write
 from stack.core import (CLIENT_KEY, HOST, KNOWN_HOSTS, SSH, STACK, VENV_BIN, Ctx, StackError,
@@ -23,6 +24,7 @@ NAME = "sshd"
 REMOTE_DIR = STACK / "dvc-remote"
 GIT_REPO = STACK / "git" / "rlfn-pipeline.git"
 GIT_SSH_CONFIG = SSH / "git_ssh_config"
+HOST_KEY = SSH / "ssh_host_ed25519_key"
 
 
 def _user() -> str:
@@ -58,6 +60,46 @@ def ssh_config(host: str, key: Path, known_hosts: Path) -> str:
             f'  UserKnownHostsFile "{known_hosts}"\n  GlobalKnownHostsFile /dev/null\n'
             "  StrictHostKeyChecking yes\n  BatchMode yes\n"
             "Match all\n  Include ~/.ssh/config /etc/ssh/ssh_config\n")
+
+
+ALIAS = "rlfn-stack-{host}"
+
+
+def pinned_remote(remote: str) -> str:
+    """The DVC remote URL a client of another host uses: ``remote`` (the bundle's, ``ssh://USER@
+    ADDR:PORT/PATH``) with its host replaced by the alias ``rlfn-stack-ADDR``, which only the
+    client's ssh config (``dvc_ssh_config``) resolves. DVC's SSH client (asyncssh via sshfs)
+    checks no host key, whatever its config says; behind the alias it connects through an
+    OpenSSH tunnel that does. Without that config the alias resolves nowhere: no unverified
+    path."""
+    u = urlsplit(remote)
+    return urlunsplit(u._replace(netloc=f"{u.username}@{ALIAS.format(host=u.hostname)}:"
+                                        f"{u.port}"))
+
+
+def dvc_ssh_config(remote: str, git_config: Path, key: Path) -> str:
+    """An ssh config block (for ``~/.ssh/config``'s ``Include``, which asyncssh reads too) for
+    the alias of ``pinned_remote``: a ``ProxyCommand`` that opens OpenSSH's ``-W`` tunnel to the
+    stack's sshd with ``git_config`` (the stack's key and its pinned host key, strict), the
+    stack's key for the login inside it. The stack's sshd lets that key forward to itself
+    only (``start``: ``PermitOpen``)."""
+    u = urlsplit(remote)
+    host, port, user = u.hostname, u.port, u.username
+    ssh = f"ssh -F {shlex.quote(str(git_config))} -p {port} -W {host}:{port} {user}@{host}"
+    # asyncssh takes whatever a proxy writes to its stderr for the SSH stream, and ends the
+    # connection when that pipe closes: nothing may write to it, and the shell keeps it open
+    # (no exec). OpenSSH's own words ("Host key verification failed.", the changed-key
+    # warning) go to DVC's stderr (the proxy's parent's, where it can be opened; else, as for
+    # a pipe another user made, to ``ssh_errors.log`` beside the config), not lost behind
+    # DVC's "Connection lost"
+    log = shlex.quote(str(git_config.with_name("ssh_errors.log")))
+    script = (f'e=/proc/$PPID/fd/2; {{ true 2>>"$e"; }} 2>/dev/null || e={log}; '
+              f'{ssh} 2>>"$e"')
+    proxy = f"sh -c {shlex.quote(script)}"
+    return ("# scripts/stack: the DVC remote of the team's stack at "
+            f"{host}:{port}, through an OpenSSH tunnel that checks its pinned host key\n"
+            f"Host {ALIAS.format(host=host)}\n  ProxyCommand {proxy}\n"
+            f'  IdentityFile "{key}"\n  IdentitiesOnly yes\n')
 
 
 def git_ssh_command(config: Path) -> str:
@@ -133,7 +175,7 @@ def start(ctx: Ctx) -> str:
     SSH.mkdir(exist_ok=True)
     os.chmod(SSH, 0o700)
     REMOTE_DIR.mkdir(exist_ok=True)
-    host_key = SSH / "ssh_host_ed25519_key"
+    host_key = HOST_KEY
     for key, comment in ((host_key, "rlfn-stack-host"), (CLIENT_KEY, "rlfn-stack-client")):
         if not key.exists():
             r = run_logged(NAME, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
@@ -141,7 +183,11 @@ def start(ctx: Ctx) -> str:
             if r.returncode != 0:
                 raise StackError(f"sshd: ssh-keygen failed; read {rel(log_path(NAME))}")
     pub = CLIENT_KEY.with_suffix(".pub").read_text().strip()
-    write_private(SSH / "authorized_keys", f"restrict {pub}\n")
+    # off loopback the key may open one tunnel: to this sshd itself (a client's pinned route
+    # for DVC, ``dvc_ssh_config``); nothing else
+    self_only = f"{ctx.host}:{port}"
+    opts = f'restrict,port-forwarding,permitopen="{self_only}"' if ctx.remote else "restrict"
+    write_private(SSH / "authorized_keys", f"{opts} {pub}\n")
     host_pub = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
     hosts = (HOST, ctx.host) if ctx.remote else (HOST,)
     atomic_write(KNOWN_HOSTS, "".join(f"[{h}]:{port} {host_pub}\n" for h in hosts))
@@ -169,7 +215,9 @@ def start(ctx: Ctx) -> str:
         f"AllowUsers {_user()}\n"
         f"# StrictModes: yes unless a directory above the keys is group/world writable (/tmp)\n"
         f"StrictModes {strict}\n"
-        "AllowTcpForwarding no\nAllowAgentForwarding no\nX11Forwarding no\nPermitTunnel no\n"
+        + (f"AllowTcpForwarding local\nPermitOpen {self_only}\n" if ctx.remote
+           else "AllowTcpForwarding no\n") +
+        "AllowAgentForwarding no\nX11Forwarding no\nPermitTunnel no\n"
         "PrintMotd no\nSubsystem sftp internal-sftp\n")
     r = run_logged(NAME, [exe, "-t", "-f", str(conf)])
     if r.returncode != 0:
