@@ -156,13 +156,14 @@ def kill_postgresql(stack: Stack) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in family):
+    while any(Path(f"/proc/{p}").exists() and proc_state(p) != "Z" for p in family):
         assert time.monotonic() < deadline, f"PostgreSQL survived SIGKILL: {family}"
         time.sleep(0.05)
     return family
 
 
-def _state(pid: int) -> str:
+def proc_state(pid: int) -> str:
+    """A process's state letter (``Z`` a zombie), ``X`` when it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:

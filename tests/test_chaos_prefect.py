@@ -1,5 +1,6 @@
-"""Chaos (issue 24), cases 4 and 3: the Prefect server, then the Prefect worker, SIGKILLed in
-the middle of real work, against team mode's stack (scripts/stack.sh), no mocks.
+"""Chaos (issue 24), cases 4 and 3: the Prefect server, then the Prefect worker (with its flow
+run, a host gone; then the worker process alone), SIGKILLed in the middle of real work,
+against team mode's stack (scripts/stack.sh), no mocks.
 
 Case 4, the Prefect server SIGKILLed while a stage runs. The data stages (``prepare``,
 ``degrade``, ``patches``) are reproduced against the stack: their flow runs are what was
@@ -20,7 +21,10 @@ flow run: a worker host gone). Exactly: the flow run does not stay RUNNING: the 
 automation ``rlfn-crash-silent-flow-runs`` (its heartbeats stopped) marks it CRASHED, within
 the automation's window plus a bound; after ``stack.sh up`` (the worker started again) a
 rerun of the deployment completes, ``train_stage@2`` resumes from its checkpoint of
-iteration 2, and ``dvc status`` is clean (no stage's outputs half-written).
+iteration 2, and ``dvc status`` is clean (no stage's outputs half-written). Its variant, the
+worker process alone SIGKILLed (its flow run's processes left running, their output pipe's
+reader gone): the flow run goes on and COMPLETES by itself, the restarted worker does not run
+it again, ``dvc status`` is clean.
 
 Marked ``chaos`` only: a stack of its own and four stages (minutes on 2 cores).
 """
@@ -30,14 +34,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
 
 import pytest
 
-from chaosstack import census, counts, lost_flow_runs, restarted, through_fault
-from faults import armed_env, wait_reached
+from chaosstack import census, counts, lost_flow_runs, proc_state, restarted, through_fault
+from faults import armed_env, release, wait_reached
 from prereq import ROOT
 from servers import _group_alive, processes_with_env
 from teamstack import BIN, Stack, dvc, py, run, stack_up, why
@@ -217,3 +222,65 @@ def test_worker_killed_during_a_repro(stack):
     st = dvc(stack, "status", "--json", "dvc.yaml")  # the pipeline (not experiments/)
     assert json.loads(st.stdout or "{}") == {}, st.stdout
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+
+
+@pytest.mark.timeout(3600)  # a repro (from the module's state, or the whole tiny pipeline)
+def test_worker_alone_killed_during_a_repro(stack):
+    """Case 3 as the issue words it: the worker process alone SIGKILLed (the worker's host
+    stays; the flow run's process, its child, is left running) while it runs a ``repro``
+    deployment, held at failpoint ``train.step@3`` in the first training stage it reruns
+    (``models/stage3`` removed first, so one does). The flow run's process then has no reader
+    of its output (the worker held the pipe). Exactly: the flow run ends, and ends COMPLETED
+    (its process rides through: Prefect's console logging meets the broken pipe and goes on,
+    heartbeats and state changes go to the server, not through the worker); nobody ran it
+    twice: the worker ``up`` starts again does not take it; every stage's outputs are as
+    ``dvc.lock`` says (``dvc status`` clean)."""
+    point = "train.step"
+    fp = stack.state.parent / "failpoints-worker-alone"
+    log = stack.state / "logs" / "worker.log"
+    shutil.rmtree(stack.clone / "models" / "stage3", ignore_errors=True)
+    env = json.dumps(armed_env(fp, f"{point}@3"))
+    fid = _deployment_run(stack, "--job-variable", f"env={env}")
+    wait_reached(fp, point, None, limit_s=1500,
+                 what=lambda: log.read_text(errors="replace")[-4000:])
+    assert _flow_run(stack, fid, "RUNNING", 60)["state"] == "RUNNING"
+    procs = processes_with_env("PREFECT__FLOW_RUN_ID", fid)
+    assert procs, "the flow run has no process of its own"
+    wpid = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    assert wpid not in procs, (wpid, procs)
+    os.kill(wpid, signal.SIGKILL)  # the worker only: its children stay
+    t_kill = time.monotonic()
+    while proc_state(wpid) not in "ZX" and time.monotonic() < t_kill + 30:
+        time.sleep(0.1)
+    left = processes_with_env("PREFECT__FLOW_RUN_ID", fid)
+    print(f"\nkilled the worker ({wpid}); the flow run's processes left: {len(left)}")
+    assert left, "the flow run's processes died with the worker"
+    release(fp, point)
+
+    ended = _flow_run(stack, fid, "COMPLETED,FAILED,CRASHED,CANCELLED", 1800)
+    TIMES["worker alone killed -> flow run ended"] = time.monotonic() - t_kill
+    print(f"flow run {fid}: {ended} "
+          f"{TIMES['worker alone killed -> flow run ended']:.1f} s after the kill")
+    assert ended["state"] == "COMPLETED", why(ended, log.read_text(errors="replace")[-6000:])
+    _gone(fid, "the flow run's processes stay after it COMPLETED")
+
+    t = time.monotonic()
+    restarted(stack, "worker")
+    TIMES["stack up after the worker alone's kill"] = time.monotonic() - t
+    time.sleep(10)  # ten polls of the new worker (RLFN_STACK_WORKER_POLL_S=1): none takes it
+    again = _flow_run(stack, fid, "COMPLETED", 60)
+    assert again["state"] == "COMPLETED", again
+    assert not processes_with_env("PREFECT__FLOW_RUN_ID", fid), "the flow run started again"
+    st = dvc(stack, "status", "--json", "dvc.yaml")
+    assert json.loads(st.stdout or "{}") == {}, st.stdout
+    assert (stack.clone / "models" / "stage3" / "model.safetensors").is_file()
+    print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+
+
+
+def _gone(fid: str, what: str, limit_s: float = 60) -> None:
+    """Every process of flow run ``fid`` exits within ``limit_s`` (a bound on waiting)."""
+    deadline = time.monotonic() + limit_s
+    while processes_with_env("PREFECT__FLOW_RUN_ID", fid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_with_env("PREFECT__FLOW_RUN_ID", fid), what
