@@ -10,7 +10,14 @@ object whose bytes differ from its name (md5); after ``stack.sh up`` a push comp
 the same during ``dvc pull`` into a fresh ``git clone``; after ``up`` a pull restores every
 output of dvc.lock, each file's md5 as dvc.lock (and its ``.dir`` listings) says, and no other.
 
-Marked ``chaos`` only: a stack of its own and three stages (minutes on 2 cores).
+On the multi-host layout (tests/teamhosts.py: a server host, worker host ``w1`` joined, a
+client), the server host's sshd dies the same way while ``w1`` pushes a folder to the remote
+and pulls it back through its pinned route (issue 23's ``RLFN_DVC_REMOTE``: DVC's SSH client
+inside an OpenSSH tunnel that checks the host key): DVC's ``ERROR`` line(s) follow OpenSSH's own
+one naming the server's address and port (DVC alone says only "Connection lost").
+
+Marked ``chaos`` only: a stack of its own and three stages (minutes on 2 cores); the
+multi-host test, hosts and a stack of their own (about a minute).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -170,3 +178,125 @@ def test_sshd_killed_during_push_and_pull(stack):
     st = dvc(stack, "status", "--json", *STAGES, cwd=fresh)
     assert json.loads(st.stdout) == {}, st.stdout + pull.stdout
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+
+
+# ------------------------------------------------------------------ the multi-host layout
+@pytest.fixture(scope="module")
+def team():
+    from teamhosts import team_on_hosts
+
+    with team_on_hosts(("w1",), join=("w1",)) as t:
+        yield t
+
+
+def _established_on(host, port: int) -> bool:
+    """Whether ``host``'s namespace holds an established TCP connection to its ``port``."""
+    r = host.root(["ss", "-tnH", "state", "established", "(", "sport", "=", f":{port}", ")"])
+    return bool(r.stdout.strip())
+
+
+def _kill_server_sshd_during(t, cmd: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``cmd`` (a shell line) on worker host ``w1`` while the server host's sshd is frozen,
+    then killed once ``cmd``'s connection is in. Its output through a pipe of w1's own user
+    (as in a shell), so the pinned route's OpenSSH words reach it."""
+    port = urlsplit(t.bundle["ssh"]["remote"]).port
+    pid = int((t.state / "run" / "sshd.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGSTOP)
+    w1 = t.workers["w1"]
+    try:
+        proc = w1.popen(["bash", "-c", f"{cmd} 2>&1 | cat; exit ${{PIPESTATUS[0]}}"], cwd=cwd)
+        deadline = time.monotonic() + 300
+        while not _established_on(t.srv, port):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no connection to the sshd within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+    tk = time.monotonic()
+    out, _ = proc.communicate(timeout=600)
+    TIMES[f"multi-host {cmd.split()[1]}: sshd killed -> exited"] = time.monotonic() - tk
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _failed_cleanly(r: subprocess.CompletedProcess, where: str) -> list[str]:
+    """DVC's ``ERROR`` lines of a command whose sshd died (it failed, no traceback), after
+    OpenSSH's own line naming the server's address and port (``where``: "ADDR port PORT"):
+    DVC alone says only "Connection lost"."""
+    lines = r.stdout.splitlines()
+    errors = [x for x in lines if x.startswith("ERROR")]
+    print(f"\n{r.args.split()[1]} with the server's sshd killed: exit {r.returncode}:\n"
+          + "\n".join(lines[-12:]))
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert "Traceback" not in r.stdout, r.stdout[-4000:]
+    assert errors, r.stdout[-3000:]
+    said = [x for x in lines[:lines.index(errors[0])] if where in x]
+    assert said and re.search(r"Connection (reset|refused|closed)", said[0]), r.stdout[-3000:]
+    return errors
+
+
+@pytest.mark.timeout(2400)
+def test_server_sshd_killed_during_a_worker_hosts_push_and_pull(team):
+    """Case 5 on the multi-host layout: worker host ``w1`` pushes to and pulls from the
+    server host's remote through its pinned route (``RLFN_DVC_REMOTE``: asyncssh inside an
+    OpenSSH tunnel, issue 23), and the server's sshd dies with the transfer's connection in.
+    Exactly: each command fails with DVC's ``ERROR`` line(s), no traceback; the remote holds
+    no object whose bytes differ from its name; nothing half-restored in w1's workspace; after
+    the server's ``up`` a push completes, and a pull restores every file byte for byte."""
+    t = team
+    w1, project = t.workers["w1"], t.project("w1")
+    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
+    probe = project / "chaos-probe"
+    probe.mkdir()
+    files = {f"part{i}.bin": os.urandom(2 << 20) for i in range(3)}
+    for name, data in files.items():
+        (probe / name).write_bytes(data)
+    subprocess.run(["chown", "-R", f"{w1.uid}:{w1.uid}", str(probe)], check=True)
+    ok = w1.run([dvc, "add", "-q", "chaos-probe"], cwd=project, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    remote = t.state / "dvc-remote"
+
+    def sound() -> int:
+        objs = [p for p in (remote / "files" / "md5").rglob("*") if p.is_file()]
+        for p in objs:
+            assert _md5(p) == p.parent.name + p.name.removesuffix(".dir"), f"corrupt: {p}"
+        return len(objs)
+
+    def up() -> None:
+        r = t.srv.run(["bash", t.stack_sh, "up", "--host", t.srv.addr], timeout=600,
+                      **t.srv_env)
+        assert r.returncode == 0 and re.search(r"^sshd\s+started", r.stdout, re.M), \
+            r.stdout + r.stderr
+
+    where = f"{t.srv.addr} port {urlsplit(t.bundle['ssh']['remote']).port}"
+    before = sound()
+    err = _failed_cleanly(_kill_server_sshd_during(t, f"{dvc} push chaos-probe.dvc", project),
+                          where)
+    assert err == ["ERROR: unexpected error - Connection lost"], err
+    after_fault = sound()
+    tr = time.monotonic()
+    up()
+    push = w1.run([dvc, "push", "chaos-probe.dvc"], cwd=project, timeout=600)
+    TIMES["multi-host recovery: up + push"] = time.monotonic() - tr
+    assert push.returncode == 0 and re.search(r"\d+ files? pushed", push.stdout), \
+        push.stdout + push.stderr
+    n = sound()
+    assert n >= before + len(files), (before, n)
+    print(f"push: {err}; remote objects {before} before, {after_fault} after the fault, "
+          f"{n} after the push")
+
+    # pull: the workspace copy and the cache gone, the server's sshd killed mid-pull
+    shutil.rmtree(probe)
+    shutil.rmtree(project / ".dvc" / "cache")
+    err = _failed_cleanly(_kill_server_sshd_during(t, f"{dvc} pull chaos-probe.dvc", project),
+                          where)
+    assert len(err) == 2 and err[0].startswith("ERROR: failed to connect to ssh") and \
+        re.fullmatch(r"ERROR: failed to pull data from the cloud - \d+ files? failed to "
+                     r"download", err[1]), err
+    assert not probe.exists() or not any(probe.iterdir()), list(probe.iterdir())
+    tr = time.monotonic()
+    up()
+    pull = w1.run([dvc, "pull", "chaos-probe.dvc"], cwd=project, timeout=600)
+    TIMES["multi-host recovery: up + pull"] = time.monotonic() - tr
+    assert pull.returncode == 0, pull.stdout + pull.stderr
+    assert {p.name: p.read_bytes() for p in probe.iterdir()} == files
+    print(f"pull: {err}\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
