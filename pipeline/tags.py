@@ -21,6 +21,7 @@ GIT_CHANGED = "rlfn.git_changed"  # the tracked paths that differ from HEAD and 
 EXP_NAME = "rlfn.exp.name"      # a `dvc exp run`'s experiment (DVC_EXP_NAME)
 EXP_BASELINE = "rlfn.exp.baseline"  # the commit it derives from (DVC_EXP_BASELINE_REV)
 EXP_REF = "rlfn.exp.ref"        # its git ref: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+FLOW_RUN = "rlfn.prefect.flow_run_id"  # the Prefect flow run a stage's run belongs to
 
 # -- model version tags -------------------------------------------------------------------------
 V_SCALE = "rlfn.scale"

@@ -324,6 +324,7 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
         parent_id = parent.info.run_id
     client = mlflow.MlflowClient()
     settle_unterminated(client, mlflow.get_tracking_uri())
+    settle_orphans(client, exp_id)
     tags = {T.REPRO_ID: rid, T.KIND: "stage", T.DVC_STAGE: stage,
             T.GIT_COMMIT: commit, T.PARAMS_HASH: params_hash(
                 section if section is not None else
@@ -331,6 +332,9 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
             T.PARENT_RUN: parent_id, T.GIT_STATE: gs["state"]}
     if gs["changed"]:
         tags[T.GIT_CHANGED] = changed_text(gs["changed"])
+    fid = _flow_run_id()
+    if fid:
+        tags[T.FLOW_RUN] = fid
     exp = experiment()
     tags.update({k: exp[f] for k, f in ((T.EXP_NAME, "name"), (T.EXP_BASELINE, "baseline"),
                                         (T.EXP_REF, "ref")) if f in exp})
@@ -453,6 +457,68 @@ def _settle(client: Any, uri: str) -> list[str]:
         UNTERMINATED.unlink(missing_ok=True)
     for rid in done:
         log.info(f"MLflow run {rid}: its end, lost with the tracking server, recorded now")
+    return done
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this process runs (a stage's flow), else None."""
+    try:
+        from prefect.runtime import flow_run
+
+        fid = flow_run.id
+    except Exception:  # noqa: BLE001 - no flow run context
+        return None
+    return str(fid) if fid else None
+
+
+ENDED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+ORPHANS_MAX = 50  # RUNNING stage runs looked at per stage start (a bound on its cost)
+
+
+def settle_orphans(client: Any, exp_id: str) -> list[str]:
+    """Mark ``KILLED`` each stage run of experiment ``exp_id`` still ``RUNNING`` whose Prefect
+    flow run (tag ``rlfn.prefect.flow_run_id``) has ended: its process died without ending it
+    (a worker host gone, a SIGKILL), and no journal of its own can (that is on the dead host's
+    disk). Prefect's verdict is the one that holds across hosts (the stack's automation marks a
+    silent flow run CRASHED). A flow run Prefect does not know (a temporary server's, local
+    mode) or has not ended is left alone, as is everything when Prefect cannot be asked. The
+    run ids marked."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return []
+    try:
+        running = client.search_runs(
+            [exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{T.KIND}` = "
+                                    "'stage'", max_results=ORPHANS_MAX)
+    except Exception as e:  # noqa: BLE001 - the stage's own calls will say what is wrong
+        log.debug(f"settle_orphans: search failed: {e}")
+        return []
+    by_flow = {r.data.tags[T.FLOW_RUN]: r for r in running if r.data.tags.get(T.FLOW_RUN)}
+    mine = _flow_run_id()
+    by_flow.pop(mine or "", None)
+    if not by_flow:
+        return []
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    done = []
+    try:
+        with get_client(sync_client=True) as pc:
+            for fid, run in by_flow.items():
+                try:
+                    fr = pc.read_flow_run(UUID(fid))
+                except Exception:  # noqa: BLE001 - not this server's flow run
+                    continue
+                state = fr.state_type.value if fr.state_type else ""
+                if state not in ENDED:
+                    continue
+                client.set_terminated(run.info.run_id, "KILLED")
+                done.append(run.info.run_id)
+                log.info(f"MLflow run {run.info.run_id} ({run.data.tags.get(T.DVC_STAGE)}): "
+                         f"its flow run {fid} ended {state} without ending it (its process "
+                         "is gone): marked KILLED")
+    except Exception as e:  # noqa: BLE001 - Prefect unreachable: left for a later stage
+        log.debug(f"settle_orphans: {e}")
     return done
 
 

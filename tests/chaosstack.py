@@ -83,6 +83,21 @@ print(json.dumps([t.number for t in study.get_trials()]))
 '''
 
 
+# One client process: the registered model's (argv) versions [number, status, run, stage,
+# created s] and aliases.
+REGISTRY = r"""
+import json, sys
+from mlflow import MlflowClient
+c = MlflowClient()
+name = sys.argv[1]
+vs = c.search_model_versions(f"name = '{name}'")
+runs = {v.run_id: c.get_run(v.run_id).data.tags.get("dvc_stage") for v in vs}
+print(json.dumps({"versions": sorted([int(v.version), str(v.status), v.run_id, runs[v.run_id],
+                                      v.creation_timestamp / 1000] for v in vs),
+                  "aliases": dict(c.get_registered_model(name).aliases or {}) if vs else {}}))
+"""
+
+
 def census(stack: Stack) -> dict:
     """Everything the services hold (module docstring), as plain JSON values."""
     return py(stack, CENSUS, MODEL)

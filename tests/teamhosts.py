@@ -127,6 +127,11 @@ class Team:
     def cdvc(self) -> str:
         return str(self.cli_clone / ".venv" / "bin" / "dvc")
 
+    def client_py(self, code: str, *args: str, timeout: float = 300):
+        """``code`` run on the client host with its exports; its last line, as JSON."""
+        r = self.cli.run([self.py(), "-c", code, *args], timeout=timeout, **self.cenv())
+        return json.loads(ok(r, "client script").strip().splitlines()[-1])
+
     def runner_of(self, flow_run_id: str) -> list[str]:
         """The worker hosts that ran ``flow_run_id``: the flow run's own first line ("View at
         .../flow-run/<id>") is in that host's worker log only (a worker that lost the race for

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from chaosstack import (CENSUS, MODEL, STUDY, LoopbackCut, census, counts, lost_flow_runs,
-                        through_fault)
+from chaosstack import (CENSUS, MODEL, REGISTRY, STUDY, LoopbackCut, census, counts,
+                        lost_flow_runs, through_fault)
 from teamhosts import WORKERS, Team, deploy_run, ok, team_on_hosts, wait_runs
 from teamstack import dvc, py, stack_up, why
 from tinyproject import FLOW_RUNS, tiny_clone
@@ -50,19 +50,6 @@ pytestmark = pytest.mark.chaos
 PARTITION_S = 60  # the cable out: longer than one try's timeout, shorter than all the retries
 FP = "register.weights_logged"
 FP_DIR = "failpoints"  # relative: the flow run's working directory, the worker host's clone
-
-REGISTRY = r"""
-import json, sys
-from mlflow import MlflowClient
-c = MlflowClient()
-name = sys.argv[1]
-vs = c.search_model_versions(f"name = '{name}'")
-runs = {v.run_id: c.get_run(v.run_id).data.tags.get("dvc_stage") for v in vs}
-print(json.dumps({"versions": sorted([int(v.version), str(v.status), v.run_id, runs[v.run_id],
-                                      v.creation_timestamp / 1000] for v in vs),
-                  "aliases": dict(c.get_registered_model(name).aliases or {}) if vs else {}}))
-"""
-
 
 def registry_whole(reg: dict, t_cut: float, t_mend: float, project: Path) -> None:
     """After the partition (``t_cut`` to ``t_mend``, ``time.time()``): one version per training
@@ -103,11 +90,6 @@ def team():
         yield t
 
 
-def _client_py(t: Team, code: str, *args: str, timeout: float = 300) -> dict:
-    r = t.cli.run([t.py(), "-c", code, *args], timeout=timeout, **t.cenv())
-    return json.loads(ok(r, "client script").strip().splitlines()[-1])
-
-
 @pytest.mark.timeout(2700)
 def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     t = team
@@ -115,8 +97,8 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     project = t.project("w1")
     # something recorded before, to count: 2 Optuna trials from the client host (its
     # PostgreSQL over TLS)
-    assert _client_py(t, STUDY, "0", "2") == [0, 1]
-    before = _client_py(t, CENSUS, MODEL)
+    assert t.client_py(STUDY, "0", "2") == [0, 1]
+    before = t.client_py(CENSUS, MODEL)
     assert before["studies"], counts(before)
     print(f"\nbefore the dispatch: {counts(before)}")
     fp_env = json.dumps({"RLFN_FAILPOINTS": FP, "RLFN_FAILPOINT_DIR": FP_DIR,
@@ -129,7 +111,7 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
             pytest.fail(f"failpoint {FP} not reached: {wait_runs(t, [fid], 1)}{t.logs()}")
         time.sleep(1)
     stage_pid = int(marker.read_text().split()[0])
-    mid = _client_py(t, REGISTRY, MODEL)
+    mid = t.client_py(REGISTRY, MODEL)
     assert mid["versions"] == [], mid  # held before the version: nothing registered yet
 
     t.net.cut("w1")
@@ -146,12 +128,12 @@ def test_worker_host_partitioned_while_a_stage_registers(team: Team):
     states = wait_runs(t, [fid], 1800)
     logs = t.logs()
     assert states[fid]["state"] == "COMPLETED", why(states, logs)
-    registry_whole(_client_py(t, REGISTRY, MODEL), t_cut, t_mend, project)
+    registry_whole(t.client_py(REGISTRY, MODEL), t_cut, t_mend, project)
     # the worker on w1 back on the pool
-    workers = _client_py(t, WORKERS, "rlfn-pool")
+    workers = t.client_py(WORKERS, "rlfn-pool")
     assert list(workers.values()) == ["ONLINE"], workers
     # nothing counted before lost; every run ended
-    nothing_lost(before, _client_py(t, CENSUS, MODEL), FLOW_RUNS, fid)
+    nothing_lost(before, t.client_py(CENSUS, MODEL), FLOW_RUNS, fid)
     # the worker host's clone: every stage's outputs as its dvc.lock says
     dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
     st = w.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)

@@ -221,6 +221,11 @@ def test_worker_killed_during_a_repro(stack):
     assert result["resumed_from"] == 2, result
     st = dvc(stack, "status", "--json", "dvc.yaml")  # the pipeline (not experiments/)
     assert json.loads(st.stdout or "{}") == {}, st.stdout
+    # the killed stage's MLflow run: KILLED by the rerun's first stage (its flow run CRASHED),
+    # not RUNNING for ever (tracking.settle_orphans)
+    runs = census(stack)["runs"]
+    assert [r for r in runs if r[1] == "RUNNING"] == [], runs
+    assert [r[2] for r in runs if r[1] == "KILLED"] == ["train_stage@2"], runs
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
 
 

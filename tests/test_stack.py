@@ -457,6 +457,48 @@ def test_worker_runs_a_deployment(stack):
 
 
 # --------------------------------------------------------------------------- 4: failures
+ORPHANS = r"""
+import json, mlflow, uuid
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Crashed, Running
+from pipeline import tags as T, tracking
+
+@flow(name="orphan-probe")
+def probe():
+    pass
+
+client = mlflow.MlflowClient()
+exp = client.create_experiment(f"orphans-{uuid.uuid4().hex[:8]}")
+runs = {}
+with get_client(sync_client=True) as pc:
+    for name in ("crashed", "running"):
+        fr = pc.create_flow_run(probe)
+        pc.set_flow_run_state(fr.id, Running(), force=True)
+        if name == "crashed":  # what the stack's automation does to a silent flow run
+            pc.set_flow_run_state(fr.id, Crashed(message="gone"), force=True)
+        runs[name] = client.create_run(exp, tags={T.KIND: "stage", T.DVC_STAGE: name,
+                                                  T.FLOW_RUN: str(fr.id)}).info.run_id
+runs["untagged"] = client.create_run(exp, tags={T.KIND: "stage"}).info.run_id
+marked = tracking.settle_orphans(client, exp)
+print(json.dumps({"marked": [k for k, v in runs.items() if v in marked],
+                  "status": {k: client.get_run(v).info.status for k, v in runs.items()}}))
+"""
+
+
+def test_a_stage_run_whose_flow_run_ended_is_marked_killed(stack):
+    """``pipeline.tracking.settle_orphans`` (each stage's start) against the stack's servers:
+    a stage's MLflow run left RUNNING whose Prefect flow run ended (CRASHED: its process, or
+    its host, gone) is marked KILLED; one whose flow run still runs, and one without a flow
+    run, are left RUNNING."""
+    r = subprocess.run([sys.executable, "-c", ORPHANS], capture_output=True, text=True,
+                       timeout=300, env=stack.client_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"marked": ["crashed"], "status": {"crashed": "KILLED", "running": "RUNNING",
+                                                     "untagged": "RUNNING"}}, got
+
+
 @pytest.mark.timeout(600)
 def test_status_names_a_stopped_service_and_up_restarts_it(stack):
     pid = int((stack.state / "run" / "mlflow.pid").read_text().split()[0])
