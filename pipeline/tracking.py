@@ -482,7 +482,8 @@ def settle_orphans(client: Any, exp_id: str) -> list[str]:
     disk). Prefect's verdict is the one that holds across hosts (the stack's automation marks a
     silent flow run CRASHED). A flow run Prefect does not know (a temporary server's, local
     mode) or has not ended is left alone, as is everything when Prefect cannot be asked. The
-    run ids marked."""
+    stage run's repro parent run, when still RUNNING, is marked too (the repro died with its
+    stage). The run ids marked."""
     if not os.environ.get("PREFECT_API_URL"):
         return []
     try:
@@ -517,6 +518,12 @@ def settle_orphans(client: Any, exp_id: str) -> list[str]:
                 log.info(f"MLflow run {run.info.run_id} ({run.data.tags.get(T.DVC_STAGE)}): "
                          f"its flow run {fid} ended {state} without ending it (its process "
                          "is gone): marked KILLED")
+                # its repro's parent run, left RUNNING when the dead stage was the repro's
+                # first (a later stage's start does not reopen it: the repro died with it)
+                parent = run.data.tags.get(T.PARENT_RUN)
+                if parent and client.get_run(parent).info.status == "RUNNING":
+                    client.set_terminated(parent, "KILLED")
+                    done.append(parent)
     except Exception as e:  # noqa: BLE001 - Prefect unreachable: left for a later stage
         log.debug(f"settle_orphans: {e}")
     return done

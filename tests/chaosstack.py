@@ -103,14 +103,15 @@ def census(stack: Stack) -> dict:
     return py(stack, CENSUS, MODEL)
 
 
-def settled(stack: Stack, limit_s: float = 600) -> dict:
-    """The census once no flow run is still going: the champion's rollout, which the alias
-    triggers on its own, runs for a minute after a repro ends, and a census taken meanwhile
-    differs from any later one by that run's state. AssertionError naming the runs still going
-    after ``limit_s`` (a bound on waiting)."""
+def settled(read: Callable[[], dict], limit_s: float = 600) -> dict:
+    """The census ``read()`` takes (``census`` of a stack, or the client host's ``CENSUS`` across
+    hosts), once no flow run is still going: the champion's rollout, which the alias triggers
+    on its own, runs for a minute after a repro ends, and a census taken meanwhile differs from
+    any later one by that run's state. AssertionError naming the runs still going after
+    ``limit_s`` (a bound on waiting)."""
     deadline = time.monotonic() + limit_s
     while True:
-        c = census(stack)
+        c = read()
         going = [fr for fr in c["flow_runs"] if fr[3] not in FINAL]
         if not going:
             return c
@@ -148,7 +149,8 @@ def restarted(stack: Stack, service: str) -> str:
     return r.stdout
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The direct children of process ``pid``."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -160,13 +162,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def kill_postgresql(stack: Stack) -> list[int]:
-    """SIGKILL the stack's PostgreSQL: the postmaster (``postmaster.pid``) and every process it
-    started (backends, checkpointer, WAL writer, ...) at once, as a crashed host leaves it: no
-    shutdown checkpoint, the lock file stale. Returns the pids, all gone when it returns
+def kill_postgresql(state: Path) -> list[int]:
+    """SIGKILL the PostgreSQL of the stack whose state directory is ``state``: the postmaster
+    (``postmaster.pid``) and every process it started (backends, checkpointer, WAL writer, ...)
+    at once, as a crashed host leaves it: no shutdown checkpoint, the lock file stale. Returns the pids, all gone when it returns
     (AssertionError after 30 s otherwise: a bound on waiting)."""
-    pid = int((stack.state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
-    family = [pid, *_children(pid)]
+    pid = int((state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    family = [pid, *children(pid)]
     for p in family:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)

@@ -103,10 +103,11 @@ class Team:
         return self.workers[name].run(["bash", str(self.tools[name] / "scripts" / "stack.sh"),
                                        *args], timeout=timeout, **self.wenv[name])
 
-    def join(self, name: str) -> subprocess.CompletedProcess:
-        """``join`` on worker host ``name`` with the bundle carried there."""
+    def join(self, name: str, *extra: str) -> subprocess.CompletedProcess:
+        """``join`` on worker host ``name`` with the bundle carried there (``extra``: more
+        arguments, e.g. ``--pool NAME``)."""
         j = self.wsh(name, "join", str(carry(self.srv.home / "team.bundle",
-                                             self.workers[name])), timeout=600)
+                                             self.workers[name])), *extra, timeout=600)
         print(j.stdout + j.stderr)
         ok(j, f"join on {name}", log_tails(self.wstate[name]))
         return j
@@ -167,12 +168,13 @@ class Team:
 @contextlib.contextmanager
 def team_on_hosts(worker_names: tuple[str, ...] = ("w1", "w2"), join: tuple[str, ...] = (),
                   params: Callable[[dict], None] | None = None,
-                  study: str | None = None) -> Iterator[Team]:
+                  study: str | None = None, poll_s: str = "1") -> Iterator[Team]:
     """Hosts ``server``, the worker hosts ``worker_names`` and ``client`` (tests/hosts.py); the
     server host's stack up off loopback (TLS; ``RLFN_STACK_WORKER=0``: no worker of its own)
     on a clone made tiny (tinyproject; ``params(prm)`` edits its params.yaml first), the team
     repository seeded from it, the bundle written and carried to the client, whose exports
-    (``env --bundle``) are ``Team.client``; the worker hosts ``join`` joined. On exit every
+    (``env --bundle``) are ``Team.client``; the worker hosts ``join`` joined, their workers
+    polling every ``poll_s`` seconds. On exit every
     worker host and the server ``down`` (their worker logs' tails printed), the hosts gone."""
     prerequisites(off_loopback=True)
     with hosts("server", *worker_names, "client") as net:
@@ -196,7 +198,7 @@ def team_on_hosts(worker_names: tuple[str, ...] = ("w1", "w2"), join: tuple[str,
                    RLFN_STACK_WORKER="0")
         wstate = {n: h.home / "state" for n, h in workers.items()}
         # one flow run at a time per worker host: two runs dispatched together go to both hosts
-        wenv = {n: dict(RLFN_STACK_DIR=str(wstate[n]), RLFN_STACK_WORKER_POLL_S="1",
+        wenv = {n: dict(RLFN_STACK_DIR=str(wstate[n]), RLFN_STACK_WORKER_POLL_S=poll_s,
                         RLFN_STACK_WORKER_LIMIT="1") for n in workers}
         try:
             r = srv.run(["bash", stack_sh, "up", "--host", srv.addr], timeout=900, **env)

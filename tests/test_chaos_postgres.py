@@ -61,7 +61,7 @@ def test_postgresql_restarted_cleanly_between_two_repros(stack):
         assert f"{stage}: ready after" in out.stdout + out.stderr, stage
     assert py(stack, STUDY, "0", "3") == [0, 1, 2]
 
-    before = settled(stack)  # the champion's rollout ended: nothing changes it meanwhile
+    before = settled(lambda: census(stack))  # the champion's rollout ended: nothing changes it meanwhile
     print(f"\nbefore the restart: {counts(before)}")
     # what the first repro must have left (else the comparison below proves little)
     assert [v[:2] for v in before["versions"]] == [[1, "READY"], [2, "READY"], [3, "READY"]]
@@ -145,7 +145,7 @@ def test_postgresql_killed_while_a_stage_logs(stack):
         mid = census(stack)  # the stage's run and flow run open on the servers
         assert [fr[1] for fr in mid["flow_runs"] if fr[3] == "RUNNING"] == ["rlfn-train"], \
             mid["flow_runs"]
-        killed = kill_postgresql(stack)
+        killed = kill_postgresql(stack.state)
         t_kill = time.monotonic()
         print(f"killed PostgreSQL: {len(killed)} processes")
         # a stage started now is refused before any work, naming the database

@@ -38,10 +38,12 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from chaosstack import census, counts, lost_flow_runs, proc_state, restarted, through_fault
+from chaosstack import (census, children, counts, lost_flow_runs, proc_state, restarted,
+                        through_fault)
 from faults import armed_env, release, wait_reached
 from prereq import ROOT
 from servers import _group_alive, processes_with_env
@@ -238,8 +240,8 @@ def test_worker_alone_killed_during_a_repro(stack):
     of its output (the worker held the pipe). Exactly: the flow run ends, and ends COMPLETED
     (its process rides through: Prefect's console logging meets the broken pipe and goes on,
     heartbeats and state changes go to the server, not through the worker); nobody ran it
-    twice: the worker ``up`` starts again does not take it; every stage's outputs are as
-    ``dvc.lock`` says (``dvc status`` clean)."""
+    twice: the worker the stack's ``keep.py`` starts again (no ``up`` needed) does not take
+    it; every stage's outputs are as ``dvc.lock`` says (``dvc status`` clean)."""
     point = "train.step"
     fp = stack.state.parent / "failpoints-worker-alone"
     log = stack.state / "logs" / "worker.log"
@@ -251,7 +253,11 @@ def test_worker_alone_killed_during_a_repro(stack):
     assert _flow_run(stack, fid, "RUNNING", 60)["state"] == "RUNNING"
     procs = processes_with_env("PREFECT__FLOW_RUN_ID", fid)
     assert procs, "the flow run has no process of its own"
-    wpid = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    # the worker process: the child of the stack's keep.py (run/worker.pid) running
+    # `prefect worker start`
+    keeper = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    wpid, = [c for c in children(keeper)
+             if b"worker\0start" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert wpid not in procs, (wpid, procs)
     os.kill(wpid, signal.SIGKILL)  # the worker only: its children stay
     t_kill = time.monotonic()
@@ -269,9 +275,15 @@ def test_worker_alone_killed_during_a_repro(stack):
     assert ended["state"] == "COMPLETED", why(ended, log.read_text(errors="replace")[-6000:])
     _gone(fid, "the flow run's processes stay after it COMPLETED")
 
-    t = time.monotonic()
-    restarted(stack, "worker")
-    TIMES["stack up after the worker alone's kill"] = time.monotonic() - t
+    # keep.py has started the worker again (no `up` needed): ONLINE on the pool
+    deadline = time.monotonic() + 120  # a bound on waiting
+    while stack.sh("status").returncode != 0:
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(2)
+    assert re.search(r"keep: worker exited -9 after \d+ s; starting it again",
+                     log.read_text(errors="replace")), log.read_text(errors="replace")[-3000:]
+    TIMES["worker alone killed -> started again by keep.py, ONLINE"] = \
+        time.monotonic() - t_kill
     time.sleep(10)  # ten polls of the new worker (RLFN_STACK_WORKER_POLL_S=1): none takes it
     again = _flow_run(stack, fid, "COMPLETED", 60)
     assert again["state"] == "COMPLETED", again

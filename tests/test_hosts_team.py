@@ -488,6 +488,14 @@ def test_retrain_from_the_client_runs_on_a_worker_host(team: Team):
 def test_down_stops_a_worker_host(team: Team):
     t = team
     t.both_joined()
+    # a GPU host: w2 joined again on pool rlfn-gpu takes the *-gpu deployments; w1, on
+    # rlfn-pool, does not
+    j = t.join("w2", "--pool", "rlfn-gpu")
+    assert "on pool rlfn-gpu" in j.stdout, j.stdout
+    fid = deploy_run(t, "rlfn-repro/repro-gpu", "--params", '{"targets": ["prepare"]}')
+    done = wait_runs(t, [fid], 600)[fid]
+    assert done["state"] == "COMPLETED" and done["pool"] == "rlfn-gpu", (done, t.logs())
+    assert t.runner_of(fid) == ["w2"], t.logs()
     d = t.wsh("w1", "down")
     assert d.returncode == 0 and "worker      stopped" in d.stdout, d.stdout + d.stderr
     st = t.wsh("w1", "status")

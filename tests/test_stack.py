@@ -232,9 +232,9 @@ from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 with get_client(sync_client=True) as c:
     pool = c.read_work_pool("rlfn-pool")
     deps = c.read_deployments(work_pool_filter=WorkPoolFilter(
-        name=WorkPoolFilterName(any_=["rlfn-pool", "rlfn-serve"])))
+        name=WorkPoolFilterName(any_=["rlfn-pool", "rlfn-serve", "rlfn-gpu"])))
     workers = {p: {w.name: str(w.status) for w in c.read_workers_for_work_pool(p)}
-               for p in ("rlfn-pool", "rlfn-serve")}
+               for p in ("rlfn-pool", "rlfn-serve", "rlfn-gpu")}
 print(json.dumps({"type": pool.type, "workers": workers,
                   "deployments": {d.name: [d.entrypoint, d.work_pool_name] for d in deps}}))
 """
@@ -249,7 +249,11 @@ print(json.dumps({"type": pool.type, "workers": workers,
     # the rollout is the serving host's alone: its own pool, its own worker
     assert got["deployments"]["rollout"][1] == "rlfn-serve", got["deployments"]
     assert {n for n, (_, pool) in got["deployments"].items() if pool != "rlfn-pool"} == \
-        {"rollout"}, got["deployments"]
+        {"rollout", "repro-gpu", "train-gpu"}, got["deployments"]
+    # the GPU pool's: taken only by a worker host joined --pool rlfn-gpu (none on this host)
+    assert got["deployments"]["repro-gpu"] == ["pipeline.repro:repro", "rlfn-gpu"]
+    assert got["deployments"]["train-gpu"] == ["pipeline.train:train_stage", "rlfn-gpu"]
+    assert got["workers"]["rlfn-gpu"] == {}, got["workers"]
     assert "ONLINE" in got["workers"]["rlfn-pool"].get("rlfn-stack-worker", ""), got["workers"]
     assert "ONLINE" in got["workers"]["rlfn-serve"].get("rlfn-stack-rollout-worker", ""), \
         got["workers"]
@@ -477,8 +481,11 @@ with get_client(sync_client=True) as pc:
         pc.set_flow_run_state(fr.id, Running(), force=True)
         if name == "crashed":  # what the stack's automation does to a silent flow run
             pc.set_flow_run_state(fr.id, Crashed(message="gone"), force=True)
+        parent = client.create_run(exp, tags={T.KIND: "repro"}).info.run_id
+        runs[f"{name}'s repro"] = parent
         runs[name] = client.create_run(exp, tags={T.KIND: "stage", T.DVC_STAGE: name,
-                                                  T.FLOW_RUN: str(fr.id)}).info.run_id
+                                                  T.FLOW_RUN: str(fr.id),
+                                                  T.PARENT_RUN: parent}).info.run_id
 runs["untagged"] = client.create_run(exp, tags={T.KIND: "stage"}).info.run_id
 marked = tracking.settle_orphans(client, exp)
 print(json.dumps({"marked": [k for k, v in runs.items() if v in marked],
@@ -489,14 +496,38 @@ print(json.dumps({"marked": [k for k, v in runs.items() if v in marked],
 def test_a_stage_run_whose_flow_run_ended_is_marked_killed(stack):
     """``pipeline.tracking.settle_orphans`` (each stage's start) against the stack's servers:
     a stage's MLflow run left RUNNING whose Prefect flow run ended (CRASHED: its process, or
-    its host, gone) is marked KILLED; one whose flow run still runs, and one without a flow
-    run, are left RUNNING."""
+    its host, gone) is marked KILLED, and its repro's parent run with it; one whose flow run
+    still runs (and its parent), and one without a flow run, are left RUNNING."""
     r = subprocess.run([sys.executable, "-c", ORPHANS], capture_output=True, text=True,
                        timeout=300, env=stack.client_env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got == {"marked": ["crashed"], "status": {"crashed": "KILLED", "running": "RUNNING",
-                                                     "untagged": "RUNNING"}}, got
+    assert got == {"marked": ["crashed's repro", "crashed"],
+                   "status": {"crashed's repro": "KILLED", "crashed": "KILLED",
+                              "running's repro": "RUNNING", "running": "RUNNING",
+                              "untagged": "RUNNING"}}, got
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_exits_is_started_again(stack):
+    """The stack's workers run under scripts/stack/keep.py: the Prefect worker process
+    SIGKILLed (as it exits on its own after its polls fail for a while, Prefect's error
+    threshold), keep.py starts it again, and the pool shows it ONLINE, with no ``up``."""
+    keeper = int((stack.state / "run" / "worker.pid").read_text().split()[0])
+    kids = [p for p in Path("/proc").glob("[0-9]*/stat")
+            if p.read_text().rsplit(")", 1)[1].split()[1] == str(keeper)]
+    worker = [int(p.parent.name) for p in kids
+              if b"worker\0start" in (p.parent / "cmdline").read_bytes()]
+    assert len(worker) == 1, (keeper, kids)
+    os.kill(worker[0], signal.SIGKILL)
+    log = stack.state / "logs" / "worker.log"
+    deadline = time.monotonic() + 180  # a bound on waiting: keep's 5 s, the worker's start
+    while not (re.search(r"keep: worker exited -9 after \d+ s; starting it again",
+                         log.read_text(errors="replace"))
+               and stack.sh("status").returncode == 0):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(2)
+    assert int((stack.state / "run" / "worker.pid").read_text().split()[0]) == keeper
 
 
 @pytest.mark.timeout(600)

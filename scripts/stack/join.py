@@ -12,8 +12,9 @@ server's:
    host's clone of the team's repository, so what they commit and push goes back there;
 3. in that clone, its own DVC cache (the clone's ``.dvc/cache``) and the DVC remote ``stack``
    from the bundle as its default (``.dvc/config.local``, the client key);
-4. ``prefect worker start --pool NAME`` (``rlfn-pool`` by default; a pool per hardware class,
-   e.g. ``--pool rlfn-gpu``, is made by the worker when missing) named
+4. ``prefect worker start --pool NAME`` (``rlfn-pool`` by default; ``rlfn-gpu`` for a GPU host,
+   which prefect.yaml's ``*-gpu`` deployments target; another pool is made by the worker when
+   missing) named
    ``rlfn-<hostname>-<address>``, its flow runs with the bundle's exports, ``RLFN_PROJECT_DIR``
    the clone; ``status`` shows it, ``down`` stops it.
 
@@ -37,7 +38,7 @@ from pathlib import Path
 from stack import bundle, prefect_server, sshd
 from stack.core import (LOGS, PY, RUN, SECRETS, STACK, STATE, VENV_BIN, StackError, base_env,
                         log_path, read_json, rel, say, write_private)
-from stack.procs import pid_of, run_logged, spawn, stop_daemon, wait_until
+from stack.procs import kept, pid_of, run_logged, spawn, stop_daemon, wait_until
 
 JOIN_SECRETS = SECRETS.parent / "join.json"
 POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -194,7 +195,7 @@ def _start_worker(j: dict, exports: dict, restart: bool) -> str:
     (STACK / "prefect").mkdir(exist_ok=True)
     os.chmod(STACK / "prefect", 0o700)
     t = time.time()
-    p = spawn(NAME, cmd, env, j["project_dir"])
+    p = spawn(NAME, kept(NAME, cmd), env, j["project_dir"])
     wait_until(NAME, lambda: _online(j, exports, since=t), p, f"{where} (worker online)")
     return f"{j['worker']} started on {where}"
 

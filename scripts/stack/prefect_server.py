@@ -1,8 +1,9 @@
 """Prefect: ``prefect server start`` on PostgreSQL's database prefect (API auth string), the
-work pools ``rlfn-pool`` (the pipeline's flows, run by any host's worker) and ``rlfn-serve``
+work pools ``rlfn-pool`` (the pipeline's flows, run by any host's worker), ``rlfn-serve``
 (the rollout of the served endpoint, run only by the server host's own ``rollout-worker``: it
-drives daemons and reads secrets that only that host has) with prefect.yaml's deployments, a
-worker on each, and the automation that ends a silent flow run (``ZOMBIE``): every client of
+drives daemons and reads secrets that only that host has) and ``rlfn-gpu`` (prefect.yaml's
+``*-gpu`` deployments, run only by a worker host joined with ``--pool rlfn-gpu``: a GPU host;
+none on the server host) with prefect.yaml's deployments, a worker on the first two, and the automation that ends a silent flow run (``ZOMBIE``): every client of
 the stack has its flow runs send a heartbeat every ``HEARTBEAT_S`` seconds, and one that sends
 none for ``SILENT_S`` (its process, or its whole host, gone) is marked CRASHED instead of
 staying RUNNING for ever (Prefect's recipe for zombie flow runs)."""
@@ -19,12 +20,13 @@ from rlfn.io import atomic_write
 from stack import postgresql
 from stack.core import (CA_CERT, HOST, PY, RUN, STACK, Ctx, StackError, base_env, log_path, read_json,
                         rel, timeout_s)
-from stack.procs import pid_of, run_logged, spawn, wait_until
+from stack.procs import kept, pid_of, run_logged, spawn, wait_until
 from stack.web import HttpServer, request
 
 POOL = "rlfn-pool"
 SERVE_POOL = "rlfn-serve"
-POOLS = (POOL, SERVE_POOL)
+GPU_POOL = "rlfn-gpu"  # prefect.yaml's *-gpu deployments: a worker host joined with --pool
+POOLS = (POOL, SERVE_POOL, GPU_POOL)
 USER = "rlfn"
 HEARTBEAT_S = 30    # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stack's clients (Prefect's minimum)
 # No heartbeat for this long: the flow run's process is gone. Ten missed beats, not Prefect's
@@ -103,7 +105,7 @@ SERVER = HttpServer("prefect", url, local_url, _launch, _api_check)
 
 # --------------------------------------------------------------------------- pool, deployments
 def start_pool(ctx: Ctx) -> str:
-    """``up``: the process work pools ``rlfn-pool`` and ``rlfn-serve``, created when missing."""
+    """``up``: the process work pools ``POOLS``, created when missing."""
     made = []
     for pool in POOLS:
         code, _ = _api(ctx, "GET", f"/work_pools/{pool}")
@@ -202,7 +204,7 @@ def start_deployments(ctx: Ctx) -> str:
              "pull": "at run time"}
     have = _registered_deployments(ctx)
     if set(want) <= set(have) and read_json(RUN / "deployed.json") == stamp:
-        return f"{len(want)} deployments already on {POOL} and {SERVE_POOL}"
+        return f"{len(want)} deployments already on {', '.join(POOLS)}"
     # No RLFN_PROJECT_DIR here: `prefect deploy` fills prefect.yaml's {{ $RLFN_PROJECT_DIR }}
     # from its own environment when set, baking this host's path into the deployment; unset,
     # the placeholder is kept and each worker's flow run fills it with its own clone (a worker
@@ -218,7 +220,7 @@ def start_deployments(ctx: Ctx) -> str:
                          f"(missing: {', '.join(missing) or 'none'}); read "
                          f"{rel(log_path('deploy'))}")
     atomic_write(RUN / "deployed.json", json.dumps(stamp) + "\n")
-    return f"{len(want)} deployments on {POOL} and {SERVE_POOL} (prefect deploy --all)"
+    return f"{len(want)} deployments on {', '.join(POOLS)} (prefect deploy --all)"
 
 
 # --------------------------------------------------------------------------- workers
@@ -314,7 +316,7 @@ def start_worker(ctx: Ctx, client_exports: dict[str, str], w: Worker = WORKER) -
                               if not k.startswith("PREFECT_")})
     worker_settings(cmd, env, limit_flows=w.pool == POOL)
     t = time.time()
-    p = spawn(w.service, cmd, env, ctx.project_dir)
+    p = spawn(w.service, kept(w.service, cmd), env, ctx.project_dir)
     wait_until(w.service, lambda: _worker_online(ctx, w, since=t), p,
                f"{where} (worker online)")
     return f"started on {where}"

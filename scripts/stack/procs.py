@@ -118,6 +118,17 @@ def pid_of(service: str) -> int | None:
     return pid if pid is not None and alive(pid) else None
 
 
+KEEP = Path(__file__).with_name("keep.py")
+
+
+def kept(service: str, cmd: list[str]) -> list[str]:
+    """``cmd`` run under ``keep.py``: started again when it exits on its own (the Prefect
+    workers: see keep.py); ``down`` stops both (``stop_daemon``: the whole tree)."""
+    import sys
+
+    return [sys.executable, str(KEEP), service, "--", *cmd]
+
+
 def spawn(service: str, cmd: list[str], env: dict, cwd: Path | str) -> subprocess.Popen:
     """Start daemon ``service`` in a session of its own, output appended to its log, its pid
     in ``run/<service>.pid``. A dead previous one's leftovers are stopped first."""

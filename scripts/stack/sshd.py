@@ -175,8 +175,7 @@ def start(ctx: Ctx) -> str:
     SSH.mkdir(exist_ok=True)
     os.chmod(SSH, 0o700)
     REMOTE_DIR.mkdir(exist_ok=True)
-    host_key = HOST_KEY
-    for key, comment in ((host_key, "rlfn-stack-host"), (CLIENT_KEY, "rlfn-stack-client")):
+    for key, comment in ((HOST_KEY, "rlfn-stack-host"), (CLIENT_KEY, "rlfn-stack-client")):
         if not key.exists():
             r = run_logged(NAME, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
                                   "-f", str(key)])
@@ -188,7 +187,7 @@ def start(ctx: Ctx) -> str:
     self_only = f"{ctx.host}:{port}"
     opts = f'restrict,port-forwarding,permitopen="{self_only}"' if ctx.remote else "restrict"
     write_private(SSH / "authorized_keys", f"{opts} {pub}\n")
-    host_pub = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
+    host_pub = " ".join(HOST_KEY.with_suffix(".pub").read_text().split()[:2])
     hosts = (HOST, ctx.host) if ctx.remote else (HOST,)
     atomic_write(KNOWN_HOSTS, "".join(f"[{h}]:{port} {host_pub}\n" for h in hosts))
     dvc_msg = _dvc_remote(ctx)
@@ -207,7 +206,7 @@ def start(ctx: Ctx) -> str:
         conf,
         "# scripts/stack/sshd.py: the DVC remote's private sshd (key only, loopback)\n"
         f"Port {port}\n" + "".join(f"ListenAddress {h}\n" for h in hosts) +
-        f'HostKey "{host_key}"\nAuthorizedKeysFile "{SSH / "authorized_keys"}"\n'
+        f'HostKey "{HOST_KEY}"\nAuthorizedKeysFile "{SSH / "authorized_keys"}"\n'
         "PidFile none\n"
         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "PermitEmptyPasswords no\nHostbasedAuthentication no\nGSSAPIAuthentication no\n"
