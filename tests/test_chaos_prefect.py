@@ -227,7 +227,8 @@ def test_worker_killed_during_a_repro(stack):
     # not RUNNING for ever (tracking.settle_orphans)
     runs = census(stack)["runs"]
     assert [r for r in runs if r[1] == "RUNNING"] == [], runs
-    assert [r[2] for r in runs if r[1] == "KILLED"] == ["train_stage@2"], runs
+    killed = [r[2] for r in runs if r[1] == "KILLED"]  # and its repro's parent run (no stage)
+    assert "train_stage@2" in killed and set(killed) <= {"train_stage@2", None}, runs
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
 
 
