@@ -127,6 +127,16 @@ def counts(c: dict) -> dict:
             "flow_runs": len(c["flow_runs"])}
 
 
+def one_more_version(before: dict, after: dict, sha256: str) -> None:
+    """Census ``after`` holds ``before``'s versions as they were and exactly one more, READY,
+    with weights ``sha256`` (registered once, whole); the aliases unmoved (the same weights:
+    the champion stays)."""
+    assert after["versions"][:len(before["versions"])] == before["versions"], after["versions"]
+    new = after["versions"][len(before["versions"]):]
+    assert [(v[1], v[3]) for v in new] == [("READY", sha256)], new
+    assert after["aliases"] == before["aliases"], (before["aliases"], after["aliases"])
+
+
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
