@@ -323,8 +323,9 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
                                                    T.GIT_COMMIT: commit})
         parent_id = parent.info.run_id
     client = mlflow.MlflowClient()
+    fid = _flow_run_id()
     settle_unterminated(client, mlflow.get_tracking_uri())
-    settle_orphans(client, exp_id)
+    settle_orphans(client, exp_id, mine=fid)
     tags = {T.REPRO_ID: rid, T.KIND: "stage", T.DVC_STAGE: stage,
             T.GIT_COMMIT: commit, T.PARAMS_HASH: params_hash(
                 section if section is not None else
@@ -332,7 +333,6 @@ def stage_run(stage: str, prm: Any, section: Any = None) -> Iterator[Any]:
             T.PARENT_RUN: parent_id, T.GIT_STATE: gs["state"]}
     if gs["changed"]:
         tags[T.GIT_CHANGED] = changed_text(gs["changed"])
-    fid = _flow_run_id()
     if fid:
         tags[T.FLOW_RUN] = fid
     exp = experiment()
@@ -475,7 +475,7 @@ ENDED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 ORPHANS_MAX = 50  # RUNNING stage runs looked at per stage start (a bound on its cost)
 
 
-def settle_orphans(client: Any, exp_id: str) -> list[str]:
+def settle_orphans(client: Any, exp_id: str, mine: str | None = None) -> list[str]:
     """Mark ``KILLED`` each stage run of experiment ``exp_id`` still ``RUNNING`` whose Prefect
     flow run (tag ``rlfn.prefect.flow_run_id``) has ended: its process died without ending it
     (a worker host gone, a SIGKILL), and no journal of its own can (that is on the dead host's
@@ -494,7 +494,6 @@ def settle_orphans(client: Any, exp_id: str) -> list[str]:
         log.debug(f"settle_orphans: search failed: {e}")
         return []
     by_flow = {r.data.tags[T.FLOW_RUN]: r for r in running if r.data.tags.get(T.FLOW_RUN)}
-    mine = _flow_run_id()
     by_flow.pop(mine or "", None)
     if not by_flow:
         return []

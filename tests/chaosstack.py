@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from faults import armed_env, pump_lines, release, wait_reached
+from servers import children
 from teamstack import BIN, Stack, py
 
 MODEL = "rlfn-x4"
@@ -157,19 +158,6 @@ def restarted(stack: Stack, service: str) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(rf"^{re.escape(service)}\s+started", r.stdout, re.M), r.stdout
     return r.stdout
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of process ``pid``."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def kill_postgresql(state: Path) -> list[int]:

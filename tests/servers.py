@@ -217,6 +217,33 @@ def processes_with_env(var: str, value: str) -> dict[int, str]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of process ``pid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def worker_under_keep(state: Path) -> tuple[int, int]:
+    """The stack's worker (state directory ``state``): the pid of its ``scripts/stack/keep.py``
+    (``run/worker.pid``) and of the one child of it running ``prefect worker start``
+    (AssertionError when there is not exactly one)."""
+    keeper = int((state / "run" / "worker.pid").read_text().split()[0])
+    found = []
+    for c in children(keeper):
+        with contextlib.suppress(OSError):
+            if b"worker\0start" in Path(f"/proc/{c}/cmdline").read_bytes():
+                found.append(c)
+    assert len(found) == 1, f"keep.py {keeper}: workers {found}"
+    return keeper, found[0]
+
+
 def restore_tracking_uri():
     """A fixture's body (``yield from restore_tracking_uri()``): ``mlflow.set_tracking_uri``
     also sets ``MLFLOW_TRACKING_URI`` in os.environ (which ``pipeline.tracking.tracking_uri``

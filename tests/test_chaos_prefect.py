@@ -38,15 +38,14 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from chaosstack import (census, children, counts, lost_flow_runs, proc_state, restarted,
+from chaosstack import (census, counts, lost_flow_runs, proc_state, restarted,
                         through_fault)
 from faults import armed_env, release, wait_reached
 from prereq import ROOT
-from servers import _group_alive, processes_with_env
+from servers import _group_alive, processes_with_env, worker_under_keep
 from teamstack import BIN, Stack, dvc, py, run, stack_up, why
 from tinyproject import tiny_clone
 
@@ -256,9 +255,7 @@ def test_worker_alone_killed_during_a_repro(stack):
     assert procs, "the flow run has no process of its own"
     # the worker process: the child of the stack's keep.py (run/worker.pid) running
     # `prefect worker start`
-    keeper = int((stack.state / "run" / "worker.pid").read_text().split()[0])
-    wpid, = [c for c in children(keeper)
-             if b"worker\0start" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    keeper, wpid = worker_under_keep(stack.state)
     assert wpid not in procs, (wpid, procs)
     os.kill(wpid, signal.SIGKILL)  # the worker only: its children stay
     t_kill = time.monotonic()

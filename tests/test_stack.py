@@ -26,7 +26,7 @@ import yaml
 
 from faults import armed_env, wait_reached
 from prereq import ROOT, require_tool
-from servers import _group_alive, clean_env
+from servers import _group_alive, clean_env, worker_under_keep
 from teamstack import EXPORTS, SERVICES, STACK_SH, TUNE_RUNS, http, stack_up, why
 from tinyproject import tune_project
 
@@ -513,13 +513,8 @@ def test_a_worker_that_exits_is_started_again(stack):
     """The stack's workers run under scripts/stack/keep.py: the Prefect worker process
     SIGKILLed (as it exits on its own after its polls fail for a while, Prefect's error
     threshold), keep.py starts it again, and the pool shows it ONLINE, with no ``up``."""
-    keeper = int((stack.state / "run" / "worker.pid").read_text().split()[0])
-    kids = [p for p in Path("/proc").glob("[0-9]*/stat")
-            if p.read_text().rsplit(")", 1)[1].split()[1] == str(keeper)]
-    worker = [int(p.parent.name) for p in kids
-              if b"worker\0start" in (p.parent / "cmdline").read_bytes()]
-    assert len(worker) == 1, (keeper, kids)
-    os.kill(worker[0], signal.SIGKILL)
+    keeper, worker = worker_under_keep(stack.state)
+    os.kill(worker, signal.SIGKILL)
     log = stack.state / "logs" / "worker.log"
     deadline = time.monotonic() + 180  # a bound on waiting: keep's 5 s, the worker's start
     while not (re.search(r"keep: worker exited -9 after \d+ s; starting it again",

@@ -223,6 +223,24 @@ def test_server_host_over_tls():
             print(d.stdout + d.stderr)
 
 
+def _push_probe(srv, cli, clone: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A new random file ``name`` in the client's ``clone``, ``dvc add``ed, then ``dvc push``ed
+    to its default remote: the push's result (DVC's stderr in stdout) and where the object
+    lands in the server's remote (``state/dvc-remote``) when it gets there."""
+    dvc = str(clone / ".venv" / "bin" / "dvc")
+    blob = os.urandom(32).hex() + "\n"
+    (clone / name).write_text(blob)
+    os.chown(clone / name, cli.uid, cli.uid)
+    add = cli.run([dvc, "add", "-q", name], cwd=clone, timeout=300)
+    assert add.returncode == 0, add.stdout + add.stderr
+    md5 = hashlib.md5(blob.encode()).hexdigest()
+    # DVC's stderr a pipe of the client's user, as in a shell (`| tee`): one made by the
+    # test's root the proxy could not open (its words then go to ssh_errors.log)
+    cmd = f"{dvc} push {name}.dvc 2>&1 | cat; exit ${{PIPESTATUS[0]}}"
+    stored = srv.home / "state" / "dvc-remote" / "files" / "md5"
+    return cli.run(["bash", "-c", cmd], cwd=clone, timeout=300), stored / md5[:2] / md5[2:]
+
+
 def _dvc_remote_pins_the_host_key(srv, cli, clone, remote: str, stack_sh: str,
                                   env: dict) -> None:
     """DVC's SSH client checks no host key (sshfs gives asyncssh ``known_hosts=None``): the
@@ -238,19 +256,9 @@ def _dvc_remote_pins_the_host_key(srv, cli, clone, remote: str, stack_sh: str,
     ok = cli.run([dvc, "remote", "add", "--local", "-d", "-f", "stack", remote], cwd=clone,
                  timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    stored = srv.home / "state" / "dvc-remote" / "files" / "md5"
 
     def push(name: str) -> tuple[subprocess.CompletedProcess, Path]:
-        blob = os.urandom(32).hex() + "\n"
-        (clone / name).write_text(blob)
-        os.chown(clone / name, cli.uid, cli.uid)
-        add = cli.run([dvc, "add", "-q", name], cwd=clone, timeout=300)
-        assert add.returncode == 0, add.stdout + add.stderr
-        md5 = hashlib.md5(blob.encode()).hexdigest()
-        # DVC's stderr a pipe of the client's user, as in a shell (`| tee`): one made by the
-        # test's root the proxy could not open (its words then go to ssh_errors.log)
-        cmd = f"{dvc} push {name}.dvc 2>&1 | cat; exit ${{PIPESTATUS[0]}}"
-        return cli.run(["bash", "-c", cmd], cwd=clone, timeout=300), stored / md5[:2] / md5[2:]
+        return _push_probe(srv, cli, clone, name)
 
     r, obj = push("pin-probe-1.bin")
     assert r.returncode == 0 and obj.is_file(), r.stdout + r.stderr
@@ -300,7 +308,6 @@ def _rotated_keys_need_the_new_bundle(srv, cli, clone, client: dict, stack_sh: s
     refused: by its own TLS check (one line naming MLflow and the certificate) and by the
     pinned route (the host key changed); with the new bundle both go through."""
     py = str(clone / ".venv" / "bin" / "python")
-    dvc = str(clone / ".venv" / "bin" / "dvc")
     r = srv.run(["bash", stack_sh, "rotate", "tls", "ssh_host_key", "ssh_key"], timeout=900,
                 **env)
     assert r.returncode == 0, r.stdout + r.stderr + log_tails(srv.home / "state")
@@ -308,13 +315,8 @@ def _rotated_keys_need_the_new_bundle(srv, cli, clone, client: dict, stack_sh: s
         in r.stdout, r.stdout
 
     def works() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
-        (clone / "pin-probe-3.bin").write_text(os.urandom(32).hex() + "\n")
-        os.chown(clone / "pin-probe-3.bin", cli.uid, cli.uid)
-        add = cli.run([dvc, "add", "-q", "pin-probe-3.bin"], cwd=clone, timeout=300)
-        assert add.returncode == 0, add.stdout + add.stderr
-        cmd = f"{dvc} push pin-probe-3.bin.dvc 2>&1 | cat; exit ${{PIPESTATUS[0]}}"
         return (cli.run([py, "-c", CHECK], timeout=60, **client),
-                cli.run(["bash", "-c", cmd], cwd=clone, timeout=300))
+                _push_probe(srv, cli, clone, "pin-probe-3.bin")[0])
 
     check, push = works()  # the old bundle's CA, key and pin
     assert check.returncode == 1 and check.stdout.startswith(

@@ -50,13 +50,13 @@ def main(argv: list[str]) -> int:
             return code
         ran = time.monotonic() - started
         quick = quick + 1 if ran < QUICK_S else 0
-        restarts = restarts + 1 if ran < 600 else 0
+        restarts = restarts + 1 if ran < 600 else 1  # a long run: a first restart
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if quick >= GIVE_UP:
             print(f"=== {stamp} keep: {name} exited {code} {quick} times in a row within "
                   f"{QUICK_S:g} s of its start: not started again", flush=True)
             return code or 1
-        delay = DELAYS[min(restarts, len(DELAYS)) - 1] if restarts else DELAYS[0]
+        delay = DELAYS[min(restarts, len(DELAYS)) - 1]
         print(f"=== {stamp} keep: {name} exited {code} after {ran:.0f} s; starting it again "
               f"in {delay} s", flush=True)
         deadline = time.monotonic() + delay
