@@ -122,6 +122,15 @@ class Team:
     def cenv(self) -> dict[str, str]:
         return dict(self.client, PREFECT_HOME=str(self.cli.home / "prefect"))
 
+    def exports_on(self, name: str) -> dict[str, str]:
+        """What ``cenv`` is for the client host, on worker host ``name`` (the bundle carried
+        there, ``env --bundle`` of its tool clone; not joined: a second client host)."""
+        h = self.workers[name]
+        got = h.run(["bash", str(self.tools[name] / "scripts" / "stack.sh"), "env", "--bundle",
+                     str(carry(self.srv.home / "team.bundle", h))])
+        return dict(eval_env(ok(got, f"env --bundle on {name}"), CLIENT_EXPORTS),
+                    PREFECT_HOME=str(h.home / "prefect"))
+
     def py(self) -> str:
         return str(self.cli_clone / ".venv" / "bin" / "python")
 

@@ -1,5 +1,6 @@
-"""Chaos (issue 24), cases 2 and 1 on the multi-host layout: the server host's PostgreSQL
-restarted cleanly, then SIGKILLed, while worker host ``w1`` does the work (tests/teamhosts.py:
+"""Chaos (issue 24), cases 2, 1 and 4 on the multi-host layout: the server host's PostgreSQL
+restarted cleanly, then SIGKILLed, then its Prefect server SIGKILLed, while worker host ``w1``
+does the work (tests/teamhosts.py:
 the server host's stack off loopback over TLS, ``w1`` joined, a client host; no shared disk),
 no mocks.
 
@@ -19,21 +20,34 @@ says which) and everything the client counted before is there; a rerun dispatche
 ``w1`` with weights bit-identical to the undisturbed run's, registered once more, READY; no
 MLflow run left RUNNING; ``dvc status`` clean on ``w1``.
 
+Case 4: ``w1``'s ``train_stage@3`` (a repro dispatched from the client with ``targets``:
+that stage alone) held at ``train.step@2``, the server host's Prefect server SIGKILLed (its
+process group) and the stage released with the server dead. Exactly: ``w1``'s worker log holds
+one line naming the Prefect server (the stage stands, its work done and recorded: ``note:``;
+or it fails: ``error:``); after ``up`` on the server both flow runs the dead server last saw
+RUNNING (the repro's and the stage's) end, within the automation's window and a bound (the
+test prints which state, and when); every flow run, run, trial recorded before is there, the
+champion unmoved, a standing stage's version registered once, READY, with the undisturbed
+weights; a rerun dispatched again COMPLETES on ``w1`` (nothing left to do when the stage
+stood), ``dvc status`` clean there, no MLflow run RUNNING.
+
 ``w1``'s worker polls every 10 s here (Prefect's default), so it outlives the outage. Found by
 this case at the tests' usual 1 s: after 45 s of failed polls the worker exits (Prefect's
 ``critical_service_loop``) and the flow runs it started end with it; nothing started it again.
 The stack now runs every worker under ``scripts/stack/keep.py`` (started again when it exits;
 ``tests/test_stack.py``).
 
-Marked ``chaos`` only: three hosts, a stack, three repros and a fault (about 10 minutes).
+Marked ``chaos`` only: three hosts, a stack, five repros and three faults (about 20 minutes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 import time
 
@@ -43,6 +57,7 @@ from chaosstack import (CENSUS, MODEL, STUDY, counts, kill_postgresql, lost_flow
                         one_more_version, settled)
 from faults import armed_env, release, wait_reached
 from prereq import ROOT
+from servers import _group_alive
 from teamhosts import Team, deploy_run, ok, team_on_hosts, wait_runs
 
 pytestmark = pytest.mark.chaos
@@ -175,5 +190,108 @@ def test_postgresql_killed_while_a_worker_hosts_stage_logs(team: Team):
     final = _settled(t)
     print(f"after the rerun: {counts(final)}")
     one_more_version(before, final, undisturbed)
+    assert [r for r in final["runs"] if r[1] == "RUNNING"] == [], final["runs"]
+    print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
+
+
+@pytest.mark.timeout(2700)
+def test_prefect_server_killed_while_a_worker_hosts_stage_runs(team: Team):
+    """Case 4 across hosts: the server host's Prefect server SIGKILLed (its process group)
+    while ``w1``'s ``train_stage@3`` (the repro dispatched from the client, ``targets``: that
+    stage only) is held at ``train.step@2``, then released with the server dead."""
+    t = team
+    w1, project = t.workers["w1"], t.project("w1")
+    weights = project / "models" / "stage3" / "model.safetensors"
+    if not weights.exists():  # run alone: the pipeline first
+        _repro_on_w1(t)
+    undisturbed = _sha256(weights)
+    before = _settled(t)
+    print(f"\nbefore the kill: {counts(before)}")
+
+    shutil.rmtree(weights.parent)  # the repro reruns train_stage@3
+    log = t.wstate["w1"] / "logs" / "worker.log"
+    start = log.stat().st_size  # case 1's lines, when it ran, are before this
+    fp = w1.home / "failpoints-prefect"
+    env = json.dumps(armed_env(fp, "train.step@2"))
+    shutil.chown(fp, w1.user, w1.user)
+    fid = deploy_run(t, "rlfn-repro/repro", "--params", json.dumps(
+        {"targets": ["train_stage@3"]}), "--job-variable", f"env={env}")
+    wait_reached(fp, "train.step", None, limit_s=1500, what=t.logs)
+    mid = t.client_py(CENSUS, MODEL)  # the repro's and the stage's flow runs, RUNNING
+    running = {fr[1]: fr[0] for fr in mid["flow_runs"] if fr[3] == "RUNNING"}
+    assert sorted(running) == ["rlfn-repro", "rlfn-train"] and running["rlfn-repro"] == fid, \
+        mid["flow_runs"]
+    pid = int((t.state / "run" / "prefect.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    while _group_alive(pid):
+        assert time.monotonic() < t_kill + 30, "the Prefect server survived SIGKILL"
+        time.sleep(0.1)
+    release(fp, "train.step")
+
+    # the stage's end, in w1's worker log (what it wrote since the dispatch): one line naming
+    # the Prefect server (stood or failed)
+    server = f"Prefect server at https://{t.srv.addr}:"
+
+    def said() -> list[str]:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        return [x for x in text.splitlines()
+                if x.startswith("error:") or x.startswith(f"note: {server}")]
+
+    deadline = time.monotonic() + 900  # a bound on waiting (Prefect's client retries)
+    while not said():
+        assert time.monotonic() < deadline, t.logs()
+        time.sleep(1)
+    TIMES["case 4: Prefect server killed -> the stage's line"] = time.monotonic() - t_kill
+    time.sleep(5)  # the rest of what the stage printed
+    lines = said()
+    print(f"w1's lines: {lines}")
+    assert len(set(lines)) == 1, (lines, t.logs())
+    stood = lines[0].startswith("note:")
+    if stood:
+        assert "was done and recorded before, so it stands" in lines[0], lines
+    else:
+        assert lines[0].startswith(f"error: {server}"), (lines, t.logs())
+
+    tu = time.monotonic()
+    up = _srv(t, "up", "--host", t.srv.addr)
+    TIMES["case 4: server up"] = time.monotonic() - tu
+    assert re.search(r"^prefect\s+started", up, re.M), up
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from stack import prefect_server
+
+    # both flow runs the dead server last saw RUNNING end (the automation, or their process)
+    bound = prefect_server.SILENT_S + 2 * prefect_server.HEARTBEAT_S + 180
+    ended = wait_runs(t, [fid, running["rlfn-train"]], bound)
+    TIMES["case 4: up -> both flow runs ended"] = time.monotonic() - tu
+    print(f"the repro's and the stage's flow runs: {ended}")
+    assert all(e["state"] in ("COMPLETED", "FAILED", "CRASHED") for e in ended.values()), \
+        (ended, t.logs())
+    after = t.client_py(CENSUS, MODEL)
+    print(f"after up: {counts(after)}")
+    assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
+    assert after["studies"] == before["studies"] and after["aliases"] == before["aliases"]
+    assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
+    if stood:  # the stage's version, registered once, whole, before the end went unrecorded
+        one_more_version(before, after, undisturbed)
+    else:
+        assert after["versions"][:len(before["versions"])] == before["versions"]
+
+    tr = time.monotonic()
+    _repro_on_w1(t)
+    TIMES["case 4: rerun on w1"] = time.monotonic() - tr
+    assert _sha256(weights) == undisturbed
+    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
+    st = w1.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)
+    assert json.loads(ok(st, "dvc status on w1") or "{}") == {}, st.stdout
+    final = _settled(t)
+    print(f"after the rerun: {counts(final)}")
+    if stood:  # the rerun found the stage up to date: nothing more registered
+        one_more_version(before, final, undisturbed)
+    else:  # what the failed stage registered (if it got that far) and the rerun's, READY
+        new = final["versions"][len(before["versions"]):]
+        assert new and all(v[1] == "READY" for v in new) and new[-1][3] == undisturbed, new
     assert [r for r in final["runs"] if r[1] == "RUNNING"] == [], final["runs"]
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
