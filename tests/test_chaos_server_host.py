@@ -64,6 +64,9 @@ from teamstack import why
 pytestmark = pytest.mark.chaos
 
 TIMES: dict[str, float] = {}
+# a pipeline line in a worker's log: as the flow run's Prefect logger prints it
+# ("12:00:00.000 | WARNING | rlfn.pipeline.dvcops - note: ..."), or bare (a failure's tail)
+SAID = re.compile(r"(?:^|\| [\w.]+ - )((?:error|note): .*)$")
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +242,9 @@ def test_prefect_server_killed_while_a_worker_hosts_stage_runs(team: Team):
             f.seek(start)
             return f.read().decode(errors="replace").splitlines()
 
-    def said() -> list[str]:
-        return [x for x in since() if x.startswith("error:") or x.startswith(f"note: {server}")]
+    def said() -> list[str]:  # the pipeline's error lines, and notes naming the server
+        found = [m.group(1) for x in since() if (m := SAID.search(x))]
+        return [x for x in found if x.startswith("error:") or x.startswith(f"note: {server}")]
 
     def story() -> str:  # what w1's worker logged since the dispatch, tracebacks' frames left out
         return "\n".join(x for x in since() if x[:1] not in (" ", "\t", "^"))[-20000:]

@@ -458,6 +458,15 @@ def test_worker_runs_a_deployment(stack):
                     f"flow run log:\n{lines}")
     # and logged to the stack's MLflow, its artifact stored by the server
     assert list((stack.state / "mlartifacts").glob("*/*/artifacts/manifest.summary.json"))
+    # the pipeline's own lines (logger rlfn) in the flow run's log on the server, and in the
+    # worker's log (they reached neither when the flow run's process set up Prefect's logging
+    # before pipeline/__init__ named the logger)
+    _, logs = http("POST", f"{api}/logs/filter",
+                    {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
+    said = [x["message"] for x in json.loads(logs)]
+    assert any(m.startswith("prepare: ready after") for m in said), said
+    assert "prepare: ready after" in (stack.state / "logs" / "worker.log").read_text(
+        errors="replace")
 
 
 # --------------------------------------------------------------------------- 4: failures
