@@ -464,7 +464,7 @@ def test_worker_runs_a_deployment(stack):
     _, logs = http("POST", f"{api}/logs/filter",
                     {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, auth=auth)
     said = [x["message"] for x in json.loads(logs)]
-    assert any(m.startswith("prepare: ready after") for m in said), said
+    assert any(m.startswith("prepare: ready after") for m in said), "\n".join(said)
     assert "prepare: ready after" in (stack.state / "logs" / "worker.log").read_text(
         errors="replace")
 
