@@ -24,3 +24,19 @@ _os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 from rlfn.threads import set_wait_policy_default as _set_wait_policy_default  # noqa: E402
 
 _set_wait_policy_default()
+
+# A flow run that a worker started (a deployment's): Prefect set up its logging before it
+# imported this package, so the default above came too late there, and the library's lines
+# (each line of `dvc repro`, a stage's `error:` or `note:`) reached neither the worker's log
+# nor the flow run's log on the server (found by chaos case 4 across hosts). They go where a
+# stage's go under `dvc repro`: plain lines on stderr (the worker's log), and Prefect's
+# handlers for extra loggers (the server's flow-run log).
+if _os.environ.get("PREFECT__FLOW_RUN_ID"):
+    import logging as _logging
+
+    from rlfn.log import setup as _setup_log
+
+    _rlfn = _setup_log()
+    for _h in _logging.getLogger("prefect.extra").handlers:
+        if _h not in _rlfn.handlers:
+            _rlfn.addHandler(_h)

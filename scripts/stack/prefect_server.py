@@ -292,12 +292,7 @@ def worker_settings(cmd: list[str], env: dict, limit_flows: bool = True) -> None
     ``RLFN_STACK_WORKER_POLL_S`` (how often it asks for flow runs; Prefect's default 10 s) and,
     unless ``limit_flows`` is false, ``RLFN_STACK_WORKER_LIMIT`` (flow runs at once,
     ``--limit``; its flow runs then share the cores, ``RLFN_PROCESSES`` for rlfn.threads),
-    added to ``cmd`` and ``env``. Always ``PREFECT_LOGGING_EXTRA_LOGGERS=rlfn``: a flow run's
-    process configures Prefect's logging before it imports the deployment's entrypoint, so
-    ``pipeline/__init__``'s default comes too late there, and everything the pipeline logs
-    (each line of ``dvc repro``, a stage's ``error:`` or ``note:`` line) reached neither the
-    worker's log nor the flow run's log on the server (found by chaos case 4 across hosts)."""
-    env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "rlfn"
+    added to ``cmd`` and ``env``."""
     if os.environ.get("RLFN_STACK_WORKER_POLL_S"):
         env["PREFECT_WORKER_QUERY_SECONDS"] = os.environ["RLFN_STACK_WORKER_POLL_S"]
     limit = os.environ.get("RLFN_STACK_WORKER_LIMIT", "").strip()
