@@ -160,7 +160,9 @@ def check_services(timeout: float = 10.0) -> list[str]:
 
 def _reason(status: int, body: bytes) -> str:
     """What a server's error answer says, in one line: MLflow's ``error_code: message`` (its
-    first line: SQLAlchemy appends a link), Prefect's ``message``, else the body's start."""
+    first line: SQLAlchemy appends a link), Prefect's ``message``, a proxy's error page by its
+    title (nginx's ``502 Bad Gateway`` when the server behind it is down: the team stack off
+    loopback), else the body's start with its whitespace folded."""
     text = body.decode(errors="replace")
     try:
         doc = json.loads(text)
@@ -170,7 +172,10 @@ def _reason(status: int, body: bytes) -> str:
         msg = str(doc.get("message") or doc.get("exception_message") or doc.get("detail") or "")
         msg = msg.strip().splitlines()[0] if msg.strip() else ""
         text = f"{doc['error_code']}: {msg}" if doc.get("error_code") else msg or text
-    return f"HTTP {status}: {text.strip()[:240]}"
+    elif title := re.search(r"<title>(.*?)</title>", text, re.I | re.S):
+        text = (f"{title.group(1)} (its proxy's page: the server behind it does not answer)"
+                if status in (502, 504) else title.group(1))
+    return f"HTTP {status}: {' '.join(text.split())[:240]}"
 
 
 def _probe(base: str, path: str, headers: dict, ca: str, timeout: float) -> str | None:
