@@ -99,6 +99,53 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _up_after_the_fault(t: Team, service: str, label: str) -> float:
+    """``up`` on the server host after a fault: it starts ``service`` again (not "already
+    up"); timed as ``label``; the ``time.monotonic()`` it began."""
+    tu = time.monotonic()
+    up = _srv(t, "up", "--host", t.srv.addr)
+    TIMES[label] = time.monotonic() - tu
+    assert re.search(rf"^{service}\s+started", up, re.M), up
+    return tu
+
+
+def _ended(t: Team, ids: list[str]) -> dict:
+    """The flow runs ``ids`` once each is final: waited for within the automation's window
+    (``SILENT_S`` of no heartbeat) and a bound."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from stack import prefect_server
+
+    return wait_runs(t, ids, prefect_server.SILENT_S + 2 * prefect_server.HEARTBEAT_S + 180)
+
+
+def _stage3_undisturbed(t: Team) -> tuple:
+    """``w1``'s ``train_stage@3`` weights (the pipeline run first when the test runs alone),
+    their sha256, and the settled census before the fault."""
+    weights = t.project("w1") / "models" / "stage3" / "model.safetensors"
+    if not weights.exists():
+        _repro_on_w1(t)
+    undisturbed = _sha256(weights)
+    before = _settled(t)
+    print(f"\nbefore the kill: {counts(before)}")
+    return weights, undisturbed, before
+
+
+def _rerun_on_w1(t: Team, label: str, weights, undisturbed: str) -> dict:
+    """A repro dispatched again, COMPLETED on ``w1`` (timed as ``label``): the undisturbed
+    weights (bit-identical), ``dvc status`` clean there; the settled census after it."""
+    tr = time.monotonic()
+    _repro_on_w1(t)
+    TIMES[label] = time.monotonic() - tr
+    assert _sha256(weights) == undisturbed
+    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
+    st = t.workers["w1"].run([dvc, "status", "--json", "dvc.yaml"], cwd=t.project("w1"),
+                             timeout=300)
+    assert json.loads(ok(st, "dvc status on w1") or "{}") == {}, st.stdout
+    final = _settled(t)
+    print(f"after the rerun: {counts(final)}")
+    return final
+
+
 @pytest.mark.timeout(2700)
 def test_server_restarted_between_two_repros_on_a_worker_host(team: Team):
     t = team
@@ -112,10 +159,7 @@ def test_server_restarted_between_two_repros_on_a_worker_host(team: Team):
     td = time.monotonic()
     _srv(t, "down", timeout=300)
     TIMES["case 2: server down"] = time.monotonic() - td
-    tu = time.monotonic()
-    up = _srv(t, "up", "--host", t.srv.addr)
-    TIMES["case 2: server up"] = time.monotonic() - tu
-    assert re.search(r"^postgresql\s+started", up, re.M), up
+    _up_after_the_fault(t, "postgresql", "case 2: server up")
     after = _settled(t)
     print(f"after up: {counts(after)}")
     assert after == before, (counts(before), counts(after))
@@ -128,13 +172,8 @@ def test_server_restarted_between_two_repros_on_a_worker_host(team: Team):
 @pytest.mark.timeout(2700)
 def test_postgresql_killed_while_a_worker_hosts_stage_logs(team: Team):
     t = team
-    w1, project = t.workers["w1"], t.project("w1")
-    weights = project / "models" / "stage3" / "model.safetensors"
-    if not weights.exists():  # run alone: the pipeline first
-        _repro_on_w1(t)
-    undisturbed = _sha256(weights)
-    before = _settled(t)
-    print(f"\nbefore the kill: {counts(before)}")
+    w1 = t.workers["w1"]
+    weights, undisturbed, before = _stage3_undisturbed(t)
     assert undisturbed in {v[3] for v in before["versions"]}, before["versions"]
 
     shutil.rmtree(weights.parent)  # the repro reruns train_stage@3 (and what follows it)
@@ -165,15 +204,8 @@ def test_postgresql_killed_while_a_worker_hosts_stage_logs(team: Team):
     # PostgreSQL back (crash recovery); the flow run, which could not record its end while
     # the database was down, ends: FAILED by its own process (the Prefect client's retries
     # outlasting the outage), or CRASHED by the automation
-    tu = time.monotonic()
-    up = _srv(t, "up", "--host", t.srv.addr)
-    TIMES["case 1: server up (crash recovery)"] = time.monotonic() - tu
-    assert re.search(r"^postgresql\s+started", up, re.M), up
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from stack import prefect_server
-
-    bound = prefect_server.SILENT_S + 2 * prefect_server.HEARTBEAT_S + 180
-    ended = wait_runs(t, [fid], bound)[fid]
+    tu = _up_after_the_fault(t, "postgresql", "case 1: server up (crash recovery)")
+    ended = _ended(t, [fid])[fid]
     TIMES["case 1: up -> flow run ended"] = time.monotonic() - tu
     print(f"the held repro's flow run: {ended}")
     assert ended["state"] in ("FAILED", "CRASHED"), (ended, t.logs())
@@ -184,15 +216,7 @@ def test_postgresql_killed_while_a_worker_hosts_stage_logs(team: Team):
     assert set(map(str, before["runs"])) <= set(map(str, after["runs"]))
     assert lost_flow_runs(before["flow_runs"], after["flow_runs"]) == [], after["flow_runs"]
 
-    tr = time.monotonic()
-    _repro_on_w1(t)
-    TIMES["case 1: rerun on w1"] = time.monotonic() - tr
-    assert _sha256(weights) == undisturbed
-    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
-    st = w1.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)
-    assert json.loads(ok(st, "dvc status on w1") or "{}") == {}, st.stdout
-    final = _settled(t)
-    print(f"after the rerun: {counts(final)}")
+    final = _rerun_on_w1(t, "case 1: rerun on w1", weights, undisturbed)
     one_more_version(before, final, undisturbed)
     assert [r for r in final["runs"] if r[1] == "RUNNING"] == [], final["runs"]
     print("\n".join(f"{k}: {v:.1f} s" for k, v in TIMES.items()))
@@ -204,13 +228,8 @@ def test_prefect_server_killed_while_a_worker_hosts_stage_runs(team: Team):
     while ``w1``'s ``train_stage@3`` (the repro dispatched from the client, ``targets``: that
     stage only) is held at ``train.step@2``, then released with the server dead."""
     t = team
-    w1, project = t.workers["w1"], t.project("w1")
-    weights = project / "models" / "stage3" / "model.safetensors"
-    if not weights.exists():  # run alone: the pipeline first
-        _repro_on_w1(t)
-    undisturbed = _sha256(weights)
-    before = _settled(t)
-    print(f"\nbefore the kill: {counts(before)}")
+    w1 = t.workers["w1"]
+    weights, undisturbed, before = _stage3_undisturbed(t)
 
     shutil.rmtree(weights.parent)  # the repro reruns train_stage@3
     log = t.wstate["w1"] / "logs" / "worker.log"
@@ -264,16 +283,9 @@ def test_prefect_server_killed_while_a_worker_hosts_stage_runs(team: Team):
     else:
         assert lines[0].startswith(f"error: {server}"), why(lines, story())
 
-    tu = time.monotonic()
-    up = _srv(t, "up", "--host", t.srv.addr)
-    TIMES["case 4: server up"] = time.monotonic() - tu
-    assert re.search(r"^prefect\s+started", up, re.M), up
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from stack import prefect_server
-
+    tu = _up_after_the_fault(t, "prefect", "case 4: server up")
     # both flow runs the dead server last saw RUNNING end (the automation, or their process)
-    bound = prefect_server.SILENT_S + 2 * prefect_server.HEARTBEAT_S + 180
-    ended = wait_runs(t, [fid, running["rlfn-train"]], bound)
+    ended = _ended(t, [fid, running["rlfn-train"]])
     TIMES["case 4: up -> both flow runs ended"] = time.monotonic() - tu
     print(f"the repro's and the stage's flow runs: {ended}")
     assert all(e["state"] in ("COMPLETED", "FAILED", "CRASHED") for e in ended.values()), \
@@ -288,15 +300,7 @@ def test_prefect_server_killed_while_a_worker_hosts_stage_runs(team: Team):
     else:
         assert after["versions"][:len(before["versions"])] == before["versions"]
 
-    tr = time.monotonic()
-    _repro_on_w1(t)
-    TIMES["case 4: rerun on w1"] = time.monotonic() - tr
-    assert _sha256(weights) == undisturbed
-    dvc = str(t.tools["w1"] / ".venv" / "bin" / "dvc")
-    st = w1.run([dvc, "status", "--json", "dvc.yaml"], cwd=project, timeout=300)
-    assert json.loads(ok(st, "dvc status on w1") or "{}") == {}, st.stdout
-    final = _settled(t)
-    print(f"after the rerun: {counts(final)}")
+    final = _rerun_on_w1(t, "case 4: rerun on w1", weights, undisturbed)
     if stood:  # the rerun found the stage up to date: nothing more registered
         one_more_version(before, final, undisturbed)
     else:  # what the failed stage registered (if it got that far) and the rerun's, READY
